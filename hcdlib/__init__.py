@@ -1,0 +1,1 @@
+"""hcd: histopathologic cancer detection at archive scale."""

@@ -1,0 +1,181 @@
+"""The ``hcd`` command line: one parser per command, shared by ``hcd <command>`` and ``jobs/<command>.py``.
+
+    hcd --help
+    hcd demo
+    ray job submit --working-dir . -- python jobs/score.py --help
+
+Each ``*_parser()`` returns an unparsed ``argparse.ArgumentParser`` so other launchers can
+reuse or extend it; ``main`` parses, builds the command's config object and calls the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+log = logging.getLogger("hcd")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def synth_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd synth``."""
+    p = parser or argparse.ArgumentParser(prog="hcd synth")
+    p.description = "Write synthetic H&E patches (Kaggle layout + labels.csv)."
+    p.add_argument("--out", required=True, help="output folder URI (local path or s3://)")
+    p.add_argument("--n", type=_positive_int, default=2000, help="number of patches")
+    p.add_argument("--slides", type=_positive_int, default=8, help="number of simulated slides")
+    p.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic)")
+    p.add_argument("--format", choices=("tif", "jpg"), default="tif", help="tif (lossless) or jpg (q75)")
+    return p
+
+
+def pack_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd pack``."""
+    p = parser or argparse.ArgumentParser(prog="hcd pack")
+    p.description = "Pack any patch source into Parquet shards (few large objects instead of millions)."
+    p.add_argument("--input", required=True, help="patch source URI (folder, class folders, shards)")
+    p.add_argument("--labels", help="labels CSV URI (id,label[,slide_id])")
+    p.add_argument("--out", required=True, help="output folder URI for the shards")
+    p.add_argument("--rows-per-file", type=_positive_int, default=10_000, help="patches per shard")
+    return p
+
+
+def score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd score``."""
+    p = parser or argparse.ArgumentParser(prog="hcd score")
+    p.description = "Batch-score patches with Ray Data; writes committed Parquet predictions."
+    p.add_argument("--model", required=True, help="model artifact URI (the <train-out>/model folder)")
+    p.add_argument("--input", required=True, help="patch source URI")
+    p.add_argument("--labels", help="labels CSV URI (optional; carried for slide ids)")
+    p.add_argument("--out", required=True, help="output URI for predictions")
+    p.add_argument("--tta", type=int, choices=(1, 4, 8), default=1,
+                   help="test-time augmentation: 1 none, 4 rotations, 8 dihedral group")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="patches per model call")
+    p.add_argument("--actors", type=_positive_int, help="model actors (default: from the cluster)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 where GPUs exist)")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor")
+    p.add_argument("--chunk-size", type=_positive_int, default=1024,
+                   help="patches per work unit (the granularity of resume)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+    p.add_argument("--resize", action="store_true", help="resize patches of another size to 96x96")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    return p
+
+
+def submission_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd submission``."""
+    p = parser or argparse.ArgumentParser(prog="hcd submission")
+    p.description = "Write a Kaggle submission CSV (id,label) from committed predictions."
+    p.add_argument("--predictions", required=True, help="output URI of hcd score")
+    p.add_argument("--out", required=True, help="CSV URI to write")
+    return p
+
+
+def demo_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd demo``."""
+    p = parser or argparse.ArgumentParser(prog="hcd demo")
+    p.description = "Run the whole product on an embedded synthetic archive: synth, train, score, evaluate."
+    p.add_argument("--out", default="hcd-demo", help="folder for everything the demo writes")
+    p.add_argument("--n", type=_positive_int, default=3000, help="synthetic patches")
+    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
+    return p
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """``hcd synth``."""
+    from hcdlib.synth import SynthConfig, write_synth
+
+    write_synth(SynthConfig(out=args.out, n=args.n, slides=args.slides, seed=args.seed, format=args.format))
+    log.info("wrote %d patches and labels.csv to %s", args.n, args.out)
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """``hcd pack``."""
+    from hcdlib.pack import PackConfig, pack
+
+    m = pack(PackConfig(input=args.input, labels=args.labels, out=args.out, rows_per_file=args.rows_per_file))
+    log.info("packed %d patches into %d shards at %s", m["rows"], len(m["files"]), args.out)
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``hcd score``."""
+    from hcdlib.score import ScoreConfig, score
+
+    cfg = ScoreConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    m = score(cfg)
+    wall = m["wall_seconds"]
+    log.info(
+        "\n== hcd score summary ==\n rows     %d\n ok       %d\n errors   %d\n dup ids  %d\n"
+        " wall     %.1fs\n rate     %.0f patches/s\n model    %s\n manifest %s",
+        m["rows"], m["ok"], m["errors"], m["duplicate_input_ids"], wall, m["rows"] / max(wall, 1e-9),
+        m["model"], m["manifest_uri"])
+    return 0
+
+
+def run_submission(args: argparse.Namespace) -> int:
+    """``hcd submission``."""
+    from hcdlib.predictions import read_manifest, write_submission
+
+    errors = read_manifest(args.predictions)["errors"]
+    if errors:
+        log.warning("%d patches failed to decode; they get label 0.5 in the submission", errors)
+    n = write_submission(args.predictions, args.out)
+    log.info("wrote %d rows to %s", n, args.out)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``hcd demo``."""
+    from hcdlib.demo import DemoConfig
+    from hcdlib.demo import run_demo as demo
+
+    demo(DemoConfig(out=args.out, n=args.n, minutes=args.minutes))
+    return 0
+
+
+Command = tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {
+    "demo": (demo_parser, run_demo),
+    "synth": (synth_parser, run_synth),
+    "pack": (pack_parser, run_pack),
+    "score": (score_parser, run_score),
+    "submission": (submission_parser, run_submission),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The ``hcd`` parser with every command as a sub-parser."""
+    parser = argparse.ArgumentParser(prog="hcd",
+                                     description="Histopathologic cancer detection at archive scale.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (build, _) in COMMANDS.items():
+        p = build(sub.add_parser(name, help=build().description))
+        p.prog = f"hcd {name}"
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hcd`` (console script) and of every ``jobs/*.py``."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The forward pass, as a plain function: ``infer_batch(model, pixels, *, device)``.
+
+Tests and user code call it without Ray; the Ray actor in :mod:`hcdlib.score` only wraps it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from hcdlib.transforms import Preprocess, dihedral, eval_preset, to_input
+
+TTA_CHOICES = (1, 4, 8)
+
+
+def pick_device(gpus: float | None = None) -> torch.device:
+    """CUDA when present (and not explicitly disabled with ``gpus=0``), else CPU."""
+    if gpus != 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def infer_batch(model: nn.Module, pixels: np.ndarray | torch.Tensor, *, device: torch.device,
+                preprocess: Preprocess, tta: int = 1, amp: bool = True) -> np.ndarray:
+    """P(tumour) for a batch of uint8 NHWC patches, as float32 numpy.
+
+    ``tta`` 4 averages the four 90-degree rotations, 8 the whole dihedral group. On a GPU the
+    uint8 batch is copied from pinned memory without blocking (4x fewer bytes than float),
+    normalised there, and run in channels_last under bf16/fp16 autocast.
+    """
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta}")
+    x = torch.as_tensor(pixels)
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.float32)
+    cuda = device.type == "cuda"
+    if cuda:
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = eval_preset(to_input(x, preprocess, channels_last=True))
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    with torch.autocast(device_type="cuda", dtype=dtype, enabled=cuda and amp):
+        probs = sum(torch.sigmoid(model(dihedral(x, k)).float()) for k in range(tta)) / tta
+    return probs.reshape(-1).float().cpu().numpy()

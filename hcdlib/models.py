@@ -1,0 +1,78 @@
+"""Model architectures: torchvision CNNs adapted to 96x96 patches and one logit.
+
+``--weights imagenet`` uses torchvision's weight enums (downloads on first use where there is
+internet); ``none`` starts from scratch; a URI loads a state dict with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import nn
+
+from hcdlib.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+ARCHES = ("hcdnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class HcdNet(nn.Module):
+    """A small VGG-style CNN (~1.2M parameters) that trains in minutes on a laptop CPU."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for w in widths:
+            layers += [*_conv_bn(cin, w), *_conv_bn(w, w), nn.MaxPool2d(2)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(cin, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (N, 1)."""
+        return self.head(self.features(x))
+
+
+def _torchvision(arch: str, pretrained: bool) -> nn.Module:
+    import torchvision.models as tvm  # deferred: only the torchvision arches need it
+
+    weights = tvm.get_model_weights(arch).DEFAULT if pretrained else None
+    model = tvm.get_model(arch, weights=weights)
+    # 96x96 input: drop the stem's max-pool so the last feature map is 6x6, not 3x3.
+    if arch.startswith("resnet"):
+        model.maxpool = nn.Identity()
+        model.fc = nn.Linear(model.fc.in_features, 1)
+    elif arch == "densenet121":
+        model.features.pool0 = nn.Identity()
+        model.classifier = nn.Linear(model.classifier.in_features, 1)
+    elif arch == "efficientnet_b0":
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, 1)
+    return model
+
+
+def build_model(arch: str, *, weights: str = "none") -> tuple[nn.Module, Preprocess]:
+    """Build ``arch`` with ``weights`` (none | imagenet | URI of a state dict) and its preprocessing."""
+    if arch not in ARCHES:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHES)}")
+    if weights == "imagenet" and arch == "hcdnet":
+        raise ValueError("hcdnet has no ImageNet weights; use --weights none or a torchvision arch")
+    model = HcdNet() if arch == "hcdnet" else _torchvision(arch, weights == "imagenet")
+    pre = Preprocess(IMAGENET_MEAN, IMAGENET_STD) if weights == "imagenet" else Preprocess()
+    if weights not in ("none", "imagenet"):
+        from hcdlib import uri as urimod
+
+        data = urimod.read_bytes(weights)
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(data)
+        else:  # weights_only: a state dict of tensors, never pickled code
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model, pre

@@ -1,0 +1,78 @@
+"""The one preprocessing definition, shared by training and scoring.
+
+Patches travel as uint8 NHWC arrays (4x smaller than float, so cheap to ship between Ray
+tasks and to copy to a GPU); :func:`to_input` turns them into normalised float NCHW on the
+target device. The normalisation is stored in the model artifact, so scoring uses exactly
+what training used. Augmentation works on whole batches of tensors so it runs on the GPU
+when there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+# PatchCamelyon channel statistics (RGB, 0..1); ImageNet's for ImageNet-pretrained weights.
+PCAM_MEAN, PCAM_STD = (0.70, 0.54, 0.69), (0.24, 0.28, 0.22)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Input normalisation of a model; saved in its artifact."""
+
+    mean: tuple[float, float, float] = PCAM_MEAN
+    std: tuple[float, float, float] = PCAM_STD
+    size: int = 96
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        """Inverse of :meth:`to_dict`."""
+        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), size=int(d["size"]))
+
+
+def to_input(pixels: torch.Tensor, pre: Preprocess, *, channels_last: bool = True) -> torch.Tensor:
+    """uint8 NHWC -> normalised float32 NCHW (channels_last memory format on request)."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th (0..7) element of the dihedral group D4 applied to NCHW images."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def train_preset(x: torch.Tensor, *, generator: torch.Generator | None = None,
+                 stain_jitter: float = 0.05, brightness: float = 0.1) -> torch.Tensor:
+    """Training augmentation on a normalised NCHW batch.
+
+    Tissue has no orientation, so every dihedral transform is a valid sample; mild per-image
+    colour jitter mimics stain and scanner variation between slides.
+    """
+    n = x.shape[0]
+    dev = x.device
+    ks = torch.randint(0, 8, (n,), generator=generator).to(dev)
+    out = torch.empty_like(x)
+    for k in range(8):
+        idx = (ks == k).nonzero(as_tuple=True)[0]
+        if idx.numel():
+            out[idx] = dihedral(x[idx], k)
+    scale = 1 + (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * stain_jitter * 4
+    shift = (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * stain_jitter * 4
+    bright = (torch.rand((n, 1, 1, 1), generator=generator) * 2 - 1) * brightness * 4
+    return out * scale.to(dev) + shift.to(dev) + bright.to(dev)
+
+
+def eval_preset(x: torch.Tensor) -> torch.Tensor:
+    """Evaluation/scoring preprocessing beyond :func:`to_input`: none (kept as a named hook)."""
+    return x

@@ -1,0 +1,109 @@
+"""One storage layer: every input and output location is a URI.
+
+A URI is a local path, ``file:///abs/path`` or ``s3://bucket/prefix``. ``resolve`` turns it
+into a pyarrow filesystem plus a path on it, so the rest of hcd never branches on storage.
+
+S3 settings come only from the standard AWS environment and config files (credentials
+chain, ``AWS_REGION``, ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), never from command-line
+flags, so secrets never land in shell history or job specs, and nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    """Whether ``uri`` names an S3 location."""
+    return uri.startswith(S3_PREFIX)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the standard AWS environment.
+
+    Without an explicit endpoint pyarrow would first ask the real AWS endpoint for the
+    bucket's region, which fails slowly on S3-compatible servers; so the endpoint and region
+    are passed through when set.
+    """
+    kwargs: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    elif endpoint:
+        kwargs["region"] = "us-east-1"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path)`` for a local path, ``file://`` URI or ``s3://`` URI."""
+    if is_s3(uri):
+        return s3_filesystem(), uri[len(S3_PREFIX):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI without touching its scheme."""
+    if is_s3(uri):
+        return S3_PREFIX + posixpath.join(uri[len(S3_PREFIX):].rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """The URI of ``path`` on ``fs`` (inverse of :func:`resolve`)."""
+    return S3_PREFIX + path if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or directory exists at ``uri``."""
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    """Read a whole object."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing or the whole object.
+
+    An S3 PUT is atomic by itself; on a local disk we write a temporary file in the same
+    directory and rename it, which POSIX makes atomic.
+    """
+    fs, path = resolve(uri)
+    parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
+    fs.create_dir(parent, recursive=True)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def delete(uri: str) -> None:
+    """Delete a file or a directory tree; missing is fine."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
