@@ -58,7 +58,9 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                     notes.append(f"resized {w}x{h} to {size}x{size}")
                     im = im.resize((size, size), Image.Resampling.BILINEAR)
                 pixels = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own guard fires at open() for huge headers
+        return Decoded(None, f"image header too large to be a patch, not decoded ({exc})", None)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         msg = str(exc) or type(exc).__name__
         if isinstance(exc, UnidentifiedImageError):
             msg = "not an image (unrecognised format)"

@@ -1,0 +1,95 @@
+"""Shared fixtures: one Ray per session, a real S3 server (moto) on 127.0.0.1, tiny data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PCAM_REAL = REPO.parent / "shared" / "data" / "pcam-real"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (ray.init costs seconds), on 127.0.0.1 only."""
+    import ray
+
+    from hcdlib.rayutil import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Moto's standalone S3 server in a subprocess on 127.0.0.1, configured via AWS_* env."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto S3 server did not start")
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Ray workers started after this inherit it too
+    yield endpoint
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture()
+def bucket(s3_server, request):
+    """A fresh bucket per test; returns its s3:// URI."""
+    import boto3
+
+    name = "hcd-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload_dir(local: Path, s3_uri: str) -> None:
+    """Copy a local folder tree to S3 with pyarrow (the code path users take)."""
+    import pyarrow.fs as pafs
+
+    from hcdlib.uri import resolve
+
+    fs, path = resolve(s3_uri)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """300 synthetic patches, Kaggle layout with labels.csv."""
+    from hcdlib.synth import SynthConfig, write_synth
+
+    out = tmp_path_factory.mktemp("synth") / "kaggle"
+    write_synth(SynthConfig(out=str(out), n=300, slides=4, seed=7), processes=1)
+    return out

@@ -1,0 +1,40 @@
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from hcdlib.cli import COMMANDS, get_args_parser
+
+
+def _flags(help_text: str) -> set[str]:
+    return set(re.findall(r"--[a-z][a-z0-9-]+", help_text))
+
+
+def test_hcd_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        get_args_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_job_script_has_the_same_flags_as_the_console_script(command):
+    job = REPO / "jobs" / f"{command}.py"
+    assert job.exists(), f"jobs/{command}.py missing"
+    via_job = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, check=True)
+    via_hcd = subprocess.run([sys.executable, "-m", "hcdlib.cli", command, "--help"],
+                             capture_output=True, text=True, check=True)
+    assert _flags(via_job.stdout) == _flags(via_hcd.stdout)
+    assert len(_flags(via_job.stdout)) >= 2
+
+
+def test_bad_input_gives_a_clear_error_and_exit_code(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "hcdlib.cli", "pack", "--input", str(tmp_path / "missing"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert f"{tmp_path}/missing: no such file or directory" in res.stderr
+    assert "Traceback" not in res.stderr

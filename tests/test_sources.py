@@ -1,0 +1,156 @@
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import PCAM_REAL, upload_dir
+
+from hcdlib.decode import decode_patch
+from hcdlib.pack import PackConfig, pack
+from hcdlib.sources import (
+    CLASS_FOLDERS,
+    KAGGLE,
+    PARQUET,
+    SourceError,
+    open_source,
+    plan_chunks,
+    read_chunk,
+)
+
+
+def _labels(folder: Path) -> dict[str, tuple[int, str]]:
+    with open(folder / "labels.csv") as f:
+        return {r["id"]: (int(r["label"]), r["slide_id"]) for r in csv.DictReader(f)}
+
+
+def _read_all(src, chunk_size=64) -> pa.Table:
+    return pa.concat_tables(read_chunk(c) for c in plan_chunks(src, chunk_size))
+
+
+def _class_folders(synth: Path, root: Path, split: str | None = "train") -> Path:
+    """Re-lay the synthetic set as <root>/<split>/<label>/<id>.png."""
+    labels = _labels(synth)
+    for pid, (label, _) in labels.items():
+        d = root / (split or "") / str(label)
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synth / f"{pid}.tif", d / f"{pid}.tif")
+    return root
+
+
+def _check_rows(rows: pa.Table, synth: Path, *, with_slides: bool) -> None:
+    labels = _labels(synth)
+    assert sorted(rows["id"].to_pylist()) == sorted(labels)
+    for r in rows.to_pylist():
+        assert r["label"] == labels[r["id"]][0]
+        assert r["slide_id"] == (labels[r["id"]][1] if with_slides else None)
+        assert r["source"].endswith(f"{r['id']}.tif")
+        assert r["error"] is None
+    first = rows.slice(0, 1).to_pylist()[0]
+    assert decode_patch(first["image"]).pixels.shape == (96, 96, 3)
+
+
+def test_kaggle_layout_local(synth_small):
+    src = open_source(str(synth_small))
+    assert src.layout == KAGGLE and src.num_patches == 300
+    _check_rows(_read_all(src), synth_small, with_slides=True)
+
+
+def test_kaggle_layout_explicit_labels_csv(synth_small, tmp_path):
+    folder = tmp_path / "test"
+    folder.mkdir()
+    for p in list(synth_small.glob("*.tif"))[:20]:
+        shutil.copy(p, folder)
+    kaggle_csv = tmp_path / "train_labels.csv"
+    labels = _labels(synth_small)
+    kaggle_csv.write_text("id,label\n" + "".join(f"{p.stem},{labels[p.stem][0]}\n" for p in folder.iterdir()))
+    src = open_source(str(folder), labels=str(kaggle_csv))
+    rows = _read_all(src)
+    assert rows.num_rows == 20
+    assert all(r["label"] == labels[r["id"]][0] for r in rows.to_pylist())
+    # without labels the ids still come through, unlabelled (the Kaggle test set)
+    unlabelled = _read_all(open_source(str(folder)))
+    assert unlabelled["label"].null_count == 20
+
+
+@pytest.mark.parametrize("split", ["train", None])
+def test_class_folders_local(synth_small, tmp_path, split):
+    root = _class_folders(synth_small, tmp_path / "cls", split)
+    src = open_source(str(root))
+    assert src.layout == CLASS_FOLDERS
+    _check_rows(_read_all(src), synth_small, with_slides=False)
+
+
+def test_parquet_shards_local(synth_small, tmp_path):
+    pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards"), rows_per_file=128,
+                    row_group_size=50))
+    src = open_source(str(tmp_path / "shards"))
+    assert src.layout == PARQUET and src.num_patches == 300
+    assert len(plan_chunks(src)) == 3 + 3 + 1  # row groups of 50 in shards of 128, 128, 44
+    _check_rows(_read_all(src), synth_small, with_slides=True)
+
+
+def test_every_layout_on_s3(synth_small, tmp_path, bucket):
+    upload_dir(synth_small, f"{bucket}/kaggle")
+    src = open_source(f"{bucket}/kaggle")
+    assert src.layout == KAGGLE
+    rows = _read_all(src)
+    _check_rows(rows, synth_small, with_slides=True)
+    assert rows["source"][0].as_py().startswith(f"{bucket}/kaggle/")
+
+    upload_dir(_class_folders(synth_small, tmp_path / "cls"), f"{bucket}/cls")
+    src = open_source(f"{bucket}/cls")
+    assert src.layout == CLASS_FOLDERS
+    _check_rows(_read_all(src), synth_small, with_slides=False)
+
+    pack(PackConfig(input=f"{bucket}/kaggle", out=f"{bucket}/shards", rows_per_file=100))
+    src = open_source(f"{bucket}/shards")
+    assert src.layout == PARQUET
+    _check_rows(_read_all(src), synth_small, with_slides=True)
+
+
+def test_missing_and_empty_inputs_name_the_uri(tmp_path):
+    with pytest.raises(SourceError, match=f"{tmp_path}/nope: no such file"):
+        open_source(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(SourceError, match="no patch images"):
+        open_source(str(tmp_path / "empty"))
+
+
+def test_unreadable_file_becomes_error_row(synth_small, tmp_path):
+    folder = tmp_path / "k"
+    shutil.copytree(synth_small, folder)
+    src = open_source(str(folder))
+    victim = folder / f"{src.items['id'][0].as_py()}.tif"
+    victim.unlink()  # listed, then gone before it was read
+    rows = read_chunk(plan_chunks(src)[0])
+    assert rows["image"][0].as_py() is None
+    assert "cannot read" in rows["error"][0].as_py()
+    assert rows["error"].null_count == rows.num_rows - 1
+
+
+@pytest.mark.skipif(not PCAM_REAL.exists(), reason="../shared/data/pcam-real not present")
+def test_real_pcam_jpeg_class_folders(tmp_path):
+    # 200 real patches: 100 per class from the valid split, re-laid as a small class-folder tree
+    # (links, not copies) so the listing stays small.
+    picked = []
+    for label in (0, 1):
+        for p in sorted((PCAM_REAL / "valid" / str(label)).glob("*.jpg"))[:100]:
+            d = tmp_path / "valid" / str(label)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / p.name).symlink_to(p)
+            picked.append((p.stem, label))
+    src = open_source(str(tmp_path), labels=str(PCAM_REAL / "labels.csv"))
+    assert src.layout == CLASS_FOLDERS and src.num_patches == 200
+    rows = _read_all(src)
+    assert sorted(zip(rows["id"].to_pylist(), rows["label"].to_pylist(), strict=True)) == sorted(picked)
+    for r in rows.slice(0, 10).to_pylist():
+        res = decode_patch(r["image"])
+        assert res.error is None and res.pixels.shape == (96, 96, 3)
+    # the labels CSV agrees with the folder names for every picked patch
+    with open(PCAM_REAL / "labels.csv") as f:
+        csv_rows = {r["id"]: int(r["label"]) for r in csv.DictReader(f)}
+    assert all(csv_rows[i] == lab for i, lab in picked)
+    assert np.mean([lab for _, lab in picked]) == 0.5
