@@ -71,6 +71,33 @@ def score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd train``."""
+    from hcdlib.models import ARCHES
+
+    p = parser or argparse.ArgumentParser(prog="hcd train")
+    p.description = "Train a patch classifier with Ray Train; exports the best epoch to <out>/model."
+    p.add_argument("--data", required=True, help="training patch source URI")
+    p.add_argument("--labels", help="labels CSV URI for --data")
+    p.add_argument("--val-data", help="validation source URI (default: hold out groups of --data)")
+    p.add_argument("--val-labels", help="labels CSV URI for --val-data")
+    p.add_argument("--out", required=True, help="run folder URI: checkpoints, metrics, model/")
+    p.add_argument("--arch", choices=ARCHES, default="hcdnet", help="architecture")
+    p.add_argument("--weights", default="none", help="none | imagenet | URI of a state dict")
+    p.add_argument("--epochs", type=_positive_int, default=40, help="maximum epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="per-worker batch size")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--patience", type=_positive_int, default=6, help="early stopping: epochs without AUC gain")
+    p.add_argument("--workers", type=_positive_int, help="Ray Train workers (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 1 where GPUs exist)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves per worker")
+    p.add_argument("--time-budget-min", type=float, help="stop cleanly (with a checkpoint) after M minutes")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--resume", action="store_true", help="require an existing run in --out to resume")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    return p
+
+
 def submission_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd submission``."""
     p = parser or argparse.ArgumentParser(prog="hcd submission")
@@ -123,6 +150,18 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    """``hcd train``."""
+    from hcdlib.train import TrainConfig, train
+
+    meta = train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    m = meta["metrics"]
+    log.info("\n== hcd train summary ==\n best epoch %s of %s\n val AUC    %.4f\n val acc    %.4f\n"
+             " model      %s/model (%s)", m.get("best_epoch"), m.get("epochs_run"), m.get("val_auc", float("nan")),
+             m.get("val_acc", float("nan")), args.out, meta["sha256"][:12])
+    return 0
+
+
 def run_submission(args: argparse.Namespace) -> int:
     """``hcd submission``."""
     from hcdlib.predictions import read_manifest, write_submission
@@ -149,6 +188,7 @@ COMMANDS: dict[str, Command] = {
     "demo": (demo_parser, run_demo),
     "synth": (synth_parser, run_synth),
     "pack": (pack_parser, run_pack),
+    "train": (train_parser, run_train),
     "score": (score_parser, run_score),
     "submission": (submission_parser, run_submission),
 }

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+# Ray's single-node mode: every service on 127.0.0.1 (see init_ray).
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` / ``RAY_ADDRESS``, else start a local Ray on 127.0.0.1.
@@ -16,15 +19,21 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     code sent to them. In Ray 2.x the single-node "local cluster" mode is the one that keeps
     every service on loopback, so we ask for it unless the user set the variable otherwise.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Read by Ray's processes at start-up, and by this process when ray is first imported.
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # ray was imported before the variable was set (e.g. by a test runner): apply it here too,
+    # or this driver would advertise the machine's public address to the local Ray.
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ONLY_ENV] not in ("0", "false", "False")
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 

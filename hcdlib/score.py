@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
-from hcdlib.decode import decode_batch
-from hcdlib.sources import open_source, plan_chunks, read_chunk
+from hcdlib.pipeline import decoded_dataset
+from hcdlib.sources import open_source, plan_chunks
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +50,6 @@ class ScoreConfig:
     resize: bool = False
     overwrite: bool = False
     address: str | None = None
-
-
-def read_decode(batch: dict, *, resize: bool = False) -> dict:
-    """Ray Data read stage: one chunk descriptor in, its decoded rows out."""
-    outs = []
-    for spec in batch["chunk"]:
-        chunk = json.loads(spec)
-        rows = read_chunk(chunk).to_pydict()
-        rows = {k: np.array(v, dtype=object) for k, v in rows.items()}
-        n = len(rows["id"])
-        out = decode_batch(rows, resize=resize)
-        out["chunk"] = np.full(n, chunk["key"], dtype=object)
-        out["row"] = np.arange(n, dtype=np.int64)
-        outs.append(out)
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 class Scorer:
@@ -177,13 +162,7 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
     import ray
 
     expected = {c["key"]: c["num_rows"] for c in todo}
-    ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in todo], override_num_blocks=len(todo))
-    # Reads declare the memory a decoded chunk needs. Besides being true, it keeps Ray Data from
-    # fusing decoding into the model actors, so decoding runs in parallel tasks, never in the
-    # (GPU) actor's critical path.
-    chunk_bytes = 256 * 2**20 + 4 * cfg.chunk_size * 96 * 96 * 3
-    ds = ds.map_batches(read_decode, batch_size=1, fn_kwargs={"resize": cfg.resize},
-                        num_cpus=1, memory=chunk_bytes)
+    ds = decoded_dataset(todo, chunk_size=cfg.chunk_size, resize=cfg.resize)
     ds = ds.map_batches(
         Scorer,
         fn_constructor_kwargs={"model_uri": cfg.model, "sha256": sha256, "tta": cfg.tta,

@@ -1,0 +1,182 @@
+"""``hcd train``: fine-tune a CNN on patches with Ray Train, then export the best epoch.
+
+    hcd train --data /data/pcam-real/train --val-data /data/pcam-real/valid --out runs/pcam --time-budget-min 30
+    ray job submit --working-dir . -- python jobs/train.py --data s3://b/train-shards --out s3://b/run \
+        --arch resnet50 --weights imagenet --workers 8 --gpus-per-worker 1
+
+Data comes through Ray Data (the same sources, decoding and preprocessing as scoring) and is
+streamed to ``TorchTrainer`` workers. Checkpoints go to ``<out>/ray_train/`` every epoch;
+rerunning the same command resumes from the latest one. The best epoch is exported to
+``<out>/model/`` (see :mod:`hcdlib.artifact`), which ``hcd score --model`` loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hcdlib import uri as urimod
+from hcdlib.sources import PARQUET, PatchSource, open_source, plan_chunks
+from hcdlib.train_loop import TRAIN, VAL
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "ray_train"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training job. Defaults are the settings that reach the PCam target on a 2-core CPU."""
+
+    data: str
+    out: str
+    labels: str | None = None
+    val_data: str | None = None
+    val_labels: str | None = None
+    val_fraction: float = 0.15
+    arch: str = "hcdnet"
+    weights: str = "none"
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    patience: int = 6
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    time_budget_min: float | None = None
+    seed: int = 0
+    resume: bool = False
+    max_failures: int = 2
+    chunk_size: int = 512
+    address: str | None = None
+
+
+def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, PatchSource]:
+    """Hold out ``fraction`` of the *groups* (slide, duplicate group, else patch) for validation.
+
+    Patches of one slide (or pixel-identical duplicates) are never on both sides, so the
+    validation AUC is not inflated by near-copies of training patches.
+    """
+    if src.layout == PARQUET:
+        raise ValueError(f"{src.uri}: a validation split of Parquet shards needs --val-data "
+                         "(pack the validation set separately)")
+    groups = sorted(set(src.items["group"].to_pylist()),
+                    key=lambda g: hashlib.sha1(g.encode()).hexdigest())  # stable on every run and machine
+    if len(groups) < 2:
+        raise ValueError(f"{src.uri}: one group only ({groups}); a grouped validation split needs --val-data")
+    n_val = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+    mask = pc.is_in(src.items["group"], value_set=pa.array(groups[:n_val], pa.string()))
+    val, train = src.items.filter(mask), src.items.filter(pc.invert(mask))
+    return (PatchSource(src.uri, src.layout, train, src.list_seconds),
+            PatchSource(src.uri, src.layout, val, src.list_seconds))
+
+
+def _shuffled_chunks(src: PatchSource, chunk_size: int, seed: int) -> list[dict]:
+    """Training chunks with patches shuffled first: listings are sorted (class folders by label)."""
+    if src.layout != PARQUET:
+        order = list(range(src.items.num_rows))
+        random.Random(seed).shuffle(order)
+        src = PatchSource(src.uri, src.layout, src.items.take(pa.array(order)), src.list_seconds)
+    chunks = plan_chunks(src, chunk_size)
+    random.Random(seed + 1).shuffle(chunks)
+    return chunks
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[dict, int]:
+    """The train/val Ray Datasets (keyed by :data:`TRAIN` / :data:`VAL`) and the train size."""
+    from hcdlib.pipeline import decoded_dataset, labelled_ok
+
+    src = open_source(cfg.data, cfg.labels)
+    if cfg.val_data:
+        train_src, val_src = src, open_source(cfg.val_data, cfg.val_labels)
+    else:
+        train_src, val_src = split_by_group(src, cfg.val_fraction)
+    log.info("train: %d patches, validation: %d patches", train_src.num_patches, val_src.num_patches)
+    datasets = {}
+    for key, s in ((TRAIN, train_src), (VAL, val_src)):
+        chunks = _shuffled_chunks(s, cfg.chunk_size, cfg.seed) if key == TRAIN else plan_chunks(s, cfg.chunk_size)
+        datasets[key] = decoded_dataset(chunks, chunk_size=cfg.chunk_size).map_batches(labelled_ok)
+    return datasets, train_src.num_patches
+
+
+def _scaling(cfg: TrainConfig, resources: dict):
+    """Workers from the cluster: one per GPU, else one (or ``--workers``) sharing the CPU with reads."""
+    from ray.train import ScalingConfig
+
+    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    gpw = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+    workers = cfg.workers or (max(1, int(gpus // gpw)) if gpw else 1)
+    # A worker's CPU request is a scheduling hint; its torch threads use its share of cores.
+    # Requests that add up to every CPU would starve Ray Data's read tasks (a silent hang).
+    cpw = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else min(1.0, cpus / (2 * workers))
+    if workers * cpw >= cpus:
+        raise ValueError(f"{workers} workers x {cpw:g} CPUs leaves no CPU for reading data on a {cpus:g}-CPU "
+                         "cluster; use fewer --workers or a smaller --cpus-per-worker")
+    threads = max(1, int(cpus // workers)) if not gpw else max(1, int(cpw))
+    res = {"CPU": cpw, **({"GPU": gpw} if gpw else {})}
+    return ScalingConfig(num_workers=workers, use_gpu=bool(gpw), resources_per_worker=res), threads
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train, checkpointing every epoch, and export the best epoch to ``<out>/model``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from hcdlib.rayutil import init_ray
+    from hcdlib.train_loop import train_loop_per_worker
+
+    run_dir = urimod.join(cfg.out, RUN_NAME)
+    if cfg.resume and not urimod.exists(run_dir):
+        raise ValueError(f"--resume: {cfg.out} has no training run to resume ({run_dir} missing)")
+    if urimod.exists(run_dir):
+        log.info("resuming the training run in %s from its latest checkpoint", run_dir)
+    init_ray(cfg.address)
+    datasets, n_train = build_datasets(cfg)
+    scaling, threads = _scaling(cfg, ray.cluster_resources())
+    log.info("Ray Train: %s, %d torch threads per worker", scaling, threads)
+    fs, path = urimod.resolve(cfg.out)
+    fs.create_dir(path, recursive=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": asdict(cfg), "n_train": n_train, "threads": threads},
+        scaling_config=scaling,
+        datasets=datasets,
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    return export_best(cfg, result.checkpoint)
+
+
+def export_best(cfg: TrainConfig, checkpoint) -> dict:
+    """Export the best epoch stored in ``checkpoint`` to ``<out>/model``."""
+    import torch
+
+    from hcdlib.artifact import export_model
+    from hcdlib.models import build_model, preprocess_for
+    from hcdlib.train_loop import STATE_FILE
+
+    if checkpoint is None:
+        raise RuntimeError(f"training in {cfg.out} produced no checkpoint")
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    if state["best_model"] is None:
+        raise RuntimeError("no epoch produced a validation AUC (is the validation set one class only?)")
+    model, _ = build_model(cfg.arch, weights="none")
+    model.load_state_dict(state["best_model"])
+    metrics = dict(state["best"]["metrics"], best_epoch=state["best"]["epoch"], epochs_run=state["epoch"])
+    meta = export_model(model, urimod.join(cfg.out, "model"), arch=cfg.arch,
+                        preprocess=preprocess_for(cfg.weights), metrics=metrics, config=asdict(cfg))
+    meta["history"] = state["history"]
+    return meta

@@ -1,0 +1,219 @@
+"""The per-worker training loop run by Ray Train's ``TorchTrainer``.
+
+:class:`TrainLoop` owns what every epoch needs and nothing model-specific: epochs, the
+one-cycle schedule (sized by steps *or* by the time budget, whichever runs out first),
+validation gathered across workers, checkpoints through ``ray.train.report``, resume from
+``ray.train.get_checkpoint()``, early stopping and rank-0 logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+TRAIN, VAL = "train", "val"  # dataset keys
+
+
+def one_cycle(progress: float, *, pct_start: float = 0.25, div: float = 25.0, final_div: float = 1e4) -> float:
+    """One-cycle LR factor (of max LR) at ``progress`` in [0, 1]: cosine up, then cosine down."""
+    p = min(max(progress, 0.0), 1.0)
+    if p < pct_start:
+        lo, hi, t = 1 / div, 1.0, p / pct_start
+    else:
+        lo, hi, t = 1.0, 1 / final_div, (p - pct_start) / (1 - pct_start)
+    return hi + (lo - hi) * (1 + math.cos(math.pi * t)) / 2
+
+
+def gather(values: np.ndarray) -> np.ndarray:
+    """Concatenate a per-worker array across all workers (every worker gets the whole)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    return np.concatenate(parts)
+
+
+def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC with scikit-learn; NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
+
+
+class TrainLoop:
+    """One worker's training run; ``config`` is the dict :mod:`hcdlib.train` passes."""
+
+    def __init__(self, config: dict):
+        import ray.train
+        import ray.train.torch
+
+        self.cfg = config["cfg"]
+        self.n_train = config["n_train"]
+        self.ctx = ray.train.get_context()
+        self.rank, self.world = self.ctx.get_world_rank(), self.ctx.get_world_size()
+        torch.set_num_threads(config["threads"])
+        torch.manual_seed(self.cfg["seed"] + self.rank)
+        self.device = ray.train.torch.get_device()
+
+        from hcdlib.models import build_model
+
+        model, self.pre = build_model(self.cfg["arch"], weights=self.cfg["weights"])
+        self.model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.steps_per_epoch = max(1, math.ceil(self.n_train / (self.cfg["batch_size"] * self.world)))
+        self.total_steps = self.steps_per_epoch * self.cfg["epochs"]
+        self.budget_s = (self.cfg["time_budget_min"] or 0) * 60
+        # Resumable state: everything below goes into each checkpoint.
+        self.epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.best = {"auc": -1.0, "epoch": -1, "metrics": {}}
+        self.best_state: dict | None = None
+        self.history: list[dict] = []
+        self._restore()
+
+    # ---- state ---------------------------------------------------------------------------
+    def _unwrapped(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def _restore(self) -> None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if not ckpt:
+            return
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        self._unwrapped().load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
+        self.best, self.best_state = state["best"], state["best_model"]
+        self.history = state["history"]
+        if self.rank == 0:
+            log.info("resumed from checkpoint after epoch %d (%.0fs trained)", self.epoch, self.elapsed)
+
+    def _checkpoint_state(self) -> dict:
+        return {"model": self._unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
+                "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "best": self.best,
+                "best_model": self.best_state, "history": self.history}
+
+    # ---- one epoch ---------------------------------------------------------------------
+    def _progress(self) -> float:
+        by_time = self.elapsed / self.budget_s if self.budget_s else 0.0
+        return max(self.step / self.total_steps, by_time)
+
+    def _autocast(self):
+        cuda = self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported())
+
+    def train_epoch(self, shard) -> dict:
+        """Train over this worker's shard once (or until the time budget runs out)."""
+        from hcdlib.transforms import to_input, train_preset
+
+        self.model.train()
+        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        start_elapsed = self.elapsed
+        for batch in shard.iter_torch_batches(batch_size=self.cfg["batch_size"], drop_last=self.world > 1,
+                                              local_shuffle_buffer_size=4 * self.cfg["batch_size"]):
+            if self.budget_s and self.elapsed >= self.budget_s:
+                break
+            for g in self.opt.param_groups:
+                g["lr"] = self.cfg["lr"] * one_cycle(self._progress())
+            x = train_preset(to_input(batch["pixels"].to(self.device, non_blocking=True), self.pre))
+            y = batch["label"].to(self.device).float().view(-1, 1)
+            with self._autocast():
+                loss = self.loss_fn(self.model(x).float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            self.elapsed = start_elapsed + time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen * self.world / max(wall, 1e-9),
+                "epoch_seconds": wall}
+
+    @torch.inference_mode()
+    def validate(self, shard) -> dict:
+        """Loss, accuracy and ROC AUC over the whole validation set (gathered from all workers)."""
+        from hcdlib.transforms import eval_preset, to_input
+
+        model = self._unwrapped().eval()
+        probs, labels = [], []
+        for batch in shard.iter_torch_batches(batch_size=512):
+            x = eval_preset(to_input(batch["pixels"].to(self.device), self.pre))
+            with self._autocast():
+                logits = model(x).float().view(-1)
+            probs.append(torch.sigmoid(logits).cpu().numpy())
+            labels.append(batch["label"].numpy())
+        p = gather(np.concatenate(probs) if probs else np.zeros(0, np.float32))
+        y = gather(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+        eps = 1e-7
+        loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))) if len(y) else float("nan")
+        return {"val_loss": loss, "val_acc": float(np.mean((p >= 0.5) == y)) if len(y) else float("nan"),
+                "val_auc": roc_auc(y, p), "val_n": len(y)}
+
+    # ---- the run -----------------------------------------------------------------------
+    def run(self) -> None:
+        """Epoch loop: train, validate, checkpoint, report; stop on epochs, budget or patience."""
+        import ray.train
+
+        train_shard, val_shard = ray.train.get_dataset_shard(TRAIN), ray.train.get_dataset_shard(VAL)
+        while self.epoch < self.cfg["epochs"]:
+            stats = self.train_epoch(train_shard)
+            stats.update(self.validate(val_shard))
+            self.epoch += 1
+            auc = stats["val_auc"]
+            if not math.isnan(auc) and auc > self.best["auc"]:
+                self.best = {"auc": auc, "epoch": self.epoch, "metrics": stats}
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self._unwrapped().state_dict().items()}
+            out_of_time = bool(self.budget_s) and self.elapsed >= self.budget_s
+            stale = self.epoch - self.best["epoch"] >= self.cfg["patience"]
+            stats.update(epoch=self.epoch, elapsed_s=self.elapsed, lr=self.opt.param_groups[0]["lr"],
+                         best_auc=self.best["auc"], best_epoch=self.best["epoch"],
+                         stopped=("time budget" if out_of_time else "early stopping" if stale else ""))
+            self.history.append(stats)
+            self._report(stats)
+            if out_of_time or stale:
+                break
+
+    def _report(self, stats: dict) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            left = (self.cfg["epochs"] - self.epoch) * stats["epoch_seconds"]
+            if self.budget_s:
+                left = min(left, max(self.budget_s - self.elapsed, 0))
+            log.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_acc %.4f  val_auc %.4f  %.0f img/s  ETA %.0fs%s",
+                     self.epoch, self.cfg["epochs"], stats["train_loss"], stats["val_loss"], stats["val_acc"],
+                     stats["val_auc"], stats["images_per_s"], left,
+                     f"  (stopping: {stats['stopped']})" if stats["stopped"] else "")
+            from hcdlib import uri as urimod
+
+            urimod.write_bytes_atomic(urimod.join(self.cfg["out"], "metrics", f"epoch_{self.epoch:03d}.json"),
+                                      json.dumps(stats, indent=1).encode())
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if self.rank == 0:
+                torch.save(self._checkpoint_state(), os.path.join(d, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({k: v for k, v in stats.items() if isinstance(v, int | float | str)}, checkpoint=ckpt)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    TrainLoop(config).run()
