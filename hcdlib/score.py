@@ -89,6 +89,13 @@ class Scorer:
         return out
 
 
+def _as_str(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A string column back from Ray Data: an all-None object column may arrive as null or NaN floats."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.cast(pa.string())
+    return pa.chunked_array([pa.nulls(len(col), pa.string())])
+
+
 def _to_part(rows: pa.Table) -> pa.Table:
     """Chunk rows (any order, maybe repeated by retries) -> one row per input, in input order."""
     rows = rows.sort_by("row")
@@ -97,8 +104,8 @@ def _to_part(rows: pa.Table) -> pa.Table:
     ok = pc.equal(rows["status"], "ok")
     cols = {
         "id": rows["id"], "prob": pc.if_else(ok, rows["prob"], pa.scalar(None, pa.float32())),
-        "status": rows["status"], "error": rows["error"], "note": rows["note"],
-        "source": rows["source"], "slide_id": rows["slide_id"],
+        "status": rows["status"], "error": _as_str(rows["error"]), "note": _as_str(rows["note"]),
+        "source": rows["source"], "slide_id": _as_str(rows["slide_id"]),
         "x": rows["x"] if "x" in rows.column_names else pa.nulls(rows.num_rows, pa.int64()),
         "y": rows["y"] if "y" in rows.column_names else pa.nulls(rows.num_rows, pa.int64()),
         "model": rows["model"],

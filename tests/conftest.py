@@ -22,8 +22,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session (ray.init costs seconds), on 127.0.0.1 only."""
+def ray_session(s3_server):
+    """One local Ray for the whole session (ray.init costs seconds), on 127.0.0.1 only.
+
+    Started after the S3 server so that Ray's workers inherit its AWS_* settings.
+    """
     import ray
 
     from hcdlib.rayutil import init_ray
@@ -92,4 +95,38 @@ def synth_small(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synth") / "kaggle"
     write_synth(SynthConfig(out=str(out), n=300, slides=4, seed=7), processes=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(synth_small, tmp_path_factory) -> Path:
+    """A small hcdnet trained for a few seconds on the synthetic patches, exported as an artifact.
+
+    Plain torch, not Ray Train, so scoring tests do not depend on the training pipeline.
+    """
+    import numpy as np
+    import pyarrow.csv as pacsv
+    import torch
+
+    from hcdlib.artifact import export_model
+    from hcdlib.decode import decode_patch
+    from hcdlib.models import build_model
+    from hcdlib.transforms import to_input, train_preset
+
+    torch.manual_seed(0)
+    labels = pacsv.read_csv(synth_small / "labels.csv").to_pydict()
+    x = np.stack([decode_patch((synth_small / f"{i}.tif").read_bytes()).pixels for i in labels["id"]])
+    y = torch.tensor(labels["label"], dtype=torch.float32).view(-1, 1)
+    model, pre = build_model("hcdnet")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(3):
+        for i in range(0, len(x), 32):
+            batch = train_preset(to_input(torch.from_numpy(x[i:i + 32]), pre))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), y[i:i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    out = tmp_path_factory.mktemp("model") / "model"
+    export_model(model.eval(), str(out), arch="hcdnet", preprocess=pre)
     return out

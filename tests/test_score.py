@@ -1,0 +1,237 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pytest
+import torch
+from conftest import REPO, upload_dir
+
+from hcdlib import read_predictions
+from hcdlib.artifact import export_model, load_model
+from hcdlib.decode import decode_patch
+from hcdlib.infer import infer_batch
+from hcdlib.models import build_model
+from hcdlib.pack import PackConfig, pack
+from hcdlib.predictions import NotCommittedError, read_manifest, write_submission
+from hcdlib.rayutil import plan_actors
+from hcdlib.score import ScoreConfig, score
+from hcdlib.transforms import dihedral, to_input
+
+
+@pytest.fixture()
+def corrupt_set(synth_small, tmp_path) -> tuple[Path, dict]:
+    """The 300 synthetic patches plus 15 corrupt files (5%) and one duplicated id."""
+    folder = tmp_path / "in"
+    shutil.copytree(synth_small, folder)
+    good = sorted(p for p in folder.glob("*.tif"))
+    bad = {}
+    for i in range(15):
+        name = f"{i:040x}.tif"
+        kind = i % 3
+        data = b"" if kind == 0 else good[i].read_bytes()[:500] if kind == 1 else b"GIF89a not really"
+        (folder / name).write_bytes(data)
+        bad[name[:-4]] = ("empty file", "cannot decode", "not an image")[kind]
+    (folder / "again").mkdir()
+    shutil.copy(good[0], folder / "again" / good[0].name)  # the same id twice
+    return folder, {"bad": bad, "dup": good[0].stem, "n": 300 + 15 + 1}
+
+
+def _cfg(model_dir, inp, out, **kw) -> ScoreConfig:
+    return ScoreConfig(model=str(model_dir), input=str(inp), out=str(out), chunk_size=kw.pop("chunk_size", 64), **kw)
+
+
+def test_infer_batch_matches_the_model_without_ray(model_dir, synth_small):
+    model, meta = load_model(str(model_dir))
+    from hcdlib.transforms import Preprocess
+
+    pre = Preprocess.from_dict(meta["preprocess"])
+    pixels = np.stack([decode_patch(p.read_bytes()).pixels for p in sorted(synth_small.glob("*.tif"))[:16]])
+    probs = infer_batch(model, pixels, device=torch.device("cpu"), preprocess=pre)
+    with torch.no_grad():
+        x = to_input(torch.from_numpy(pixels), pre)
+        expect = torch.sigmoid(model(x)).view(-1).numpy()
+        expect8 = np.mean([torch.sigmoid(model(dihedral(x, k))).view(-1).numpy() for k in range(8)], axis=0)
+    assert probs.dtype == np.float32 and probs.shape == (16,)
+    np.testing.assert_allclose(probs, expect, atol=1e-5)
+    np.testing.assert_allclose(infer_batch(model, pixels, device=torch.device("cpu"), preprocess=pre, tta=8),
+                               expect8, atol=1e-5)
+    assert probs.std() > 0.05  # a real spread, so the comparisons above mean something
+    with pytest.raises(ValueError, match="tta"):
+        infer_batch(model, pixels, device=torch.device("cpu"), preprocess=pre, tta=3)
+
+
+def test_score_exactly_once_with_corrupt_files(ray_session, model_dir, corrupt_set, tmp_path):
+    folder, info = corrupt_set
+    m = score(_cfg(model_dir, folder, tmp_path / "out"))
+    assert m["rows"] == info["n"] and m["errors"] == 15 and m["ok"] == info["n"] - 15
+    assert m["duplicate_input_ids"] == 1 and m["duplicate_id_examples"] == [info["dup"]]
+    t = read_predictions(str(tmp_path / "out")).to_pandas()
+    assert len(t) == info["n"]
+    assert t.groupby("source").size().max() == 1  # every input file exactly once
+    errors = t[t.status == "error"].set_index("id")
+    assert set(errors.index) == set(info["bad"])
+    for pid, msg in info["bad"].items():
+        assert errors.loc[pid, "error"].startswith(f"patch {pid}: ") and msg in errors.loc[pid, "error"]
+        assert np.isnan(errors.loc[pid, "prob"])
+    ok = t[t.status == "ok"]
+    assert ok.prob.between(0, 1).all() and ok.error.isna().all()
+    assert (t.model == m["model"]).all() and t.x.isna().all()
+    # the pipeline's probabilities are the plain function's
+    model, meta = load_model(str(model_dir))
+    from hcdlib.transforms import Preprocess
+
+    sample = ok.sample(20, random_state=0)
+    pixels = np.stack([decode_patch(Path(s).read_bytes()).pixels for s in sample.source])
+    direct = infer_batch(model, pixels, device=torch.device("cpu"), preprocess=Preprocess.from_dict(meta["preprocess"]))
+    np.testing.assert_allclose(sample.prob.to_numpy(), direct, atol=1e-5)
+
+
+def test_resume_skips_done_chunks_and_refuses_mixing(ray_session, model_dir, synth_small, tmp_path):
+    out = tmp_path / "out"
+    first = score(_cfg(model_dir, synth_small, out))
+    parts = sorted((out / "parts").iterdir())
+    assert len(parts) == 5  # 300 patches in chunks of 64
+    # simulate a crash after three chunks: two parts and the manifest never got written
+    for p in parts[3:]:
+        p.unlink()
+    (out / "_SUCCESS").unlink()
+    with pytest.raises(NotCommittedError):
+        read_predictions(str(out))
+    kept = {p.name: p.stat().st_mtime_ns for p in parts[:3]}
+    again = score(_cfg(model_dir, synth_small, out))
+    assert {p.name: p.stat().st_mtime_ns for p in parts[:3]} == kept  # done work was not redone
+    assert again["rows"] == first["rows"] == 300
+    t = read_predictions(str(out))
+    assert sorted(t["id"].to_pylist()) == sorted(p.stem for p in synth_small.glob("*.tif"))
+
+    other, pre = build_model("hcdnet")
+    export_model(other, str(tmp_path / "other"), arch="hcdnet", preprocess=pre)
+    with pytest.raises(ValueError, match="different model"):
+        score(_cfg(tmp_path / "other", synth_small, out))
+    replaced = score(_cfg(tmp_path / "other", synth_small, out, overwrite=True))
+    assert replaced["model"] != first["model"] and replaced["rows"] == 300
+
+
+def _scorer_actor_pids() -> list[int]:
+    """Pids of live model actors: Ray titles each worker process ``ray::<actor class>...``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and "Scorer" in title:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _start_score_job(ray_session, model_dir, data, out) -> subprocess.Popen:
+    """``jobs/score.py`` as its own driver process on the session's Ray cluster."""
+    args = ["--model", str(model_dir), "--input", str(data), "--out", str(out), "--chunk-size", "64",
+            "--tta", "8", "--batch-size", "32"]
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "score.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _parts(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.parquet")} if (out / "parts").exists() else {}
+
+
+@pytest.fixture(scope="module")
+def synth_1200(tmp_path_factory) -> Path:
+    from hcdlib.synth import SynthConfig, write_synth
+
+    data = tmp_path_factory.mktemp("s1200") / "data"
+    write_synth(SynthConfig(out=str(data), n=1200, seed=9))
+    return data
+
+
+def test_killed_model_actor_is_replaced_and_output_is_exact(ray_session, model_dir, synth_1200, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_score_job(ray_session, model_dir, synth_1200, out)
+    killed, deadline = [], time.time() + 120
+    while not killed and time.time() < deadline and proc.poll() is None:
+        pids = _scorer_actor_pids()
+        if _parts(out) and pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+        time.sleep(0.1)
+    _, err = proc.communicate(timeout=300)
+    assert killed, "no model actor was seen to kill"
+    assert len(_parts(out)) > 0 and proc.returncode == 0, err[-2000:]
+    m = read_manifest(str(out))
+    assert m["rows"] == 1200 and m["errors"] == 0 and len(m["files"]) == 19  # 1200 / 64
+    ids = read_predictions(str(out))["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 1200
+
+
+def test_killed_driver_resumes_to_exact_output(ray_session, model_dir, synth_1200, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_score_job(ray_session, model_dir, synth_1200, out)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(_parts(out)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    before = _parts(out)
+    assert 2 <= len(before) < 19, "the driver was not killed mid-run"
+    assert not (out / "_SUCCESS").exists()
+    m = score(_cfg(model_dir, synth_1200, out, tta=8, batch_size=32))
+    after = _parts(out)
+    assert all(after[n] == t for n, t in before.items())  # work done before the kill was kept
+    assert m["rows"] == 1200 and len(after) == 19
+    ids = read_predictions(str(out))["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 1200
+
+
+def test_score_on_s3_input_and_output(ray_session, model_dir, synth_small, bucket):
+    upload_dir(synth_small, f"{bucket}/patches")
+    pack(PackConfig(input=f"{bucket}/patches", out=f"{bucket}/shards", rows_per_file=128, row_group_size=64))
+    for name in ("patches", "shards"):
+        out = f"{bucket}/preds-{name}"
+        m = score(_cfg(model_dir, f"{bucket}/{name}", out))
+        assert m["rows"] == 300 and m["errors"] == 0
+        assert m["manifest_uri"] == f"{out}/_SUCCESS"
+        t = read_predictions(out)
+        assert sorted(t["id"].to_pylist()) == sorted(p.stem for p in synth_small.glob("*.tif"))
+        assert read_manifest(out)["files"][0]["path"].startswith("parts/")
+    a = read_predictions(f"{bucket}/preds-patches").sort_by("id")["prob"].to_numpy()
+    b = read_predictions(f"{bucket}/preds-shards").sort_by("id")["prob"].to_numpy()
+    np.testing.assert_allclose(a, b)  # same patches, same model: layout does not matter
+
+
+def test_submission_csv(ray_session, model_dir, corrupt_set, tmp_path):
+    folder, info = corrupt_set
+    score(_cfg(model_dir, folder, tmp_path / "out"))
+    n = write_submission(str(tmp_path / "out"), str(tmp_path / "sub.csv"))
+    sub = pacsv.read_csv(tmp_path / "sub.csv").to_pandas()
+    assert list(sub.columns) == ["id", "label"] and len(sub) == n == info["n"]
+    assert sub.id.is_monotonic_increasing
+    assert sub.label.between(0, 1).all()
+    assert (sub.set_index("id").loc[list(info["bad"]), "label"] == 0.5).all()
+
+
+def test_actor_plan_leaves_cpu_for_reads():
+    plan = plan_actors({"CPU": 2})
+    assert plan.actors == 1 and plan.cpus_per_actor == 1 and plan.gpus_per_actor == 0 and plan.torch_threads == 2
+    big = plan_actors({"CPU": 64})
+    assert big.actors * big.cpus_per_actor <= 48
+    gpu = plan_actors({"CPU": 16, "GPU": 4})
+    assert gpu.actors == 4 and gpu.gpus_per_actor == 1
+    with pytest.raises(ValueError, match="starve the readers"):
+        plan_actors({"CPU": 2}, actors=2, cpus_per_actor=1)
+
+
+def test_manifest_is_json_with_the_effective_config(ray_session, model_dir, synth_small, tmp_path):
+    score(_cfg(model_dir, synth_small, tmp_path / "out", tta=4))
+    m = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert m["config"]["tta"] == 4 and m["run"]["tta"] == 4
+    assert sum(f["rows"] for f in m["files"]) == m["rows"] == 300
