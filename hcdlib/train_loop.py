@@ -110,6 +110,10 @@ class TrainLoop:
                 "best_model": self.best_state, "history": self.history}
 
     # ---- one epoch ---------------------------------------------------------------------
+    def _budget_left(self) -> bool:
+        """Whether a resumed run may train more: a larger budget than the one that stopped it."""
+        return bool(self.budget_s) and self.elapsed < self.budget_s and self.history[-1]["stopped"] == "time budget"
+
     def _progress(self) -> float:
         by_time = self.elapsed / self.budget_s if self.budget_s else 0.0
         return max(self.step / self.total_steps, by_time)
@@ -172,6 +176,10 @@ class TrainLoop:
         import ray.train
 
         train_shard, val_shard = ray.train.get_dataset_shard(TRAIN), ray.train.get_dataset_shard(VAL)
+        if self.history and self.history[-1]["stopped"] and not self._budget_left():
+            if self.rank == 0:  # rerun of a finished run: nothing to do but export again
+                log.info("run already stopped (%s) after epoch %d", self.history[-1]["stopped"], self.epoch)
+            return
         while self.epoch < self.cfg["epochs"]:
             stats = self.train_epoch(train_shard)
             stats.update(self.validate(val_shard))
@@ -201,16 +209,17 @@ class TrainLoop:
                      self.epoch, self.cfg["epochs"], stats["train_loss"], stats["val_loss"], stats["val_acc"],
                      stats["val_auc"], stats["images_per_s"], left,
                      f"  (stopping: {stats['stopped']})" if stats["stopped"] else "")
-            from hcdlib import uri as urimod
-
-            urimod.write_bytes_atomic(urimod.join(self.cfg["out"], "metrics", f"epoch_{self.epoch:03d}.json"),
-                                      json.dumps(stats, indent=1).encode())
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if self.rank == 0:
                 torch.save(self._checkpoint_state(), os.path.join(d, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({k: v for k, v in stats.items() if isinstance(v, int | float | str)}, checkpoint=ckpt)
+        if self.rank == 0:  # after report: a metrics file means its epoch's checkpoint exists
+            from hcdlib import uri as urimod
+
+            urimod.write_bytes_atomic(urimod.join(self.cfg["out"], "metrics", f"epoch_{self.epoch:03d}.json"),
+                                      json.dumps(stats, indent=1).encode())
 
 
 def train_loop_per_worker(config: dict) -> None:
