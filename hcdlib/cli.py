@@ -107,6 +107,49 @@ def submission_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     return p
 
 
+def evaluate_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd evaluate``."""
+    p = parser or argparse.ArgumentParser(prog="hcd evaluate")
+    p.description = "Metrics, figures and an HTML report for committed predictions against labels."
+    p.add_argument("--predictions", required=True, help="output URI of hcd score")
+    p.add_argument("--labels", required=True, help="labels CSV (id,label[,slide_id]) or a labelled patch source")
+    p.add_argument("--out", required=True, help="report folder URI")
+    p.add_argument("--allow-missing", action="store_true", help="evaluate over a partial join (counted)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95, help="operating point to report")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the model's)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC interval")
+    return p
+
+
+def bench_score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd bench-score``."""
+    p = parser or argparse.ArgumentParser(prog="hcd bench-score")
+    p.description = "Scoring benchmark: model only vs DataLoader vs hcd score (tif, Parquet, S3), one run."
+    p.add_argument("--n", type=_positive_int, default=20_000, help="synthetic patches")
+    p.add_argument("--arch", default="resnet18", help="architecture")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="patches per model call")
+    p.add_argument("--tta", type=int, choices=(1, 4, 8), default=1, help="test-time augmentation")
+    p.add_argument("--work", default="bench-out", help="local folder for data and outputs")
+    p.add_argument("--mem-factor", type=_positive_int, default=5, help="memory check at this many times N")
+    p.add_argument("--s3-uri", help="score shards already at this S3 URI for (e) (default: a local moto server)")
+    p.add_argument("--skip-s3", action="store_true", help="leave out (e)")
+    p.add_argument("--skip-memory", action="store_true", help="leave out the N vs k*N memory check")
+    return p
+
+
+def bench_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Flags of ``hcd bench-train``."""
+    p = parser or argparse.ArgumentParser(prog="hcd bench-train")
+    p.description = "Training benchmark on real patches: AUC under a time budget, or Ray Train vs plain loop."
+    p.add_argument("--train", required=True, help="training patch source (e.g. pcam-real/train)")
+    p.add_argument("--valid", required=True, help="validation patch source (e.g. pcam-real/valid)")
+    p.add_argument("--out", default="bench-out/train", help="output folder")
+    p.add_argument("--minutes", type=float, default=30.0, help="training time budget")
+    p.add_argument("--throughput", action="store_true", help="images/s of Ray Train vs a plain PyTorch loop")
+    p.add_argument("--throughput-n", type=_positive_int, default=4096, help="patches for the throughput epoch")
+    return p
+
+
 def demo_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd demo``."""
     p = parser or argparse.ArgumentParser(prog="hcd demo")
@@ -174,6 +217,34 @@ def run_submission(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``hcd evaluate``."""
+    from hcdlib.evaluate import EvalConfig, evaluate
+
+    m = evaluate(EvalConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    p = m["patch"]
+    log.info("\n== hcd evaluate summary ==\n patches  %d\n ROC AUC  %.4f (95%% CI %.4f-%.4f)\n PR AUC   %.4f\n"
+             " report   %s", p["n"], p["roc_auc"], *(p["roc_auc_ci95"] or (float("nan"),) * 2), p["pr_auc"],
+             f"{args.out}/report.html")
+    return 0
+
+
+def run_bench_score(args: argparse.Namespace) -> int:
+    """``hcd bench-score``."""
+    from hcdlib.benchmark import BenchScoreConfig, run
+
+    run(BenchScoreConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    return 0
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    """``hcd bench-train``."""
+    from hcdlib.benchmark_train import BenchTrainConfig, run
+
+    run(BenchTrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """``hcd demo``."""
     from hcdlib.demo import DemoConfig
@@ -190,7 +261,10 @@ COMMANDS: dict[str, Command] = {
     "pack": (pack_parser, run_pack),
     "train": (train_parser, run_train),
     "score": (score_parser, run_score),
+    "evaluate": (evaluate_parser, run_evaluate),
     "submission": (submission_parser, run_submission),
+    "bench-score": (bench_score_parser, run_bench_score),
+    "bench-train": (bench_train_parser, run_bench_train),
 }
 
 

@@ -34,7 +34,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     # ray was imported before the variable was set (e.g. by a test runner): apply it here too,
     # or this driver would advertise the machine's public address to the local Ray.
     ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ONLY_ENV] not in ("0", "false", "False")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # The dashboard hosts the state API that Ray Train's controller polls; it binds to loopback.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 
 

@@ -1,0 +1,259 @@
+"""Scoring benchmark: where the time goes, measured side by side in one run.
+
+    python jobs/bench_score.py --n 20000                      # this machine
+    ray job submit --working-dir . -- python jobs/bench_score.py --n 200000 --s3-uri s3://b/bench
+
+Same model, batch size and N synthetic patches for every row:
+ (a) model only: forward passes on patches already decoded in memory (the upper bound);
+ (b) what a user writes by hand: a torch DataLoader (num_workers = cores) over the .tif files;
+ (c) ``hcd score`` from the folder of .tif files; (d) from Parquet shards; (e) (d) with the
+     shards on S3 (a local moto server unless ``--s3-uri`` names a real bucket);
+plus the peak memory of (d) for N and ``--mem-factor`` x N patches (streaming must not grow).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hcdlib import uri as urimod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchScoreConfig:
+    """One benchmark run."""
+
+    n: int = 20_000
+    arch: str = "resnet18"
+    batch_size: int = 256
+    tta: int = 1
+    work: str = "bench-out"
+    mem_factor: int = 5
+    s3_uri: str | None = None
+    skip_s3: bool = False
+    skip_memory: bool = False
+
+
+def _tree_rss_bytes() -> int:
+    """Resident memory of this process plus every Ray worker process (Linux /proc)."""
+    total = 0
+    me = str(os.getpid())
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            if proc.name != me and not cmd.startswith(b"ray::"):
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+class PeakMemory:
+    """Samples :func:`_tree_rss_bytes` in a thread while a block runs."""
+
+    def __enter__(self) -> PeakMemory:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_bytes())
+            self._stop.wait(0.25)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _ensure_data(cfg: BenchScoreConfig, n: int, name: str) -> tuple[str, str]:
+    """Synthetic .tif folder and its Parquet shards for ``n`` patches (reused across runs)."""
+    from hcdlib.pack import PackConfig, pack
+    from hcdlib.synth import SynthConfig, write_synth
+
+    tif, shards = os.path.join(cfg.work, f"{name}-tif"), os.path.join(cfg.work, f"{name}-shards")
+    if not os.path.exists(os.path.join(tif, "labels.csv")):
+        write_synth(SynthConfig(out=tif, n=n, seed=123))
+    if not os.path.exists(os.path.join(shards, "_SUCCESS")):
+        pack(PackConfig(input=tif, out=shards))
+    return tif, shards
+
+
+def model_only(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
+    """(a) patches/s of the forward pass alone on patches decoded in memory beforehand."""
+    import torch
+
+    from hcdlib.artifact import load_model
+    from hcdlib.decode import decode_patch
+    from hcdlib.infer import infer_batch, pick_device
+    from hcdlib.transforms import Preprocess
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = pick_device()
+    model, meta = load_model(model_dir, device=device)
+    model = model.to(memory_format=torch.channels_last)
+    pre = Preprocess.from_dict(meta["preprocess"])
+    files = sorted(Path(tif).glob("*.tif"))
+    pixels = np.stack([decode_patch(f.read_bytes()).pixels for f in files])
+    infer_batch(model, pixels[: cfg.batch_size], device=device, preprocess=pre, tta=cfg.tta)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(pixels), cfg.batch_size):
+        infer_batch(model, pixels[i:i + cfg.batch_size], device=device, preprocess=pre, tta=cfg.tta)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(pixels) / (time.perf_counter() - t0)
+
+
+class _TifDataset:
+    """The baseline a user writes: one PIL decode per item in DataLoader workers."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        import torch
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+
+
+def dataloader_baseline(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
+    """(b) patches/s of a plain DataLoader pipeline in one process."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hcdlib.artifact import load_model
+    from hcdlib.infer import infer_batch, pick_device
+    from hcdlib.transforms import Preprocess
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    device = pick_device()
+    model, meta = load_model(model_dir, device=device)
+    model = model.to(memory_format=torch.channels_last)
+    pre = Preprocess.from_dict(meta["preprocess"])
+    loader = DataLoader(_TifDataset(sorted(Path(tif).glob("*.tif"))), batch_size=cfg.batch_size,
+                        num_workers=cores, pin_memory=device.type == "cuda")
+    t0 = time.perf_counter()
+    n = 0
+    for batch in loader:
+        infer_batch(model, batch, device=device, preprocess=pre, tta=cfg.tta)
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+def hcd_score(model_dir: str, source: str, out: str, cfg: BenchScoreConfig) -> tuple[float, int]:
+    """(c)/(d)/(e) patches/s of ``hcd score`` end to end (listing, actors, commit) and its peak memory."""
+    from hcdlib.score import ScoreConfig, score
+
+    with PeakMemory() as mem:
+        m = score(ScoreConfig(model=model_dir, input=source, out=out, batch_size=cfg.batch_size, tta=cfg.tta,
+                              overwrite=True))
+    return m["rows"] / m["wall_seconds"], mem.peak
+
+
+def _local_s3(shards: str) -> tuple[subprocess.Popen, str]:
+    """Start moto's S3 server on 127.0.0.1 and upload the shards; returns (process, s3 uri)."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1"})
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    for _ in range(100):
+        try:
+            boto3.client("s3").create_bucket(Bucket="hcd-bench")
+            break
+        except Exception:
+            time.sleep(0.2)
+    import pyarrow.fs as pafs
+
+    fs, path = urimod.resolve("s3://hcd-bench/shards")
+    pafs.copy_files(shards, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return proc, "s3://hcd-bench/shards"
+
+
+def run(cfg: BenchScoreConfig) -> dict:
+    """Run every measurement and return the table (also logged)."""
+    from hcdlib.artifact import export_model
+    from hcdlib.models import build_model
+    from hcdlib.rayutil import init_ray
+
+    os.makedirs(cfg.work, exist_ok=True)
+    tif, shards = _ensure_data(cfg, cfg.n, f"n{cfg.n}")
+    model_dir = os.path.join(cfg.work, f"model-{cfg.arch}")
+    model, pre = build_model(cfg.arch)  # random weights: throughput does not depend on them
+    export_model(model, model_dir, arch=cfg.arch, preprocess=pre)
+    s3_proc, s3_uri = None, cfg.s3_uri
+    if not cfg.skip_s3 and cfg.s3_uri is None:
+        try:
+            s3_proc, s3_uri = _local_s3(shards)  # before Ray starts, so its workers inherit the endpoint
+        except ImportError:
+            log.warning("moto is not installed (pip install 'hcd[test]'): leaving out (e)")
+    init_ray()
+    r: dict = {"n": cfg.n, "arch": cfg.arch, "batch_size": cfg.batch_size, "tta": cfg.tta, "cpus": os.cpu_count()}
+    try:
+        r["a_model_only"] = model_only(model_dir, tif, cfg)
+        r["b_dataloader"] = dataloader_baseline(model_dir, tif, cfg)
+        r["c_score_tif"], _ = hcd_score(model_dir, tif, os.path.join(cfg.work, "out-c"), cfg)
+        r["d_score_parquet"], r["peak_rss_n"] = hcd_score(model_dir, shards, os.path.join(cfg.work, "out-d"), cfg)
+        if s3_uri:
+            r["e_score_s3"], _ = hcd_score(model_dir, s3_uri, s3_uri.rstrip("/") + "-preds", cfg)
+    finally:
+        if s3_proc:
+            s3_proc.terminate()
+    if not cfg.skip_memory:
+        _, big = _ensure_data(cfg, cfg.n * cfg.mem_factor, f"n{cfg.n * cfg.mem_factor}")
+        _, r["peak_rss_kn"] = hcd_score(model_dir, big, os.path.join(cfg.work, "out-big"), cfg)
+    a = r["a_model_only"]
+    r["ratios"] = {"c/a": r["c_score_tif"] / a, "d/a": r["d_score_parquet"] / a,
+                   "d/b": r["d_score_parquet"] / r["b_dataloader"]}
+    if "e_score_s3" in r:
+        r["ratios"]["e/a"] = r["e_score_s3"] / a
+    if "peak_rss_kn" in r:
+        r["ratios"][f"mem {cfg.mem_factor}N/N"] = r["peak_rss_kn"] / r["peak_rss_n"]
+    log.info("\n%s", format_table(r, cfg))
+    return r
+
+
+def format_table(r: dict, cfg: BenchScoreConfig) -> str:
+    """The benchmark result as a Markdown table (pasted into the README)."""
+    rows = [("(a) model only, decoded in memory", r["a_model_only"]),
+            ("(b) torch DataLoader over .tif", r["b_dataloader"]),
+            ("(c) hcd score, .tif folder", r["c_score_tif"]), ("(d) hcd score, Parquet shards", r["d_score_parquet"])]
+    if "e_score_s3" in r:
+        rows.append(("(e) hcd score, Parquet shards on S3", r["e_score_s3"]))
+    lines = [f"N={r['n']}, {r['arch']}, batch {r['batch_size']}, TTA {r['tta']}, {r['cpus']} CPUs",
+             "", "| pipeline | patches/s |", "|---|---:|"]
+    lines += [f"| {name} | {v:.0f} |" for name, v in rows]
+    lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in r["ratios"].items()]
+    if "peak_rss_kn" in r:
+        lines.append(f"\npeak RSS (d): N {r['peak_rss_n'] / 2**30:.2f} GiB, {cfg.mem_factor}N "
+                     f"{r['peak_rss_kn'] / 2**30:.2f} GiB")
+    return "\n".join(lines)

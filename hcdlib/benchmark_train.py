@@ -1,0 +1,140 @@
+"""Training benchmarks on real PatchCamelyon patches.
+
+    python jobs/bench_train.py --train ../shared/data/pcam-real/train --valid ../shared/data/pcam-real/valid
+    python jobs/bench_train.py --train ... --valid ... --throughput
+
+Accuracy: ``hcd train`` with its defaults and a time budget, then the exported model scores
+the validation split with ``hcd score`` (TTA 1 and 8); prints minutes vs validation AUC.
+Throughput: one epoch of Ray Train (1 worker) against a plain PyTorch loop over the same files
+and model, images/s side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hcdlib import uri as urimod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    """One training benchmark run."""
+
+    train: str
+    valid: str
+    out: str = "bench-out/train"
+    minutes: float = 30.0
+    throughput: bool = False
+    throughput_n: int = 4096
+
+
+def accuracy(cfg: BenchTrainConfig) -> dict:
+    """Train with the defaults under the budget, then score the validation split with TTA 1 and 8."""
+    from sklearn.metrics import roc_auc_score
+
+    from hcdlib.predictions import read_predictions
+    from hcdlib.score import ScoreConfig, score
+    from hcdlib.sources import open_source
+    from hcdlib.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+    meta = train(TrainConfig(data=cfg.train, val_data=cfg.valid, out=urimod.join(cfg.out, "run"),
+                             time_budget_min=cfg.minutes))
+    train_min = (time.perf_counter() - t0) / 60
+    truth = {r["id"]: r["label"] for r in open_source(cfg.valid).items.select(["id", "label"]).to_pylist()}
+    result = {"train_wall_min": train_min, "best_epoch": meta["metrics"]["best_epoch"],
+              "curve": [(h["elapsed_s"] / 60, h["val_auc"]) for h in meta["history"]]}
+    for tta in (1, 8):
+        out = urimod.join(cfg.out, f"valid-tta{tta}")
+        score(ScoreConfig(model=urimod.join(cfg.out, "run", "model"), input=cfg.valid, out=out, tta=tta,
+                          overwrite=True))
+        t = read_predictions(out, ["id", "prob"]).to_pandas()
+        result[f"valid_auc_tta{tta}"] = float(roc_auc_score([truth[i] for i in t["id"]], t["prob"]))
+    lines = [f"trained {train_min:.1f} min (budget {cfg.minutes} min), best epoch {result['best_epoch']}",
+             "minutes  val AUC (TTA 1)"] + [f"{m:7.1f}  {a:.4f}" for m, a in result["curve"]]
+    lines += [f"valid AUC, hcd score TTA 1: {result['valid_auc_tta1']:.4f}",
+              f"valid AUC, hcd score TTA 8: {result['valid_auc_tta8']:.4f}"]
+    log.info("\n%s", "\n".join(lines))
+    return result
+
+
+def _plain_loop(files: list[Path], labels: list[int], *, batch_size: int, lr: float) -> float:
+    """Images/s of one epoch of the loop a user writes: DataLoader over files, AdamW, same model."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hcdlib.models import build_model
+    from hcdlib.transforms import to_input, train_preset
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(files)
+
+        def __getitem__(self, i: int):
+            from PIL import Image
+
+            with Image.open(files[i]) as im:
+                return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()), labels[i]
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, pre = build_model("hcdnet")
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    loader = DataLoader(Files(), batch_size=batch_size, shuffle=True, num_workers=1, drop_last=False)
+    seen, t0 = 0, time.perf_counter()
+    for x, y in loader:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model(train_preset(to_input(x, pre))), y.float().view(-1, 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+    return seen / (time.perf_counter() - t0)
+
+
+def throughput(cfg: BenchTrainConfig) -> dict:
+    """Ray Train (1 worker) vs a plain PyTorch loop: one epoch each over the same patch files."""
+    import shutil
+
+    from hcdlib.sources import open_source
+    from hcdlib.train import TrainConfig, train
+
+    items = open_source(cfg.train).items
+    rng = np.random.default_rng(0)
+    pick = rng.choice(items.num_rows, min(cfg.throughput_n, items.num_rows), replace=False)
+    subset = Path(cfg.out) / "throughput-data"
+    shutil.rmtree(subset, ignore_errors=True)
+    for i in pick:  # symlinked class folders: the same files for both loops
+        src, label = items["source"][int(i)].as_py(), items["label"][int(i)].as_py()
+        d = subset / str(label)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / os.path.basename(src)).symlink_to(os.path.abspath(src))
+    files = sorted(subset.glob("*/*"))
+    defaults = TrainConfig(data="", out="")
+    plain = _plain_loop(files, [int(f.parent.name) for f in files], batch_size=defaults.batch_size, lr=defaults.lr)
+    run = urimod.join(cfg.out, "throughput-run")
+    shutil.rmtree(run, ignore_errors=True)
+    meta = train(TrainConfig(data=str(subset), val_data=cfg.valid, out=run, epochs=1, workers=1))
+    ray_ips = meta["history"][0]["images_per_s"]
+    result = {"plain_images_per_s": plain, "ray_train_images_per_s": ray_ips, "ratio": ray_ips / plain,
+              "n": len(files)}
+    log.info("\n| loop (%d patches, hcdnet, batch %d) | images/s |\n|---|---:|\n| plain PyTorch + DataLoader | %.0f |\n"
+             "| Ray Train, 1 worker | %.0f |\n| ratio Ray/plain | %.2f |",
+             len(files), defaults.batch_size, plain, ray_ips, ray_ips / plain)
+    return result
+
+
+def run(cfg: BenchTrainConfig) -> dict:
+    """The accuracy benchmark, or the throughput one with ``throughput``."""
+    from hcdlib.rayutil import init_ray
+
+    init_ray()
+    return throughput(cfg) if cfg.throughput else accuracy(cfg)

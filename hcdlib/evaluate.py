@@ -1,0 +1,179 @@
+"""``hcd evaluate``: metrics a pathologist can trust and pictures they can read.
+
+    hcd evaluate --predictions runs/demo/preds --labels runs/demo/data/labels.csv --out runs/demo/report
+
+Joins *committed* predictions with labels by id, refuses to report over a partial join unless
+asked (``--allow-missing``), and writes ``metrics.json`` (stable keys), PNG figures and one
+self-contained ``report.html`` (figures embedded) that opens offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from hcdlib import uri as urimod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation."""
+
+    predictions: str
+    labels: str
+    out: str
+    allow_missing: bool = False
+    target_sensitivity: float = 0.95
+    threshold: float | None = None  # default: the model's, from its artifact, else 0.5
+    bootstrap: int = 1000
+    top_k: int = 3
+    grid: int = 8
+    seed: int = 0
+
+
+def load_labels(uri: str) -> pd.DataFrame:
+    """Labels by id from a CSV (``id,label[,slide_id]``) or from any patch source (class folders)."""
+    from hcdlib.sources import open_source, read_labels
+
+    if uri.lower().endswith(".csv"):
+        t = read_labels(uri)
+        cols = [c for c in ("id", "label", "slide_id") if c in t.column_names]
+        return t.select(cols).to_pandas()
+    items = open_source(uri).items
+    return items.select(["id", "label", "slide_id"]).to_pandas()
+
+
+def join(preds: pd.DataFrame, labels: pd.DataFrame, *, allow_missing: bool) -> tuple[pd.DataFrame, dict]:
+    """Inner join on id, with counts of what did not match; refuses a partial join unless allowed."""
+    labels = labels.dropna(subset=["label"]).drop_duplicates("id")
+    pred_ids, label_ids = set(preds["id"]), set(labels["id"])
+    no_label = sorted(pred_ids - label_ids)
+    no_pred = sorted(label_ids - pred_ids)
+    counts = {"predictions": len(preds), "labels": len(labels), "missing_labels": len(no_label),
+              "missing_predictions": len(no_pred), "missing_examples": (no_label + no_pred)[:10]}
+    if (no_label or no_pred) and not allow_missing:
+        raise ValueError(f"partial join: {len(no_label)} predicted ids have no label and {len(no_pred)} labelled ids "
+                         f"have no prediction (e.g. {counts['missing_examples'][:3]}); refusing to compute metrics "
+                         "over a partial set. Fix the inputs or pass --allow-missing")
+    right = labels[["id", "label"] + (["slide_id"] if "slide_id" in labels and "slide_id" not in preds else [])]
+    df = preds.merge(right, on="id", how="inner")
+    errors = df["status"] != "ok"
+    counts["error_rows"] = int(errors.sum())
+    df = df[~errors].copy()
+    df["label"] = df["label"].astype(int)
+    counts["evaluated"] = len(df)
+    return df, counts
+
+
+def _at_threshold(y: np.ndarray, p: np.ndarray, t: float) -> dict:
+    from sklearn.metrics import confusion_matrix
+
+    tn, fp, fn, tp = confusion_matrix(y, (p >= t).astype(int), labels=[0, 1]).ravel()
+    return {"threshold": float(t), "sensitivity": tp / max(tp + fn, 1), "specificity": tn / max(tn + fp, 1),
+            "accuracy": (tp + tn) / max(len(y), 1), "confusion_matrix": {"tn": int(tn), "fp": int(fp),
+                                                                           "fn": int(fn), "tp": int(tp)}}
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE over equal-width bins: the count-weighted gap between confidence and observed frequency."""
+    from sklearn.calibration import calibration_curve
+
+    frac_pos, mean_pred = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+    counts = np.histogram(p, bins=np.linspace(0, 1, bins + 1))[0]
+    counts = counts[counts > 0]  # calibration_curve drops empty bins too
+    return float(np.sum(np.abs(frac_pos - mean_pred) * counts) / len(p))
+
+
+def patch_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float, target_sensitivity: float,
+                  bootstrap: int, seed: int) -> dict:
+    """Patch-level metrics (scikit-learn): AUCs with a bootstrap CI, operating points, calibration."""
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
+    from sklearn.utils import resample
+
+    auc = float(roc_auc_score(y, p))
+    rng = np.random.RandomState(seed)
+    boots = []
+    for _ in range(bootstrap):
+        yb, pb = resample(y, p, random_state=rng)
+        if len(np.unique(yb)) == 2:
+            boots.append(roc_auc_score(yb, pb))
+    _, tpr, thr = roc_curve(y, p)
+    reach = np.nonzero(tpr >= target_sensitivity)[0]
+    t_sens = float(thr[reach[0]]) if len(reach) else 0.0
+    return {
+        "n": len(y), "positives": int(y.sum()),
+        "roc_auc": auc,
+        "roc_auc_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else None,
+        "pr_auc": float(average_precision_score(y, p)),
+        "brier": float(brier_score_loss(y, p)),
+        "ece": expected_calibration_error(y, p),
+        "at_model_threshold": _at_threshold(y, p, threshold),
+        "at_target_sensitivity": dict(_at_threshold(y, p, min(t_sens, 1.0)), target=target_sensitivity),
+    }
+
+
+def slide_metrics(df: pd.DataFrame, *, top_k: int) -> dict | None:
+    """Slide level: a slide is positive if any patch is; scored by max and top-k mean probability."""
+    from sklearn.metrics import roc_auc_score
+
+    if "slide_id" not in df or df["slide_id"].isna().all():
+        return None
+    g = df.dropna(subset=["slide_id"]).groupby("slide_id")
+    slides = pd.DataFrame({
+        "label": g["label"].max(), "n": g.size(),
+        "max_prob": g["prob"].max(),
+        "topk_mean_prob": g["prob"].apply(lambda s: s.nlargest(top_k).mean()),
+    })
+    both = slides["label"].nunique() == 2
+    return {
+        "slides": len(slides), "positive_slides": int(slides["label"].sum()), "top_k": top_k,
+        "auc_max": float(roc_auc_score(slides["label"], slides["max_prob"])) if both else None,
+        "auc_topk_mean": float(roc_auc_score(slides["label"], slides["topk_mean_prob"])) if both else None,
+        "per_slide": slides.reset_index().to_dict(orient="records"),
+    }
+
+
+def _model_threshold(preds_uri: str) -> float:
+    """The threshold stored in the scoring run's model artifact, when it can be read."""
+    from hcdlib.predictions import read_manifest
+
+    try:
+        model_uri = read_manifest(preds_uri)["config"]["model"]
+        return float(json.loads(urimod.read_bytes(urimod.join(model_uri, "model.json"))).get("threshold", 0.5))
+    except (OSError, KeyError, ValueError):
+        return 0.5
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Compute metrics and write ``metrics.json``, the figures and ``report.html`` to ``cfg.out``."""
+    from hcdlib.predictions import read_predictions
+    from hcdlib.report import write_figures, write_html
+
+    preds = read_predictions(cfg.predictions).to_pandas()
+    df, counts = join(preds, load_labels(cfg.labels), allow_missing=cfg.allow_missing)
+    if df["label"].nunique() < 2:
+        raise ValueError(f"{cfg.labels}: the evaluated patches hold one class only; AUC is undefined")
+    threshold = cfg.threshold if cfg.threshold is not None else _model_threshold(cfg.predictions)
+    y, p = df["label"].to_numpy(), df["prob"].to_numpy(dtype=float)
+    metrics = {
+        "schema": "hcd-metrics/1",
+        "inputs": {"predictions": cfg.predictions, "labels": cfg.labels, "model": str(preds["model"].iloc[0])},
+        "join": counts,
+        "patch": patch_metrics(y, p, threshold=threshold, target_sensitivity=cfg.target_sensitivity,
+                               bootstrap=cfg.bootstrap, seed=cfg.seed),
+        "slide": slide_metrics(df, top_k=cfg.top_k),
+        "config": asdict(cfg),
+    }
+    figures = write_figures(df, metrics, cfg)
+    body = json.dumps(metrics, indent=1, default=float).encode()
+    urimod.write_bytes_atomic(urimod.join(cfg.out, "metrics.json"), body)
+    write_html(metrics, figures, cfg.out)
+    log.info("ROC AUC %.4f (95%% CI %s) on %d patches; report at %s", metrics["patch"]["roc_auc"],
+             metrics["patch"]["roc_auc_ci95"], len(y), urimod.join(cfg.out, "report.html"))
+    return metrics

@@ -1,0 +1,195 @@
+"""Figures (matplotlib, PNG) and the self-contained HTML report of ``hcd evaluate``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+import pandas as pd
+
+from hcdlib import uri as urimod
+
+FIGURES = ("roc.png", "pr.png", "reliability.png", "histogram.png", "errors.png")
+FIG_SIZE_PX = (800, 600)  # every figure but the error grid
+DPI = 100
+
+
+def png_data_uri(data: bytes) -> str:
+    """An inline ``data:`` URI, so the HTML report needs no other file to render."""
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def escape(text: object) -> str:
+    """HTML-escape any value."""
+    return html.escape(str(text))
+
+
+def _figure(size_px=FIG_SIZE_PX):
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt.figure(figsize=(size_px[0] / DPI, size_px[1] / DPI), dpi=DPI), plt
+
+
+def _roc(df, m) -> bytes:
+    from sklearn.metrics import roc_curve
+
+    fig, plt = _figure()
+    fpr, tpr, _ = roc_curve(df["label"], df["prob"])
+    ax = fig.add_subplot()
+    lo, hi = m["patch"]["roc_auc_ci95"] or (float("nan"), float("nan"))
+    ax.plot(fpr, tpr, label=f"AUC {m['patch']['roc_auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    for key, marker in (("at_model_threshold", "o"), ("at_target_sensitivity", "s")):
+        op = m["patch"][key]
+        ax.plot(1 - op["specificity"], op["sensitivity"], marker, label=f"{key.replace('_', ' ')} "
+                f"(t={op['threshold']:.2f})")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, patch level")
+    ax.legend(loc="lower right")
+    return _done(fig, plt)
+
+
+def _pr(df, m) -> bytes:
+    from sklearn.metrics import precision_recall_curve
+
+    fig, plt = _figure()
+    prec, rec, _ = precision_recall_curve(df["label"], df["prob"])
+    ax = fig.add_subplot()
+    ax.plot(rec, prec, label=f"PR AUC {m['patch']['pr_auc']:.3f}")
+    ax.axhline(df["label"].mean(), ls="--", color="grey", lw=1, label="prevalence")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall, patch level")
+    ax.legend(loc="lower left")
+    return _done(fig, plt)
+
+
+def _reliability(df, m) -> bytes:
+    from sklearn.calibration import calibration_curve
+
+    fig, plt = _figure()
+    frac, mean = calibration_curve(df["label"], df["prob"], n_bins=10)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    ax.plot(mean, frac, "o-", label=f"model (ECE {m['patch']['ece']:.3f}, Brier {m['patch']['brier']:.3f})")
+    ax.set(xlabel="predicted P(tumour)", ylabel="observed fraction tumour", title="Reliability diagram")
+    ax.legend(loc="upper left")
+    return _done(fig, plt)
+
+
+def _histogram(df, m) -> bytes:
+    fig, plt = _figure()
+    ax = fig.add_subplot()
+    bins = np.linspace(0, 1, 41)
+    for label, name in ((0, "normal (label 0)"), (1, "tumour (label 1)")):
+        ax.hist(df.loc[df["label"] == label, "prob"], bins=bins, alpha=0.6, label=name)
+    ax.axvline(m["patch"]["at_model_threshold"]["threshold"], color="k", lw=1, label="model threshold")
+    ax.set(xlabel="predicted P(tumour)", ylabel="patches", title="Probabilities per class", yscale="log")
+    ax.legend()
+    return _done(fig, plt)
+
+
+def _patch_pixels(source: str) -> np.ndarray:
+    from hcdlib.decode import decode_patch
+
+    try:
+        res = decode_patch(urimod.read_bytes(source))
+    except OSError:
+        res = None
+    return res.pixels if res is not None and res.pixels is not None else np.full((96, 96, 3), 200, np.uint8)
+
+
+def errors_size_px(grid: int) -> tuple[int, int]:
+    """Pixel size of the error grid: ``grid`` columns, one row of false positives, one of false negatives."""
+    return int(grid * 1.2 * DPI), int(2 * 1.5 * DPI)
+
+
+def _errors(df, m, grid: int) -> bytes:
+    t = m["patch"]["at_model_threshold"]["threshold"]
+    fp = df[(df["label"] == 0) & (df["prob"] >= t)].nlargest(grid, "prob")
+    fn = df[(df["label"] == 1) & (df["prob"] < t)].nsmallest(grid, "prob")
+    fig, plt = _figure(errors_size_px(grid))
+    for row, (rows, name) in enumerate(((fp, "false positive"), (fn, "false negative"))):
+        for col in range(grid):
+            ax = fig.add_subplot(2, grid, row * grid + col + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col < len(rows):
+                r = rows.iloc[col]
+                ax.imshow(_patch_pixels(r["source"]))
+                ax.add_patch(plt.Rectangle((32, 32), 32, 32, fill=False, ec="yellow", lw=0.8))  # label region
+                ax.set_title(f"p={r['prob']:.2f}", fontsize=7)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=7)
+    fig.suptitle("Most confident errors (yellow: the centre 32x32 region that defines the label)", fontsize=8)
+    return _done(fig, plt)
+
+
+def _done(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)  # no bbox_inches="tight": keep the stated pixel size
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_figures(df: pd.DataFrame, metrics: dict, cfg) -> dict[str, bytes]:
+    """Render every figure, write each as ``<out>/<name>.png`` and return them by file name."""
+    figures = {
+        "roc.png": _roc(df, metrics),
+        "pr.png": _pr(df, metrics),
+        "reliability.png": _reliability(df, metrics),
+        "histogram.png": _histogram(df, metrics),
+        "errors.png": _errors(df, metrics, cfg.grid),
+    }
+    for name, data in figures.items():
+        urimod.write_bytes_atomic(urimod.join(cfg.out, name), data)
+    return figures
+
+
+def _rows(pairs) -> str:
+    return "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in pairs)
+
+
+def write_html(metrics: dict, figures: dict[str, bytes], out: str) -> str:
+    """One self-contained page: the figures are embedded, so it opens offline and can be mailed."""
+    p = metrics["patch"]
+    ci = p["roc_auc_ci95"]
+    fmt = "{:.4f}".format
+    ops = []
+    for key in ("at_model_threshold", "at_target_sensitivity"):
+        op = p[key]
+        cm = op["confusion_matrix"]
+        ops.append((key.replace("_", " "), f"threshold {op['threshold']:.3f}: sensitivity {fmt(op['sensitivity'])}, "
+                    f"specificity {fmt(op['specificity'])}, accuracy {fmt(op['accuracy'])}; "
+                    f"TP {cm['tp']} FP {cm['fp']} TN {cm['tn']} FN {cm['fn']}"))
+    table = _rows([("patches evaluated", p["n"]), ("tumour patches", p["positives"]),
+                   ("ROC AUC", f"{fmt(p['roc_auc'])} (95% CI {fmt(ci[0])}-{fmt(ci[1])})" if ci else fmt(p["roc_auc"])),
+                   ("PR AUC", fmt(p["pr_auc"])), ("Brier score", fmt(p["brier"])), ("ECE", fmt(p["ece"])), *ops])
+    join = metrics["join"]
+    join_rows = _rows([(k.replace("_", " "), v) for k, v in join.items() if k != "missing_examples"])
+    slide = metrics["slide"]
+    slide_html = "<p>No slide ids in the predictions or labels.</p>"
+    if slide:
+        slide_html = "<table>" + _rows([("slides", slide["slides"]), ("tumour slides", slide["positive_slides"]),
+                                         ("AUC (max tile probability)", slide["auc_max"]),
+                                         (f"AUC (top-{slide['top_k']} mean)", slide["auc_topk_mean"])]) + "</table>"
+    imgs = "".join(f'<figure><img src="{png_data_uri(data)}" data-file="{escape(name)}" alt="{escape(name)}">'
+                   f"<figcaption>{escape(name)}</figcaption></figure>" for name, data in figures.items())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>hcd evaluation report</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+figure{{margin:1em 0}}img{{max-width:100%}}</style></head><body>
+<h1>hcd evaluation report</h1>
+<p>Model <code>{escape(metrics['inputs']['model'])}</code>; predictions <code>{escape(metrics['inputs']['predictions'])}
+</code>; labels <code>{escape(metrics['inputs']['labels'])}</code>.</p>
+<h2>Patch level</h2><table>{table}</table>
+<h2>Inputs joined</h2><table>{join_rows}</table>
+<h2>Slide level</h2>{slide_html}
+<h2>Figures</h2>{imgs}
+</body></html>"""
+    target = urimod.join(out, "report.html")
+    urimod.write_bytes_atomic(target, page.encode())
+    return target

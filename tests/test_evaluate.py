@@ -1,0 +1,155 @@
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score
+
+from hcdlib import predictions as preds
+from hcdlib.evaluate import EvalConfig, evaluate, expected_calibration_error
+from hcdlib.report import FIG_SIZE_PX, FIGURES, errors_size_px
+
+
+def _write_predictions(out: Path, df: pd.DataFrame) -> None:
+    """A committed scoring output (parts + manifest), written directly: no Ray needed here."""
+    n = len(df)
+    table = pa.table({
+        "id": df["id"], "prob": pa.array(df["prob"], pa.float32()), "status": df.get("status", ["ok"] * n),
+        "error": pa.nulls(n, pa.string()), "note": pa.nulls(n, pa.string()), "source": df["source"],
+        "slide_id": df.get("slide_id", pa.nulls(n, pa.string())), "x": pa.nulls(n, pa.int64()),
+        "y": pa.nulls(n, pa.int64()), "model": ["test-model"] * n,
+    })
+    preds.write_part(str(out / "parts" / "part-0.parquet"), table)
+    manifest = {"files": [{"path": "parts/part-0.parquet", "rows": n}], "rows": n, "config": {"model": "/nope"}}
+    (out / preds.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture()
+def case(synth_small, tmp_path):
+    labels = pd.read_csv(synth_small / "labels.csv", dtype={"id": str})
+    rng = np.random.default_rng(0)
+    # a model that is right more often than not, with noise: AUC well inside (0.5, 1)
+    prob = np.clip(0.5 * labels["label"] + rng.normal(0.25, 0.22, len(labels)), 0, 1)
+    df = pd.DataFrame({"id": labels["id"], "prob": prob, "slide_id": labels["slide_id"],
+                       "source": [str(synth_small / f"{i}.tif") for i in labels["id"]]})
+    _write_predictions(tmp_path / "preds", df)
+    return df.assign(label=labels["label"]), tmp_path
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_metrics_match_scikit_learn(case, synth_small):
+    df, tmp = case
+    m = evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
+                            out=str(tmp / "report"), bootstrap=200))
+    y, p = df["label"].to_numpy(), df["prob"].to_numpy()
+    pm = m["patch"]
+    assert pm["n"] == len(df) and pm["positives"] == int(y.sum())
+    assert pm["roc_auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+    assert 0.6 < pm["roc_auc"] < 0.99
+    lo, hi = pm["roc_auc_ci95"]
+    assert lo < pm["roc_auc"] < hi and hi - lo < 0.2
+    assert pm["pr_auc"] == pytest.approx(average_precision_score(y, p), abs=1e-6)
+    assert pm["brier"] == pytest.approx(brier_score_loss(y, p), abs=1e-6)
+    tn, fp, fn, tp = confusion_matrix(y, p >= 0.5).ravel()
+    op = pm["at_model_threshold"]
+    assert op["threshold"] == 0.5 and op["confusion_matrix"] == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+    assert op["sensitivity"] == pytest.approx(tp / (tp + fn)) and op["specificity"] == pytest.approx(tn / (tn + fp))
+    target = pm["at_target_sensitivity"]
+    assert target["sensitivity"] >= 0.95 and target["threshold"] <= op["threshold"]
+    assert pm["ece"] == pytest.approx(expected_calibration_error(y, p))
+    saved = json.loads((tmp / "report" / "metrics.json").read_text())
+    assert saved["patch"]["roc_auc"] == pm["roc_auc"] and saved["schema"] == "hcd-metrics/1"
+
+
+def test_ece_of_a_perfectly_calibrated_model_is_small():
+    rng = np.random.default_rng(1)
+    p = rng.random(20000)
+    y = (rng.random(20000) < p).astype(int)
+    assert expected_calibration_error(y, p) < 0.02
+    assert expected_calibration_error(y, np.clip(p + 0.3, 0, 1)) > 0.2
+
+
+def test_per_slide_aggregation(case, synth_small):
+    df, tmp = case
+    m = evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
+                            out=str(tmp / "report"), bootstrap=10, top_k=3))
+    s = m["slide"]
+    per = pd.DataFrame(s["per_slide"]).set_index("slide_id")
+    expect = df.groupby("slide_id").agg(label=("label", "max"), max_prob=("prob", "max"), n=("id", "size"))
+    assert s["slides"] == len(expect) == 4
+    pd.testing.assert_series_equal(per["max_prob"], expect["max_prob"], check_names=False, atol=1e-6)
+    assert (per["label"] == expect["label"]).all() and (per["n"] == expect["n"]).all()
+    top3 = df.groupby("slide_id")["prob"].apply(lambda x: x.nlargest(3).mean())
+    np.testing.assert_allclose(per["topk_mean_prob"].to_numpy(), top3.to_numpy(), atol=1e-6)
+
+
+def test_partial_join_is_refused_unless_allowed(case, synth_small, tmp_path):
+    _df, tmp = case
+    partial = tmp_path / "partial.csv"
+    pd.read_csv(synth_small / "labels.csv").iloc[:250].to_csv(partial, index=False)
+    cfg = EvalConfig(predictions=str(tmp / "preds"), labels=str(partial), out=str(tmp / "r"), bootstrap=10)
+    with pytest.raises(ValueError, match="50 predicted ids have no label"):
+        evaluate(cfg)
+    m = evaluate(EvalConfig(**{**cfg.__dict__, "allow_missing": True}))
+    assert m["join"]["missing_labels"] == 50 and m["patch"]["n"] == 250
+
+
+def test_figures_and_self_contained_html(case, synth_small):
+    _df, tmp = case
+    evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
+                        out=str(tmp / "report"), bootstrap=10, grid=6))
+    out = tmp / "report"
+    html = (out / "report.html").read_text()
+    for name in FIGURES:
+        expected = errors_size_px(6) if name == "errors.png" else FIG_SIZE_PX
+        assert _png_size(out / name) == expected, name
+        assert (out / name).stat().st_size > 5000, f"{name} looks empty"
+        assert f'data-file="{name}"' in html
+    assert html.count("data:image/png;base64,") == len(FIGURES)
+    assert "src=\"http" not in html and "<script" not in html  # renders offline
+    assert "ROC AUC" in html and "Slide level" in html
+
+
+def _chromium() -> str | None:
+    """Debian's chromium: used if present, installed by apt where the test run may (root, CI)."""
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_renders_in_headless_chromium(case, synth_small):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt where it can); "
+                    "report rendering not checked")
+    _df, tmp = case
+    evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
+                        out=str(tmp / "report"), bootstrap=10))
+    shot = tmp / "report" / "screenshot.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp / 'chrome-profile'}", "--window-size=1000,3000",
+           f"--screenshot={shot}", (tmp / "report" / "report.html").as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    assert shot.exists(), "chromium wrote no screenshot"
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (3000, 1000)
+    # the page is not blank and the embedded figures were drawn: text, and matplotlib's blue curve
+    assert (img.min(axis=2) < 128).mean() > 0.005
+    blue = np.abs(img.astype(int) - [31, 119, 180]).sum(axis=2) < 40
+    assert blue.sum() > 300
+    Path("test-output").mkdir(exist_ok=True)
+    shutil.copy(shot, Path("test-output") / "report-screenshot.png")
