@@ -130,3 +130,16 @@ def model_dir(synth_small, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "model"
     export_model(model.eval(), str(out), arch="hcdnet", preprocess=pre)
     return out
+
+
+def ray_worker_pids(marker: str) -> list[int]:
+    """Pids of live Ray worker processes whose title (``ray::<class>...``) contains ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and marker in title:
+            pids.append(int(proc.name))
+    return pids

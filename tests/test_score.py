@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 import torch
-from conftest import REPO, upload_dir
+from conftest import REPO, ray_worker_pids, upload_dir
 
 from hcdlib import read_predictions
 from hcdlib.artifact import export_model, load_model
@@ -119,19 +119,6 @@ def test_resume_skips_done_chunks_and_refuses_mixing(ray_session, model_dir, syn
     assert replaced["model"] != first["model"] and replaced["rows"] == 300
 
 
-def _scorer_actor_pids() -> list[int]:
-    """Pids of live model actors: Ray titles each worker process ``ray::<actor class>...``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            title = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith("ray::") and "Scorer" in title:
-            pids.append(int(proc.name))
-    return pids
-
-
 def _start_score_job(ray_session, model_dir, data, out) -> subprocess.Popen:
     """``jobs/score.py`` as its own driver process on the session's Ray cluster."""
     args = ["--model", str(model_dir), "--input", str(data), "--out", str(out), "--chunk-size", "64",
@@ -159,7 +146,7 @@ def test_killed_model_actor_is_replaced_and_output_is_exact(ray_session, model_d
     proc = _start_score_job(ray_session, model_dir, synth_1200, out)
     killed, deadline = [], time.time() + 120
     while not killed and time.time() < deadline and proc.poll() is None:
-        pids = _scorer_actor_pids()
+        pids = ray_worker_pids("Scorer")
         if _parts(out) and pids:
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, ray_worker_pids
 
 from hcdlib.artifact import load_model
 from hcdlib.decode import decode_patch
@@ -104,18 +104,6 @@ def test_resume_flag_without_a_run_is_an_error(tmp_path, synth_600):
         train(_cfg(synth_600, tmp_path / "fresh", resume=True))
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            title = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith("ray::RayTrainWorker"):
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_killed_worker_restarts_from_checkpoint(ray_session, synth_600, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
@@ -125,7 +113,7 @@ def test_killed_worker_restarts_from_checkpoint(ray_session, synth_600, tmp_path
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed, deadline = None, time.time() + 240
     while killed is None and time.time() < deadline and proc.poll() is None:
-        pids = _train_worker_pids()
+        pids = ray_worker_pids("RayTrainWorker")
         # the controller writes this snapshot once it has registered a checkpoint
         if (out / "ray_train" / "checkpoint_manager_snapshot.json").exists() and pids:
             os.kill(pids[-1], signal.SIGKILL)

@@ -1,0 +1,58 @@
+import io
+
+import pytest
+import torch
+
+from hcdlib.artifact import ArtifactError, export_model, load_model
+from hcdlib.models import ARCHES, build_model, preprocess_for
+from hcdlib.transforms import IMAGENET_MEAN, PCAM_MEAN
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_every_arch_takes_96px_patches_and_gives_one_logit(arch):
+    model, pre = build_model(arch, weights="none")
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 96, 96))
+    assert out.shape == (2, 1)
+    assert pre.mean == PCAM_MEAN and preprocess_for("imagenet").mean == IMAGENET_MEAN
+
+
+def test_unknown_arch_and_hcdnet_imagenet_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_model("vgg11")
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_model("hcdnet", weights="imagenet")
+
+
+def test_weights_from_a_state_dict_uri(tmp_path):
+    src, _ = build_model("hcdnet")
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    model, _ = build_model("hcdnet", weights=str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_pickled_code_is_never_loaded(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    buf = io.BytesIO()
+    torch.save({"x": Evil()}, buf, _use_new_zipfile_serialization=True)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed|Unsupported"):
+        build_model("hcdnet", weights=str(path))
+
+
+def test_tampered_artifact_is_refused(tmp_path):
+    model, pre = build_model("hcdnet")
+    export_model(model, str(tmp_path / "m"), arch="hcdnet", preprocess=pre)
+    blob = (tmp_path / "m" / "model.safetensors").read_bytes()
+    (tmp_path / "m" / "model.safetensors").write_bytes(blob[:-8] + b"\0" * 8)
+    with pytest.raises(ArtifactError, match="does not match"):
+        load_model(str(tmp_path / "m"))
+    with pytest.raises(ArtifactError, match="not a model artifact"):
+        load_model(str(tmp_path / "nothing"))
