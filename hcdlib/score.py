@@ -116,8 +116,9 @@ def _to_part(rows: pa.Table) -> pa.Table:
 def _check_run_spec(cfg: ScoreConfig, spec: dict) -> None:
     """Refuse to mix outputs of another model or input into ``cfg.out``."""
     target = urimod.join(cfg.out, preds.RUN_SPEC)
-    if cfg.overwrite:
-        urimod.delete(cfg.out)
+    if cfg.overwrite:  # only what a scoring run writes: --out may hold the user's other files
+        for name in (preds.MANIFEST, preds.PARTS, preds.RUN_SPEC):
+            urimod.delete(urimod.join(cfg.out, name))
     elif urimod.exists(target):
         old = json.loads(urimod.read_bytes(target))
         diff = [k for k in spec if old.get(k) != spec[k]]
@@ -157,6 +158,8 @@ def score(cfg: ScoreConfig) -> dict:
     log.info("%s: %d patches in %d chunks (%d already done), listed in %.2fs",
              cfg.input, src.num_patches, len(chunks), len(chunks) - len(todo), src.list_seconds)
     if todo:
+        # A manifest from an earlier commit must not list parts this run is about to rewrite.
+        urimod.delete(urimod.join(cfg.out, preds.MANIFEST))
         init_ray(cfg.address)
         plan = plan_actors(ray.cluster_resources(), actors=cfg.actors,
                            cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)

@@ -1,0 +1,110 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+CLUSTER = REPO / "cluster"
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+
+
+def test_aws_launcher_config_passes_rays_schema():
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(fillout_defaults(config))  # what `ray up` runs before launching anything
+    head = " ".join(config["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head
+    assert all("RAY_AUTH_MODE=token" in c for c in config["worker_start_ray_commands"] if "ray start" in c)
+    for node in config["available_node_types"].values():
+        assert "IamInstanceProfile" in node["node_config"]  # S3 through the instance role, no keys
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_manifests_have_what_kuberay_requires(path):
+    doc = yaml.safe_load(path.read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
+    cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"  # the dashboard stays inside the cluster
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    for group in cluster["workerGroupSpecs"]:
+        assert group["groupName"] and group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    if doc["kind"] == "RayJob":
+        script = re.match(r"python (\S+\.py)", doc["spec"]["entrypoint"]).group(1)
+        assert (REPO / script).exists(), f"{path.name}: entrypoint {script} is not in the repo"
+
+
+def test_no_credentials_in_the_repository():
+    pattern = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]\s*\S+|RAY_AUTH_TOKEN\s*[:=]\s*\S+", re.I)
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    for name in tracked:
+        path = REPO / name
+        if path.suffix in (".py", ".yaml", ".yml", ".md", ".toml", "") and path.is_file():
+            assert not pattern.search(path.read_text(errors="ignore")), f"credential-like text in {name}"
+
+
+def _job(dashboard: str, sub_id: str, *entry: str, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", dashboard,
+           "--submission-id", sub_id, "--working-dir", str(REPO), "--", *entry]
+    for _ in range(12):  # the job agent registers a few seconds after the node is up
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if "No available agent" not in res.stdout + res.stderr:
+            return res
+        time.sleep(5)
+    return res
+
+
+def _status(dashboard: str, sub_id: str, env: dict) -> str:
+    res = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "status", "--address", dashboard,
+                          sub_id], capture_output=True, text=True, env=env, timeout=60)
+    return res.stdout + res.stderr
+
+
+def test_two_node_cluster_ray_job_submit(synth_small, tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    port = 8265 + os.getpid() % 500
+    helper = subprocess.Popen([sys.executable, str(CLUSTER / "local_cluster.py"), "--dashboard-port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                              start_new_session=True)
+    try:
+        info = json.loads(helper.stdout.readline())
+        dash = info["dashboard"]
+        assert info["gcs_address"].startswith("127.0.0.1:")
+        run, preds = tmp_path / "run", tmp_path / "preds"
+        train = _job(dash, "hcd-train", "python", "jobs/train.py", "--data", str(synth_small), "--out", str(run),
+                     "--epochs", "1", "--batch-size", "32", "--workers", "1", "--cpus-per-worker", "0.5", env=env)
+        assert "SUCCEEDED" in _status(dash, "hcd-train", env), train.stdout[-3000:] + train.stderr[-2000:]
+        assert (run / "model" / "model.safetensors").exists()
+        score = _job(dash, "hcd-score", "python", "jobs/score.py", "--model", str(run / "model"),
+                     "--input", str(synth_small), "--out", str(preds), "--chunk-size", "64", env=env)
+        assert "SUCCEEDED" in _status(dash, "hcd-score", env), score.stdout[-3000:] + score.stderr[-2000:]
+        from hcdlib.predictions import read_manifest, read_predictions
+
+        assert read_manifest(str(preds))["rows"] == 300
+        ids = read_predictions(str(preds))["id"].to_pylist()
+        assert len(ids) == len(set(ids)) == 300
+        # work ran on both nodes
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            from ray.util.state import list_tasks
+
+            nodes = {t.node_id for t in list_tasks(address=dash, limit=10_000, raise_on_missing_output=False)}
+        finally:
+            os.environ.pop("RAY_AUTH_MODE")
+        assert {info["head_node_id"], info["worker_node_id"]} <= nodes
+        # a submission without the cluster's token is refused
+        bad = _job(dash, "hcd-intruder", "echo", "hi", env=dict(env, RAY_AUTH_TOKEN="not-the-token"))
+        assert bad.returncode != 0 and "token" in (bad.stdout + bad.stderr).lower()
+        assert "SUCCEEDED" not in _status(dash, "hcd-intruder", env)
+    finally:
+        os.killpg(helper.pid, signal.SIGTERM)
+        helper.wait(60)
