@@ -66,6 +66,11 @@ def score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="patches per work unit (the granularity of resume)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
     p.add_argument("--resize", action="store_true", help="resize patches of another size to 96x96")
+    p.add_argument("--slides", action="store_true",
+                   help="the input holds whole-slide images (automatic for .svs/.ndpi/.mrxs/...; needed for .tif)")
+    p.add_argument("--mpp", type=float, help="slides: microns per pixel, overriding (or replacing) the metadata")
+    p.add_argument("--tissue-threshold", type=float, default=0.5,
+                   help="slides: fraction of a tile that must be tissue for it to be scored")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     return p

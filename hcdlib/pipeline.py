@@ -23,9 +23,14 @@ def read_decode(batch: dict, *, resize: bool = False) -> dict:
     outs = []
     for spec in batch["chunk"]:
         chunk = json.loads(spec)
-        rows = {k: np.array(v, dtype=object) for k, v in read_chunk(chunk).to_pydict().items()}
-        n = len(rows["id"])
-        out = decode_batch(rows, resize=resize)
+        if chunk["kind"] in ("tiles", "slide_error"):  # whole-slide tiles arrive decoded
+            from hcdlib.slides import read_tiles
+
+            out = read_tiles(chunk)
+        else:
+            rows = {k: np.array(v, dtype=object) for k, v in read_chunk(chunk).to_pydict().items()}
+            out = decode_batch(rows, resize=resize)
+        n = len(out["id"])
         out["chunk"] = np.full(n, chunk["key"], dtype=object)
         out["row"] = np.arange(n, dtype=np.int64)
         outs.append(out)

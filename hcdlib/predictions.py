@@ -29,6 +29,7 @@ SCHEMA = pa.schema([
     ("slide_id", pa.string()),
     ("x", pa.int64()),
     ("y", pa.int64()),
+    ("tile_size", pa.int64()),  # slides: tile edge in level-0 px; null for plain patches
     ("model", pa.string()),
 ])
 

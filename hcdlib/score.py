@@ -14,6 +14,7 @@ part file once all its rows are in. A part is written atomically and only once, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
 from hcdlib.pipeline import decoded_dataset
-from hcdlib.sources import open_source, plan_chunks
+from hcdlib.sources import list_files, open_source, plan_chunks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class ScoreConfig:
     chunk_size: int = 1024
     compile: bool = False
     resize: bool = False
+    slides: bool = False  # tile whole-slide images (automatic for slide-only formats such as .svs)
+    mpp: float | None = None  # override the slides' microns per pixel
+    tissue_threshold: float = 0.5  # fraction of a tile that must be tissue for it to be scored
     overwrite: bool = False
     address: str | None = None
 
@@ -106,8 +110,8 @@ def _to_part(rows: pa.Table) -> pa.Table:
         "id": rows["id"], "prob": pc.if_else(ok, rows["prob"], pa.scalar(None, pa.float32())),
         "status": rows["status"], "error": _as_str(rows["error"]), "note": _as_str(rows["note"]),
         "source": rows["source"], "slide_id": _as_str(rows["slide_id"]),
-        "x": rows["x"] if "x" in rows.column_names else pa.nulls(rows.num_rows, pa.int64()),
-        "y": rows["y"] if "y" in rows.column_names else pa.nulls(rows.num_rows, pa.int64()),
+        **{c: rows[c] if c in rows.column_names else pa.nulls(rows.num_rows, pa.int64())
+           for c in ("x", "y", "tile_size")},
         "model": rows["model"],
     }
     return pa.table(cols).cast(preds.SCHEMA)
@@ -117,7 +121,7 @@ def _check_run_spec(cfg: ScoreConfig, spec: dict) -> None:
     """Refuse to mix outputs of another model or input into ``cfg.out``."""
     target = urimod.join(cfg.out, preds.RUN_SPEC)
     if cfg.overwrite:  # only what a scoring run writes: --out may hold the user's other files
-        for name in (preds.MANIFEST, preds.PARTS, preds.RUN_SPEC):
+        for name in (preds.MANIFEST, preds.PARTS, preds.RUN_SPEC, "slides"):
             urimod.delete(urimod.join(cfg.out, name))
     elif urimod.exists(target):
         old = json.loads(urimod.read_bytes(target))
@@ -143,20 +147,33 @@ def score(cfg: ScoreConfig) -> dict:
     """Run one scoring job to completion (resuming if ``cfg.out`` holds a partial run)."""
     import ray
 
-    from hcdlib.artifact import model_id
     from hcdlib.rayutil import init_ray, plan_actors
+    from hcdlib.slides import SLIDE_EXTS, is_slide_source, plan_slides, tile_chunks, write_slide_outputs
 
     t0 = time.perf_counter()
     meta = json.loads(urimod.read_bytes(urimod.join(cfg.model, "model.json")))
-    src = open_source(cfg.input, cfg.labels)
-    chunks = plan_chunks(src, cfg.chunk_size)
-    spec = {"input": cfg.input, "input_fingerprint": src.fingerprint(), "model": model_id(meta),
-            "tta": cfg.tta, "chunk_size": cfg.chunk_size}
-    _check_run_spec(cfg, spec)
+    fs, _, files = list_files(cfg.input)
+    planned = None
+    if cfg.slides or is_slide_source(files):
+        slide_uris = [urimod.to_uri(fs, p) for p in files if p.lower().endswith(SLIDE_EXTS)]
+        fingerprint = hashlib.sha256("\n".join(slide_uris).encode()).hexdigest()[:16]
+        spec = _run_spec(cfg, meta, fingerprint)
+        _check_run_spec(cfg, spec)
+        init_ray(cfg.address)
+        planned = plan_slides(slide_uris, out=cfg.out, mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold)
+        chunks = [c for p in planned for c in tile_chunks(p, cfg.chunk_size)]
+        total = sum(c["num_rows"] for c in chunks)
+        log.info("%s: %d slides, %d tissue tiles", cfg.input, len(slide_uris), total)
+    else:
+        src = open_source(cfg.input, cfg.labels)
+        chunks = plan_chunks(src, cfg.chunk_size)
+        spec = _run_spec(cfg, meta, src.fingerprint())
+        _check_run_spec(cfg, spec)
+        total = src.num_patches
+        log.info("%s: %d patches, listed in %.2fs", cfg.input, total, src.list_seconds)
     done = _done_parts(cfg)
     todo = [c for c in chunks if c["key"] not in done]
-    log.info("%s: %d patches in %d chunks (%d already done), listed in %.2fs",
-             cfg.input, src.num_patches, len(chunks), len(chunks) - len(todo), src.list_seconds)
+    log.info("%d chunks, %d already done", len(chunks), len(chunks) - len(todo))
     if todo:
         # A manifest from an earlier commit must not list parts this run is about to rewrite.
         urimod.delete(urimod.join(cfg.out, preds.MANIFEST))
@@ -164,8 +181,29 @@ def score(cfg: ScoreConfig) -> dict:
         plan = plan_actors(ray.cluster_resources(), actors=cfg.actors,
                            cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)
         log.info("model actors: %s", plan)
-        _run_pipeline(cfg, todo, plan, meta["sha256"], total=src.num_patches)
-    return _commit(cfg, chunks, spec, time.perf_counter() - t0)
+        _run_pipeline(cfg, todo, plan, meta["sha256"], total=total)
+    slides = None
+    if planned is not None:
+        rows = _read_parts(cfg, chunks, ["slide_id", "x", "y", "tile_size", "prob", "status"]).to_pandas()
+        slides = write_slide_outputs(cfg.out, planned, rows, threshold=float(meta.get("threshold", 0.5)))
+    return _commit(cfg, chunks, spec, time.perf_counter() - t0, slides=slides)
+
+
+def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
+    """What must match for a rerun to continue the run already in ``cfg.out``."""
+    from hcdlib.artifact import model_id
+
+    spec = {"input": cfg.input, "input_fingerprint": fingerprint, "model": model_id(meta),
+            "tta": cfg.tta, "chunk_size": cfg.chunk_size}
+    if cfg.slides or cfg.mpp is not None:
+        spec.update(mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold)
+    return spec
+
+
+def _read_parts(cfg: ScoreConfig, chunks: list[dict], columns: list[str]) -> pa.Table:
+    done = _done_parts(cfg)
+    return pa.concat_tables(preds.read_part(urimod.join(cfg.out, preds.PARTS, done[c["key"]]), columns)
+                            for c in chunks)
 
 
 def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, total: int) -> None:
@@ -206,7 +244,7 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
             last_log = now
 
 
-def _commit(cfg: ScoreConfig, chunks: list[dict], spec: dict, wall: float) -> dict:
+def _commit(cfg: ScoreConfig, chunks: list[dict], spec: dict, wall: float, *, slides: list | None = None) -> dict:
     """Check every chunk has its part, then write the manifest that makes them visible."""
     done = _done_parts(cfg)
     missing = [c["key"] for c in chunks if c["key"] not in done]
@@ -234,6 +272,8 @@ def _commit(cfg: ScoreConfig, chunks: list[dict], spec: dict, wall: float) -> di
         "duplicate_input_ids": len(dups), "duplicate_id_examples": dups[:20],
         "model": spec["model"], "run": spec, "config": asdict(cfg), "wall_seconds": round(wall, 2),
     }
+    if slides is not None:
+        manifest["slides"] = {"summary": "slides/summary.csv", "per_slide": slides}
     manifest_uri = urimod.join(cfg.out, preds.MANIFEST)
     urimod.write_bytes_atomic(manifest_uri, json.dumps(manifest, indent=1).encode())
     manifest["manifest_uri"] = manifest_uri

@@ -78,7 +78,7 @@ class PatchSource:
         return h.hexdigest()[:16]
 
 
-def _list_files(root_uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
+def list_files(root_uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
     """All file paths below ``root_uri`` with one listing pass (no stat per file)."""
     fs, root = urimod.resolve(root_uri)
     info = fs.get_file_info(root)
@@ -168,7 +168,7 @@ def _parquet_items(fs, root: str, files: list[str], root_uri: str) -> pa.Table:
 def open_source(uri: str, labels: str | None = None) -> PatchSource:
     """List the patch source at ``uri`` and detect its layout."""
     t0 = time.perf_counter()
-    fs, root, files = _list_files(uri)
+    fs, root, files = list_files(uri)
     images = [p for p in files if p.lower().endswith(IMAGE_EXTS)]
     parquet = [p for p in files if p.endswith(".parquet")]
     if parquet and not images:

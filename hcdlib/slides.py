@@ -1,0 +1,276 @@
+"""Whole-slide images: plan tissue tiles at PCam resolution, read them, map the results.
+
+    hcd score --model runs/pcam/model --input s3://bucket/slides --out s3://bucket/slide-preds --slides
+
+Slides are read with OpenSlide (Aperio .svs, generic tiled TIFF, Hamamatsu .ndpi, MIRAX .mrxs,
+...). PCam patches are 96x96 px at about 0.97 um/px (10x); from the slide's microns per pixel we
+pick the pyramid level and read size that give that resolution and resample to 96x96. Tissue is
+found with Otsu's threshold on the saturation of a thumbnail, and only tiles with enough tissue
+are scored. Planning and reading run in Ray tasks; a slide on S3 is staged to local disk by the
+task that reads it and removed after. Tiles never travel as files: a task reads many tiles of one
+slide with one open handle and hands decoded pixels to the model actors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from hcdlib import uri as urimod
+from hcdlib.decode import PATCH_SIZE
+
+log = logging.getLogger(__name__)
+
+PCAM_MPP = 0.972  # PatchCamelyon: 10x, about 0.97 um/px
+# Formats only OpenSlide reads; .tif/.tiff slides need --slides (a .tif is also a patch).
+SLIDE_ONLY_EXTS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+SLIDE_EXTS = (*SLIDE_ONLY_EXTS, ".tif", ".tiff")
+THUMB_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one slide is cut: tile edge in level-0 px, the level to read and the read size there."""
+
+    mpp: float
+    tile_size: int
+    level: int
+    read_size: int
+
+
+def plan_level(mpp: float, downsamples: list[float], *, target_mpp: float = PCAM_MPP,
+               patch: int = PATCH_SIZE) -> TilePlan:
+    """Pick the pyramid level and read size that give ``patch`` px at ``target_mpp``.
+
+    The coarsest level that is still at least as fine as the target is read (never upsample),
+    e.g. a 0.25 um/px scan with levels 1/4/16: 384 px at level 0, or 96 px at level 1 (4x).
+    """
+    tile0 = max(1, round(patch * target_mpp / mpp))
+    want = tile0 / patch
+    level = max((i for i, d in enumerate(downsamples) if d <= want * 1.01), default=0)
+    return TilePlan(mpp=mpp, tile_size=tile0, level=level, read_size=max(1, round(tile0 / downsamples[level])))
+
+
+def is_slide_source(paths: list[str]) -> bool:
+    """Whether a listing holds slide-only formats (then scoring tiles slides without ``--slides``)."""
+    return any(p.lower().endswith(SLIDE_ONLY_EXTS) for p in paths)
+
+
+@contextlib.contextmanager
+def local_copy(slide_uri: str) -> Iterator[str]:
+    """A local path for the slide: itself on local disk; a temporary copy (removed after) from S3."""
+    if not urimod.is_s3(slide_uri):
+        yield urimod.resolve(slide_uri)[1]
+        return
+    fs, path = urimod.resolve(slide_uri)
+    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1], prefix="hcd-slide-")
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+            while chunk := src.read(64 * 2**20):
+                out.write(chunk)
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def slide_key(slide_uri: str) -> str:
+    """A stable, file-name-safe key for a slide (its stem plus a hash of the full URI)."""
+    stem = os.path.splitext(os.path.basename(slide_uri))[0]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+    return f"{safe}-{hashlib.sha1(slide_uri.encode()).hexdigest()[:8]}"
+
+
+def tissue_mask(thumb: np.ndarray, *, min_saturation: float = 0.07) -> np.ndarray:
+    """Tissue pixels of an RGB thumbnail: Otsu on HSV saturation (glass is grey/white: unsaturated)."""
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    sat = rgb2hsv(thumb)[..., 1]
+    t = threshold_otsu(sat) if np.ptp(sat) > 1e-6 else 1.0
+    return sat > max(t, min_saturation)
+
+
+def plan_slide(slide_uri: str, *, out: str, mpp: float | None, tissue_threshold: float) -> dict:
+    """Open one slide and list its tissue tiles; an unreadable slide returns an ``error``.
+
+    The thumbnail goes straight to ``<out>/slides/<key>.thumbnail.png`` (the heatmap's
+    background), so thousands of slides do not pile thumbnails up in the driver.
+    """
+    import openslide
+
+    base = {"slide": slide_uri, "slide_id": os.path.splitext(os.path.basename(slide_uri))[0],
+            "key": slide_key(slide_uri)}
+    try:
+        with local_copy(slide_uri) as path, openslide.OpenSlide(path) as s:
+            slide_mpp = mpp or float(s.properties.get(openslide.PROPERTY_NAME_MPP_X) or 0)
+            if not slide_mpp:
+                return {**base, "error": f"slide {slide_uri}: no microns-per-pixel metadata; pass --mpp"}
+            plan = plan_level(slide_mpp, list(s.level_downsamples))
+            w, h = s.dimensions
+            thumb = np.asarray(s.get_thumbnail((THUMB_SIDE, THUMB_SIDE)).convert("RGB"))
+    except (openslide.OpenSlideError, OSError, ValueError) as exc:
+        return {**base, "error": f"slide {slide_uri}: cannot read: {exc}"}
+    mask = tissue_mask(thumb)
+    sy, sx = mask.shape[0] / h, mask.shape[1] / w  # thumbnail px per level-0 px
+    xs, ys = [], []
+    t = plan.tile_size
+    for y in range(0, h - t + 1, t):
+        for x in range(0, w - t + 1, t):
+            window = mask[int(y * sy):max(int((y + t) * sy), int(y * sy) + 1),
+                          int(x * sx):max(int((x + t) * sx), int(x * sx) + 1)]
+            if window.mean() >= tissue_threshold:
+                xs.append(x)
+                ys.append(y)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(thumb).save(buf, format="PNG")
+    urimod.write_bytes_atomic(urimod.join(out, "slides", f"{base['key']}.thumbnail.png"), buf.getvalue())
+    return {**base, "error": None, "plan": plan.__dict__, "width": w, "height": h, "xs": xs, "ys": ys}
+
+
+def tile_chunks(planned: dict, chunk_size: int) -> list[dict]:
+    """Work units for one planned slide: runs of tiles, or one error unit for a bad slide."""
+    common = {"slide": planned["slide"], "slide_id": planned["slide_id"]}
+    if planned["error"]:
+        return [{**common, "key": f"{planned['key']}-error", "kind": "slide_error", "error": planned["error"],
+                 "num_rows": 1}]
+    xs, ys = planned["xs"], planned["ys"]
+    return [{**common, "key": f"{planned['key']}-{i:05d}", "kind": "tiles", **planned["plan"],
+             "xs": xs[a:a + chunk_size], "ys": ys[a:a + chunk_size], "num_rows": len(xs[a:a + chunk_size])}
+            for i, a in enumerate(range(0, len(xs), chunk_size))]
+
+
+def read_tiles(chunk: dict) -> dict:
+    """Decoded tiles of one chunk (the batch format of :func:`hcdlib.decode.decode_batch`)."""
+    from PIL import Image
+
+    n = chunk["num_rows"]
+    xs, ys = np.asarray(chunk.get("xs", [0] * n), np.int64), np.asarray(chunk.get("ys", [0] * n), np.int64)
+    slide_id = chunk["slide_id"]
+    out = {
+        "id": np.array([f"{slide_id}_{x}_{y}" for x, y in zip(xs, ys, strict=True)], dtype=object),
+        "label": np.full(n, None, dtype=object),
+        "slide_id": np.full(n, slide_id, dtype=object),
+        "source": np.full(n, chunk["slide"], dtype=object),
+        "x": xs, "y": ys, "tile_size": np.full(n, chunk.get("tile_size", 0), np.int64),
+        "pixels": np.zeros((n, PATCH_SIZE, PATCH_SIZE, 3), np.uint8),
+        "status": np.full(n, "ok", dtype=object),
+        "error": np.full(n, None, dtype=object), "note": np.full(n, None, dtype=object),
+    }
+    if chunk["kind"] == "slide_error":
+        out["id"][:] = slide_id
+        out["x"][:] = -1
+        out["y"][:] = -1
+        out["status"][:] = "error"
+        out["error"][:] = chunk["error"]
+        return out
+    import openslide
+
+    size, level = chunk["read_size"], chunk["level"]
+    try:
+        with local_copy(chunk["slide"]) as path, openslide.OpenSlide(path) as s:
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                tile = s.read_region((int(x), int(y)), level, (size, size)).convert("RGB")
+                if size != PATCH_SIZE:
+                    tile = tile.resize((PATCH_SIZE, PATCH_SIZE), Image.Resampling.BOX)
+                out["pixels"][i] = np.asarray(tile)
+    except (openslide.OpenSlideError, OSError) as exc:  # the slide broke after planning
+        out["status"][:] = "error"
+        out["error"][:] = f"slide {chunk['slide']}: cannot read tiles: {exc}"
+    return out
+
+
+def tumour_area_mm2(tiles: int, tile_size: int, mpp: float) -> float:
+    """Area covered by ``tiles`` tiles of ``tile_size`` level-0 px at ``mpp``."""
+    return tiles * (tile_size * mpp / 1000.0) ** 2
+
+
+def geojson(slide_rows, *, threshold: float) -> dict:
+    """Tumour tiles as a GeoJSON FeatureCollection in level-0 pixels (QuPath imports this)."""
+    features = []
+    for r in slide_rows:
+        if r["status"] != "ok" or r["prob"] < threshold:
+            continue
+        x, y, t = int(r["x"]), int(r["y"]), int(r["tile_size"])
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]]},
+            "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]},
+                           "probability": round(float(r["prob"]), 4)},
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def plan_slides(slide_uris: list[str], *, out: str, mpp: float | None, tissue_threshold: float) -> list[dict]:
+    """Plan every slide in parallel Ray tasks (each opens, thumbnails and grids one slide)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(plan_slide)
+    return ray.get([task.remote(u, out=out, mpp=mpp, tissue_threshold=tissue_threshold) for u in slide_uris])
+
+
+def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int) -> bytes:
+    """P(tumour) per tile over the slide thumbnail (inferno colour map, 60% opaque where scored)."""
+    import matplotlib
+    from PIL import Image
+
+    thumb = Image.open(io.BytesIO(thumbnail_png)).convert("RGB")
+    tw, th = thumb.size
+    overlay = np.zeros((th, tw, 4), np.float32)
+    cmap = matplotlib.colormaps["inferno"]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        x0, y0 = int(r["x"] * tw / width), int(r["y"] * th / height)
+        x1 = max(x0 + 1, int((r["x"] + r["tile_size"]) * tw / width))
+        y1 = max(y0 + 1, int((r["y"] + r["tile_size"]) * th / height))
+        overlay[y0:y1, x0:x1] = cmap(float(r["prob"]))
+    alpha = overlay[..., 3:4] * 0.6
+    blended = np.asarray(thumb, np.float32) / 255 * (1 - alpha) + overlay[..., :3] * alpha
+    buf = io.BytesIO()
+    Image.fromarray((blended * 255).clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_slide_outputs(out: str, planned: list[dict], rows, *, threshold: float, top_k: int = 5) -> list[dict]:
+    """Per slide: heatmap PNG, GeoJSON of tumour tiles; returns the summary rows (also written)."""
+    import pandas as pd
+
+    by_slide = dict(list(rows.groupby("slide_id"))) if len(rows) else {}
+    summary = []
+    for p in planned:
+        g = by_slide.get(p["slide_id"])
+        if p["error"]:
+            summary.append({"slide_id": p["slide_id"], "source": p["slide"], "status": "error", "error": p["error"]})
+            continue
+        recs = g.to_dict("records") if g is not None else []
+        ok = [r for r in recs if r["status"] == "ok"]
+        probs = np.array([r["prob"] for r in ok], dtype=float)
+        tumour = int((probs >= threshold).sum())
+        plan = p["plan"]
+        summary.append({
+            "slide_id": p["slide_id"], "source": p["slide"], "status": "ok", "error": None,
+            "mpp": plan["mpp"], "tile_size": plan["tile_size"], "level": plan["level"],
+            "tiles_scored": len(ok), "tiles_failed": len(recs) - len(ok), "tumour_tiles": tumour,
+            "tumour_area_mm2": tumour_area_mm2(tumour, plan["tile_size"], plan["mpp"]),
+            "max_prob": float(probs.max()) if len(probs) else None,
+            "topk_mean_prob": float(np.sort(probs)[-top_k:].mean()) if len(probs) else None,
+        })
+        base = urimod.join(out, "slides", p["key"])
+        urimod.write_bytes_atomic(base + ".geojson", json.dumps(geojson(recs, threshold=threshold)).encode())
+        thumb = urimod.read_bytes(base + ".thumbnail.png")
+        urimod.write_bytes_atomic(base + ".heatmap.png", heatmap_png(thumb, ok, width=p["width"], height=p["height"]))
+    buf = io.StringIO()
+    pd.DataFrame(summary).to_csv(buf, index=False)
+    urimod.write_bytes_atomic(urimod.join(out, "slides", "summary.csv"), buf.getvalue().encode())
+    return summary

@@ -1,0 +1,133 @@
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from hcdlib.predictions import read_manifest, read_predictions
+from hcdlib.score import ScoreConfig, score
+from hcdlib.slides import PCAM_MPP, plan_level, tissue_mask
+from hcdlib.synth import generate
+
+T = 96  # tile edge at PCam resolution
+COLS, ROWS = 8, 6
+BLANK_COLS = 2  # glass on the left: no tissue, no tiles
+TUMOUR = {(r, c) for r in (1, 2, 3) for c in (4, 5, 6)}
+
+
+def _canvas(seed: int = 4) -> np.ndarray:
+    """A slide at PCam resolution: glass, normal tissue, and a block of tumour patches."""
+    patches = {0: [], 1: []}
+    for _, label, _, pixels in generate(200, seed=seed, slides=1):
+        patches[label].append(pixels)
+    rng = np.random.default_rng(seed)
+    img = np.clip(rng.normal(238, 2, (ROWS * T, COLS * T, 3)), 0, 255).astype(np.uint8)
+    for r in range(ROWS):
+        for c in range(BLANK_COLS, COLS):
+            label = 1 if (r, c) in TUMOUR else 0
+            img[r * T:(r + 1) * T, c * T:(c + 1) * T] = patches[label].pop()
+    return img
+
+
+def _write_slide(path: Path, img: np.ndarray, mpp: float | None, levels: int = 3) -> None:
+    """A pyramidal tiled TIFF (OpenSlide's generic-tiff), MPP in the resolution tags."""
+    with tifffile.TiffWriter(path) as tif:
+        lv = img
+        for i in range(levels):
+            kw = {}
+            if mpp is not None:
+                kw = {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
+            tif.write(lv, tile=(128, 128), photometric="rgb", subfiletype=1 if i else 0, **kw)
+            lv = lv[::2, ::2]
+
+
+@pytest.fixture(scope="module")
+def slide_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("slides")
+    img = _canvas()
+    _write_slide(d / "s1_pcam_res.tif", img, PCAM_MPP)
+    # the same tissue scanned at twice the resolution: tiles are 192 level-0 px, read at level 1
+    _write_slide(d / "s2_double_res.tif", img.repeat(2, axis=0).repeat(2, axis=1), PCAM_MPP / 2)
+    (d / "s3_corrupt.tif").write_bytes(b"II*\x00" + b"\x00garbage" * 100)
+    _write_slide(d / "s4_no_mpp.tif", img, None)
+    return d
+
+
+def test_level_choice_from_mpp():
+    p = plan_level(0.243, [1.0, 4.0, 16.0])  # a 40x scan
+    assert (p.tile_size, p.level, p.read_size) == (384, 1, 96)
+    p = plan_level(0.25, [1.0, 4.0, 16.0])  # 384 px would be 0.96 um: level 1 is slightly too coarse
+    assert (p.tile_size, p.level, p.read_size) == (373, 0, 373)
+    p = plan_level(PCAM_MPP, [1.0, 2.0])
+    assert (p.tile_size, p.level, p.read_size) == (96, 0, 96)
+    p = plan_level(0.5, [1.0, 2.0, 4.0])
+    assert (p.tile_size, p.level, p.read_size) == (187, 0, 187)
+
+
+def test_tissue_mask_finds_tissue_not_glass():
+    img = _canvas()
+    mask = tissue_mask(img)
+    assert mask[:, : BLANK_COLS * T].mean() < 0.01
+    assert mask[:, BLANK_COLS * T:].mean() > 0.8
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    return struct.unpack(">II", data[16:24])
+
+
+def test_score_a_slide_archive(ray_session, model_dir, slide_dir, tmp_path):
+    out = tmp_path / "out"
+    m = score(ScoreConfig(model=str(model_dir), input=str(slide_dir), out=str(out), slides=True, chunk_size=16))
+    t = read_predictions(str(out)).to_pandas()
+    per = {s["slide_id"]: s for s in m["slides"]["per_slide"]}
+
+    # an unreadable slide, and one without MPP, are one error row each; the rest completes
+    for sid, msg in (("s3_corrupt", "cannot read"), ("s4_no_mpp", "no microns-per-pixel")):
+        rows = t[t.slide_id == sid]
+        assert len(rows) == 1 and rows.status.iloc[0] == "error"
+        assert msg in rows.error.iloc[0] and sid in rows.error.iloc[0]
+        assert per[sid]["status"] == "error"
+
+    expected = {(c * T, r * T) for r in range(ROWS) for c in range(BLANK_COLS, COLS)}
+    for sid, scale, level in (("s1_pcam_res", 1, 0), ("s2_double_res", 2, 1)):
+        rows = t[t.slide_id == sid]
+        assert (rows.status == "ok").all()
+        coords = set(zip(rows.x // scale, rows.y // scale, strict=True))
+        assert coords == expected  # every tissue tile once, none on glass
+        assert len(rows) == len(set(rows.id)) == len(expected)
+        assert (rows.tile_size == T * scale).all()
+        assert per[sid]["level"] == level and per[sid]["tiles_scored"] == len(expected)
+        tumour = rows.apply(lambda r, s=scale: (r.y // (T * s), r.x // (T * s)) in TUMOUR, axis=1)
+        assert rows[tumour].prob.mean() > rows[~tumour].prob.mean() + 0.3
+        assert per[sid]["max_prob"] == pytest.approx(rows.prob.max(), abs=1e-6)
+
+        key = next(p.name[: -len(".geojson")] for p in (out / "slides").glob(f"{sid}-*.geojson"))
+        gj = json.loads((out / "slides" / f"{key}.geojson").read_text())
+        assert gj["type"] == "FeatureCollection" and gj["features"]
+        for f in gj["features"]:
+            ring = f["geometry"]["coordinates"][0]
+            assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
+            x0, y0 = ring[0]
+            assert ring[2] == [x0 + T * scale, y0 + T * scale]  # level-0 pixels
+            assert (x0 // scale, y0 // scale) in expected
+            assert f["properties"]["probability"] >= 0.5
+        assert len(gj["features"]) == per[sid]["tumour_tiles"]
+        heat = (out / "slides" / f"{key}.heatmap.png").read_bytes()
+        thumb = (out / "slides" / f"{key}.thumbnail.png").read_bytes()
+        assert heat[:4] == b"\x89PNG" and _png_size(heat) == _png_size(thumb)
+
+    summary = pd.read_csv(out / "slides" / "summary.csv")
+    assert set(summary.slide_id) == {"s1_pcam_res", "s2_double_res", "s3_corrupt", "s4_no_mpp"}
+    assert read_manifest(str(out))["rows"] == 2 * len(expected) + 2
+
+
+def test_mpp_override_reads_a_slide_without_metadata(ray_session, model_dir, slide_dir, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "s4_no_mpp.tif").symlink_to(slide_dir / "s4_no_mpp.tif")
+    m = score(ScoreConfig(model=str(model_dir), input=str(one), out=str(tmp_path / "o"), slides=True,
+                          mpp=PCAM_MPP))
+    assert m["errors"] == 0 and m["rows"] == (COLS - BLANK_COLS) * ROWS
