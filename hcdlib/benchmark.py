@@ -42,6 +42,7 @@ class BenchScoreConfig:
     s3_uri: str | None = None
     skip_s3: bool = False
     skip_memory: bool = False
+    slide_tiles: int = 6400  # (f): tiles in the synthetic slide archive (4 square slides); 0 leaves it out
 
 
 def _tree_rss_bytes() -> int:
@@ -172,6 +173,21 @@ def hcd_score(model_dir: str, source: str, out: str, cfg: BenchScoreConfig) -> t
     return m["rows"] / m["wall_seconds"], mem.peak
 
 
+def _ensure_slides(cfg: BenchScoreConfig) -> tuple[str, int]:
+    """Four square synthetic slides at PCam resolution holding ``cfg.slide_tiles`` tissue tiles."""
+    from hcdlib.slides import PCAM_MPP
+    from hcdlib.synth import synth_slide_pixels, write_slide_tiff
+
+    side = max(1, int((cfg.slide_tiles / 4) ** 0.5))
+    folder = os.path.join(cfg.work, f"slides-{side}")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(4):
+        path = os.path.join(folder, f"slide_{i}.tif")
+        if not os.path.exists(path):
+            write_slide_tiff(path, synth_slide_pixels(side, side, seed=200 + i), mpp=PCAM_MPP)
+    return folder, 4 * side * side
+
+
 def _local_s3(shards: str) -> tuple[subprocess.Popen, str]:
     """Start moto's S3 server on 127.0.0.1 and upload the shards; returns (process, s3 uri)."""
     import socket
@@ -231,11 +247,19 @@ def run(cfg: BenchScoreConfig) -> dict:
     if not cfg.skip_memory:
         _, big = _ensure_data(cfg, cfg.n * cfg.mem_factor, f"n{cfg.n * cfg.mem_factor}")
         _, r["peak_rss_kn"] = hcd_score(model_dir, big, os.path.join(cfg.work, "out-big"), cfg)
+    if cfg.slide_tiles:
+        slides, tiles = _ensure_slides(cfg)
+        _, tile_shards = _ensure_data(cfg, tiles, f"n{tiles}")
+        r["slide_tiles"] = tiles
+        r["f_score_slides"], _ = hcd_score(model_dir, slides, os.path.join(cfg.work, "out-f"), cfg)
+        r["f_score_parquet_same_n"], _ = hcd_score(model_dir, tile_shards, os.path.join(cfg.work, "out-f2"), cfg)
     a = r["a_model_only"]
     r["ratios"] = {"c/a": r["c_score_tif"] / a, "d/a": r["d_score_parquet"] / a,
                    "d/b": r["d_score_parquet"] / r["b_dataloader"]}
     if "e_score_s3" in r:
         r["ratios"]["e/a"] = r["e_score_s3"] / a
+    if "f_score_slides" in r:
+        r["ratios"]["slides/parquet (same count)"] = r["f_score_slides"] / r["f_score_parquet_same_n"]
     if "peak_rss_kn" in r:
         r["ratios"][f"mem {cfg.mem_factor}N/N"] = r["peak_rss_kn"] / r["peak_rss_n"]
     log.info("\n%s", format_table(r, cfg))
@@ -249,6 +273,9 @@ def format_table(r: dict, cfg: BenchScoreConfig) -> str:
             ("(c) hcd score, .tif folder", r["c_score_tif"]), ("(d) hcd score, Parquet shards", r["d_score_parquet"])]
     if "e_score_s3" in r:
         rows.append(("(e) hcd score, Parquet shards on S3", r["e_score_s3"]))
+    if "f_score_slides" in r:
+        rows.append((f"(f) hcd score, 4 slides, {r['slide_tiles']} tiles (tiles/s)", r["f_score_slides"]))
+        rows.append((f"(f') hcd score, {r['slide_tiles']} pre-cut patches in Parquet", r["f_score_parquet_same_n"]))
     lines = [f"N={r['n']}, {r['arch']}, batch {r['batch_size']}, TTA {r['tta']}, {r['cpus']} CPUs",
              "", "| pipeline | patches/s |", "|---|---:|"]
     lines += [f"| {name} | {v:.0f} |" for name, v in rows]

@@ -139,6 +139,8 @@ def bench_score_parser(parser: argparse.ArgumentParser | None = None) -> argpars
     p.add_argument("--s3-uri", help="score shards already at this S3 URI for (e) (default: a local moto server)")
     p.add_argument("--skip-s3", action="store_true", help="leave out (e)")
     p.add_argument("--skip-memory", action="store_true", help="leave out the N vs k*N memory check")
+    p.add_argument("--slide-tiles", type=int, default=6400,
+                   help="(f) tiles in a synthetic slide archive vs as many Parquet patches; 0 leaves it out")
     return p
 
 

@@ -5,12 +5,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 
 from hcdlib.predictions import read_manifest, read_predictions
 from hcdlib.score import ScoreConfig, score
 from hcdlib.slides import PCAM_MPP, plan_level, tissue_mask
-from hcdlib.synth import generate
+from hcdlib.synth import synth_slide_pixels, write_slide_tiff
 
 T = 96  # tile edge at PCam resolution
 COLS, ROWS = 8, 6
@@ -19,29 +18,11 @@ TUMOUR = {(r, c) for r in (1, 2, 3) for c in (4, 5, 6)}
 
 
 def _canvas(seed: int = 4) -> np.ndarray:
-    """A slide at PCam resolution: glass, normal tissue, and a block of tumour patches."""
-    patches = {0: [], 1: []}
-    for _, label, _, pixels in generate(200, seed=seed, slides=1):
-        patches[label].append(pixels)
-    rng = np.random.default_rng(seed)
-    img = np.clip(rng.normal(238, 2, (ROWS * T, COLS * T, 3)), 0, 255).astype(np.uint8)
-    for r in range(ROWS):
-        for c in range(BLANK_COLS, COLS):
-            label = 1 if (r, c) in TUMOUR else 0
-            img[r * T:(r + 1) * T, c * T:(c + 1) * T] = patches[label].pop()
-    return img
+    return synth_slide_pixels(COLS, ROWS, seed=seed, blank_cols=BLANK_COLS, tumour=TUMOUR)
 
 
-def _write_slide(path: Path, img: np.ndarray, mpp: float | None, levels: int = 3) -> None:
-    """A pyramidal tiled TIFF (OpenSlide's generic-tiff), MPP in the resolution tags."""
-    with tifffile.TiffWriter(path) as tif:
-        lv = img
-        for i in range(levels):
-            kw = {}
-            if mpp is not None:
-                kw = {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
-            tif.write(lv, tile=(128, 128), photometric="rgb", subfiletype=1 if i else 0, **kw)
-            lv = lv[::2, ::2]
+def _write_slide(path: Path, img: np.ndarray, mpp: float | None) -> None:
+    write_slide_tiff(str(path), img, mpp=mpp)
 
 
 @pytest.fixture(scope="module")
