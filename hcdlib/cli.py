@@ -78,8 +78,6 @@ def score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd train``."""
-    from hcdlib.models import ARCHES
-
     p = parser or argparse.ArgumentParser(prog="hcd train")
     p.description = "Train a patch classifier with Ray Train; exports the best epoch to <out>/model."
     p.add_argument("--data", required=True, help="training patch source URI")
@@ -87,7 +85,9 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--val-data", help="validation source URI (default: hold out groups of --data)")
     p.add_argument("--val-labels", help="labels CSV URI for --val-data")
     p.add_argument("--out", required=True, help="run folder URI: checkpoints, metrics, model/")
-    p.add_argument("--arch", choices=ARCHES, default="hcdnet", help="architecture")
+    # No `choices=`: listing them would import torch, and `--help` should be instant.
+    p.add_argument("--arch", default="hcdnet",
+                   help="hcdnet (small, fast on CPU), resnet18, resnet50, densenet121 or efficientnet_b0")
     p.add_argument("--weights", default="none", help="none | imagenet | URI of a state dict")
     p.add_argument("--epochs", type=_positive_int, default=40, help="maximum epochs")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="per-worker batch size")

@@ -130,9 +130,12 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from hcdlib.models import ARCHES
     from hcdlib.rayutil import init_ray
     from hcdlib.train_loop import train_loop_per_worker
 
+    if cfg.arch not in ARCHES:  # fail before starting Ray
+        raise ValueError(f"unknown --arch {cfg.arch!r}; choose from {', '.join(ARCHES)}")
     run_dir = urimod.join(cfg.out, RUN_NAME)
     if cfg.resume and not urimod.exists(run_dir):
         raise ValueError(f"--resume: {cfg.out} has no training run to resume ({run_dir} missing)")

@@ -182,7 +182,9 @@ class TrainLoop:
             return
         while self.epoch < self.cfg["epochs"]:
             stats = self.train_epoch(train_shard)
+            t_val = time.perf_counter()
             stats.update(self.validate(val_shard))
+            self.elapsed += time.perf_counter() - t_val  # the budget is wall time, validation included
             self.epoch += 1
             auc = stats["val_auc"]
             if not math.isnan(auc) and auc > self.best["auc"]:

@@ -23,7 +23,7 @@ def test_hcd_help_lists_every_command(capsys):
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_job_script_has_the_same_flags_as_the_console_script(command):
-    job = REPO / "jobs" / f"{command}.py"
+    job = REPO / "jobs" / f"{command.replace('-', '_')}.py"
     assert job.exists(), f"jobs/{command}.py missing"
     via_job = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, check=True)
     via_hcd = subprocess.run([sys.executable, "-m", "hcdlib.cli", command, "--help"],
