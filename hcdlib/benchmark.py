@@ -163,13 +163,16 @@ def dataloader_baseline(model_dir: str, tif: str, cfg: BenchScoreConfig) -> floa
     return n / (time.perf_counter() - t0)
 
 
-def hcd_score(model_dir: str, source: str, out: str, cfg: BenchScoreConfig) -> tuple[float, int]:
-    """(c)/(d)/(e) patches/s of ``hcd score`` end to end (listing, actors, commit) and its peak memory."""
+def hcd_score(model_dir: str, source: str, out: str, cfg: BenchScoreConfig, *,
+              slides: bool = False) -> tuple[float, int]:
+    """(c)-(f) patches/s of ``hcd score`` end to end (listing, actors, commit) and its peak memory."""
     from hcdlib.score import ScoreConfig, score
 
     with PeakMemory() as mem:
         m = score(ScoreConfig(model=model_dir, input=source, out=out, batch_size=cfg.batch_size, tta=cfg.tta,
-                              overwrite=True))
+                              overwrite=True, slides=slides))
+    if m["errors"]:
+        raise RuntimeError(f"benchmark input {source}: {m['errors']} rows failed; the numbers would be wrong")
     return m["rows"] / m["wall_seconds"], mem.peak
 
 
@@ -251,7 +254,7 @@ def run(cfg: BenchScoreConfig) -> dict:
         slides, tiles = _ensure_slides(cfg)
         _, tile_shards = _ensure_data(cfg, tiles, f"n{tiles}")
         r["slide_tiles"] = tiles
-        r["f_score_slides"], _ = hcd_score(model_dir, slides, os.path.join(cfg.work, "out-f"), cfg)
+        r["f_score_slides"], _ = hcd_score(model_dir, slides, os.path.join(cfg.work, "out-f"), cfg, slides=True)
         r["f_score_parquet_same_n"], _ = hcd_score(model_dir, tile_shards, os.path.join(cfg.work, "out-f2"), cfg)
     a = r["a_model_only"]
     r["ratios"] = {"c/a": r["c_score_tif"] / a, "d/a": r["d_score_parquet"] / a,

@@ -12,6 +12,7 @@ import yaml
 from conftest import REPO
 
 CLUSTER = REPO / "cluster"
+RAY_CLI = str(Path(sys.executable).parent / "ray")  # the real `ray` command of this environment
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 
 
@@ -52,7 +53,7 @@ def test_no_credentials_in_the_repository():
 
 
 def _job(dashboard: str, sub_id: str, *entry: str, env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", dashboard,
+    cmd = [RAY_CLI, "job", "submit", "--address", dashboard,
            "--submission-id", sub_id, "--working-dir", str(REPO), "--", *entry]
     for _ in range(12):  # the job agent registers a few seconds after the node is up
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -63,7 +64,7 @@ def _job(dashboard: str, sub_id: str, *entry: str, env: dict) -> subprocess.Comp
 
 
 def _status(dashboard: str, sub_id: str, env: dict) -> str:
-    res = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "status", "--address", dashboard,
+    res = subprocess.run([RAY_CLI, "job", "status", "--address", dashboard,
                           sub_id], capture_output=True, text=True, env=env, timeout=60)
     return res.stdout + res.stderr
 
