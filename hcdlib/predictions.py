@@ -62,9 +62,10 @@ def read_part(part_uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def write_part(part_uri: str, table: pa.Table) -> None:
-    """Write one part file atomically."""
+    """Write one part file atomically (columns in :data:`SCHEMA` order; absent ones null)."""
+    cols = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
     buf = io.BytesIO()
-    pq.write_table(table.cast(SCHEMA), buf, compression="zstd")
+    pq.write_table(pa.table(cols, names=SCHEMA.names).cast(SCHEMA), buf, compression="zstd")
     urimod.write_bytes_atomic(part_uri, buf.getvalue())
 
 
