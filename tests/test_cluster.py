@@ -108,7 +108,7 @@ def test_two_node_cluster_ray_job_submit(synth_small, tmp_path):
                 try:
                     tasks = list_tasks(address=dash, limit=10_000, raise_on_missing_output=False)
                     break
-                except Exception:  # noqa: BLE001
+                except Exception:
                     if attempt == 4:
                         raise
                     time.sleep(3)
