@@ -125,3 +125,13 @@ def test_killed_worker_restarts_from_checkpoint(ray_session, synth_600, tmp_path
     assert "resumed from checkpoint after epoch" in err
     assert [e["epoch"] for e in _epochs(out)] == [1, 2, 3]
     assert (out / "model" / "model.json").exists()
+
+
+def test_checkpoints_and_model_on_s3(ray_session, synth_600, bucket):
+    from hcdlib.uri import exists
+
+    out = f"{bucket}/run"
+    meta = train(_cfg(synth_600, out, epochs=1))
+    assert exists(f"{out}/model/model.safetensors") and exists(f"{out}/metrics/epoch_001.json")
+    _model, loaded = load_model(f"{out}/model")
+    assert loaded["sha256"] == meta["sha256"]
