@@ -112,3 +112,17 @@ def test_mpp_override_reads_a_slide_without_metadata(ray_session, model_dir, sli
     m = score(ScoreConfig(model=str(model_dir), input=str(one), out=str(tmp_path / "o"), slides=True,
                           mpp=PCAM_MPP))
     assert m["errors"] == 0 and m["rows"] == (COLS - BLANK_COLS) * ROWS
+
+
+def test_slides_on_s3_are_staged_and_scored(ray_session, model_dir, slide_dir, bucket, tmp_path):
+    from conftest import upload_dir
+
+    one = tmp_path / "s3slides"
+    one.mkdir()
+    (one / "s1_pcam_res.tif").write_bytes((slide_dir / "s1_pcam_res.tif").read_bytes())
+    upload_dir(one, f"{bucket}/slides")
+    m = score(ScoreConfig(model=str(model_dir), input=f"{bucket}/slides", out=f"{bucket}/out", slides=True))
+    assert m["errors"] == 0 and m["rows"] == (COLS - BLANK_COLS) * ROWS
+    t = read_predictions(f"{bucket}/out")
+    assert set(t["source"].to_pylist()) == {f"{bucket}/slides/s1_pcam_res.tif"}
+    assert not list(Path("/tmp").glob("hcd-slide-*"))  # staged copies are removed
