@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -246,9 +245,3 @@ def read_chunk(chunk: dict) -> pa.Table:
         "source": pa.array(sources, pa.string()),
         "error": pa.array([r[1] for r in results], pa.string()),
     })
-
-
-def iter_rows(src: PatchSource, chunk_size: int = 1024) -> Iterator[pa.Table]:
-    """Read a whole source chunk by chunk on this process (pack, small jobs, tests)."""
-    for chunk in plan_chunks(src, chunk_size):
-        yield read_chunk(chunk)
