@@ -121,11 +121,11 @@ def model_only(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
     return len(pixels) / (time.perf_counter() - t0)
 
 
-class _TifDataset:
-    """The baseline a user writes: one PIL decode per item in DataLoader workers."""
+class FileDataset:
+    """The baseline a user writes: one PIL decode per item in DataLoader workers (+ label if given)."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
+    def __init__(self, files: list[Path], labels: list[int] | None = None):
+        self.files, self.labels = files, labels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -135,7 +135,8 @@ class _TifDataset:
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+            pixels = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        return pixels if self.labels is None else (pixels, self.labels[i])
 
 
 def dataloader_baseline(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
@@ -153,7 +154,7 @@ def dataloader_baseline(model_dir: str, tif: str, cfg: BenchScoreConfig) -> floa
     model, meta = load_model(model_dir, device=device)
     model = model.to(memory_format=torch.channels_last)
     pre = Preprocess.from_dict(meta["preprocess"])
-    loader = DataLoader(_TifDataset(sorted(Path(tif).glob("*.tif"))), batch_size=cfg.batch_size,
+    loader = DataLoader(FileDataset(sorted(Path(tif).glob("*.tif"))), batch_size=cfg.batch_size,
                         num_workers=cores, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()
     n = 0

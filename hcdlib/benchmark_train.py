@@ -71,24 +71,15 @@ def _plain_loop(files: list[Path], labels: list[int], *, batch_size: int, lr: fl
     import torch
     from torch.utils.data import DataLoader
 
+    from hcdlib.benchmark import FileDataset
     from hcdlib.models import build_model
     from hcdlib.transforms import to_input, train_preset
-
-    class Files(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(files)
-
-        def __getitem__(self, i: int):
-            from PIL import Image
-
-            with Image.open(files[i]) as im:
-                return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()), labels[i]
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, pre = build_model("hcdnet")
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    loader = DataLoader(Files(), batch_size=batch_size, shuffle=True, num_workers=1, drop_last=False)
+    loader = DataLoader(FileDataset(files, labels), batch_size=batch_size, shuffle=True, num_workers=1, drop_last=False)
     seen, t0 = 0, time.perf_counter()
     for x, y in loader:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
