@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from hcdlib.decode import decode_batch
+from hcdlib.rayutil import READ_TASK_CPUS
 from hcdlib.sources import read_chunk
 
 # What one read task holds at once besides its chunk: the worker process itself.
@@ -46,7 +47,8 @@ def decoded_dataset(chunks: list[dict], *, chunk_size: int, resize: bool = False
     # from fusing decoding into a downstream model actor, so decoding runs in parallel tasks,
     # never in the (GPU) actor's critical path.
     memory = _TASK_BASE_BYTES + 4 * chunk_size * 96 * 96 * 3
-    return ds.map_batches(read_decode, batch_size=1, fn_kwargs={"resize": resize}, num_cpus=1, memory=memory)
+    return ds.map_batches(read_decode, batch_size=1, fn_kwargs={"resize": resize},
+                          num_cpus=READ_TASK_CPUS, memory=memory)
 
 
 def labelled_ok(batch: dict) -> dict:

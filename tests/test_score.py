@@ -207,13 +207,17 @@ def test_submission_csv(ray_session, model_dir, corrupt_set, tmp_path):
 
 
 def test_actor_plan_leaves_cpu_for_reads():
+    # 2 cores: two single-threaded actors whose CPU requests leave one CPU to the readers
     plan = plan_actors({"CPU": 2})
-    assert plan.actors == 1 and plan.cpus_per_actor == 1 and plan.gpus_per_actor == 0 and plan.torch_threads == 2
+    assert (plan.actors, plan.cpus_per_actor, plan.gpus_per_actor, plan.torch_threads) == (2, 0.5, 0, 1)
     big = plan_actors({"CPU": 64})
-    assert big.actors * big.cpus_per_actor <= 48
+    assert big.actors * big.torch_threads == 64 and big.actors * big.cpus_per_actor <= 48
+    assert plan_actors({"CPU": 1}).cpus_per_actor == 0  # a 1-core laptop: the reader keeps its CPU
+    mine = plan_actors({"CPU": 2}, actors=1)
+    assert (mine.actors, mine.cpus_per_actor, mine.torch_threads) == (1, 1, 2)
     gpu = plan_actors({"CPU": 16, "GPU": 4})
     assert gpu.actors == 4 and gpu.gpus_per_actor == 1
-    with pytest.raises(ValueError, match="starve the readers"):
+    with pytest.raises(ValueError, match="would starve them"):
         plan_actors({"CPU": 2}, actors=2, cpus_per_actor=1)
 
 

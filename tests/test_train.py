@@ -75,7 +75,9 @@ def test_two_workers_learn_and_export_round_trips(ray_session, synth_600, tmp_pa
     # export/load round trip: the artifact reproduces the best epoch's weights exactly
     model, loaded = load_model(str(out / "model"))
     assert loaded["sha256"] == meta["sha256"] and loaded["arch"] == "hcdnet"
-    state = torch.load(next((out / "ray_train").glob("checkpoint_*")) / "state.pt", weights_only=True)
+    # the newest checkpoint holds the final best weights (glob order is arbitrary, names sort by time)
+    newest = sorted((out / "ray_train").glob("checkpoint_*"))[-1]
+    state = torch.load(newest / "state.pt", weights_only=True)
     ref, _ = build_model("hcdnet")
     ref.load_state_dict(state["best_model"])
     pixels = np.stack([decode_patch(p.read_bytes()).pixels for p in sorted(synth_600.glob("*.tif"))[:32]])
