@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import random
+import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -134,6 +135,7 @@ def train(cfg: TrainConfig) -> dict:
     from hcdlib.rayutil import init_ray
     from hcdlib.train_loop import train_loop_per_worker
 
+    started_at = time.time()  # the time budget counts from here: start-up is part of the run
     if cfg.arch not in ARCHES:  # fail before starting Ray
         raise ValueError(f"unknown --arch {cfg.arch!r}; choose from {', '.join(ARCHES)}")
     run_dir = urimod.join(cfg.out, RUN_NAME)
@@ -149,7 +151,8 @@ def train(cfg: TrainConfig) -> dict:
     fs.create_dir(path, recursive=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": asdict(cfg), "n_train": n_train, "threads": threads},
+        train_loop_config={"cfg": asdict(cfg), "n_train": n_train, "threads": threads,
+                           "started_at": started_at},
         scaling_config=scaling,
         datasets=datasets,
         run_config=RunConfig(

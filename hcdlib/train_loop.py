@@ -22,6 +22,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+END_RESERVE_S = 15.0  # of a time budget: the last checkpoint, the export and shutting down
 TRAIN, VAL = "train", "val"  # dataset keys
 
 
@@ -44,6 +45,22 @@ def gather(values: np.ndarray) -> np.ndarray:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, values)
     return np.concatenate(parts)
+
+
+def agreed_max(value: float, device: torch.device) -> float:
+    """The largest ``value`` over all workers, so every worker takes the same decision.
+
+    Workers that read their own clocks would disagree on when the time budget runs out (one
+    stops while the others wait in the next gradient all-reduce: a hang) and on the learning
+    rate (DDP replicas drift apart). One scalar all-reduce per step keeps them in step.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -76,24 +93,28 @@ class TrainLoop:
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.steps_per_epoch = max(1, math.ceil(self.n_train / (self.cfg["batch_size"] * self.world)))
         self.total_steps = self.steps_per_epoch * self.cfg["epochs"]
-        self.budget_s = (self.cfg["time_budget_min"] or 0) * 60
+        # The budget is the run's wall time: start-up, validation and checkpoints count, and
+        # the loop stops a little early so that the last report and the export fit in it.
+        budget = (self.cfg["time_budget_min"] or 0) * 60
+        self.budget_s = budget - min(END_RESERVE_S, 0.1 * budget)
         # Resumable state: everything below goes into each checkpoint.
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
         self.best = {"auc": -1.0, "epoch": -1, "metrics": {}}
         self.best_state: dict | None = None
         self.history: list[dict] = []
-        self._restore()
+        if not self._restore():  # a fresh run: the time since `hcd train` started counts
+            self.elapsed = min(max(time.time() - config.get("started_at", time.time()), 0.0), 600.0)
 
     # ---- state ---------------------------------------------------------------------------
     def _unwrapped(self) -> nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
 
-    def _restore(self) -> None:
+    def _restore(self) -> bool:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if not ckpt:
-            return
+            return False
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         self._unwrapped().load_state_dict(state["model"])
@@ -103,6 +124,7 @@ class TrainLoop:
         self.history = state["history"]
         if self.rank == 0:
             log.info("resumed from checkpoint after epoch %d (%.0fs trained)", self.epoch, self.elapsed)
+        return True
 
     def _checkpoint_state(self) -> dict:
         return {"model": self._unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
@@ -131,6 +153,7 @@ class TrainLoop:
         start_elapsed = self.elapsed
         for batch in shard.iter_torch_batches(batch_size=self.cfg["batch_size"], drop_last=self.world > 1,
                                               local_shuffle_buffer_size=4 * self.cfg["batch_size"]):
+            self.elapsed = agreed_max(start_elapsed + time.perf_counter() - t0, self.device)
             if self.budget_s and self.elapsed >= self.budget_s:
                 break
             for g in self.opt.param_groups:
@@ -145,7 +168,7 @@ class TrainLoop:
             self.step += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
-            self.elapsed = start_elapsed + time.perf_counter() - t0
+        self.elapsed = start_elapsed + time.perf_counter() - t0
         wall = time.perf_counter() - t0
         return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen * self.world / max(wall, 1e-9),
                 "epoch_seconds": wall}
@@ -184,7 +207,7 @@ class TrainLoop:
             stats = self.train_epoch(train_shard)
             t_val = time.perf_counter()
             stats.update(self.validate(val_shard))
-            self.elapsed += time.perf_counter() - t_val  # the budget is wall time, validation included
+            self.elapsed = agreed_max(self.elapsed + time.perf_counter() - t_val, self.device)
             self.epoch += 1
             auc = stats["val_auc"]
             if not math.isnan(auc) and auc > self.best["auc"]:
@@ -196,7 +219,9 @@ class TrainLoop:
                          best_auc=self.best["auc"], best_epoch=self.best["epoch"],
                          stopped=("time budget" if out_of_time else "early stopping" if stale else ""))
             self.history.append(stats)
+            t_report = time.perf_counter()
             self._report(stats)
+            self.elapsed += time.perf_counter() - t_report  # checkpointing is wall time too
             if out_of_time or stale:
                 break
 

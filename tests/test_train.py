@@ -70,13 +70,15 @@ def test_two_workers_learn_and_export_round_trips(ray_session, synth_600, tmp_pa
     meta = train(_cfg(synth_600, out, workers=2))
     epochs = _epochs(out)
     assert [e["epoch"] for e in epochs] == [1, 2]
-    assert meta["metrics"]["val_auc"] > 0.75  # chance is 0.5
+    # chance is 0.5; with 112 validation patches one standard error of the AUC is ~0.05, and two
+    # short epochs land anywhere in 0.73-0.97 depending on Ray Data's order: 0.65 is > 3 SE out
+    assert meta["metrics"]["val_auc"] > 0.65
     assert epochs[0]["val_n"] == meta["metrics"]["val_n"] > 0  # gathered from both workers
     # export/load round trip: the artifact reproduces the best epoch's weights exactly
     model, loaded = load_model(str(out / "model"))
     assert loaded["sha256"] == meta["sha256"] and loaded["arch"] == "hcdnet"
     # the newest checkpoint holds the final best weights (glob order is arbitrary, names sort by time)
-    newest = sorted((out / "ray_train").glob("checkpoint_*"))[-1]
+    newest = sorted(p for p in (out / "ray_train").glob("checkpoint_*") if p.is_dir())[-1]
     state = torch.load(newest / "state.pt", weights_only=True)
     ref, _ = build_model("hcdnet")
     ref.load_state_dict(state["best_model"])
@@ -89,16 +91,24 @@ def test_two_workers_learn_and_export_round_trips(ray_session, synth_600, tmp_pa
 
 def test_time_budget_stops_with_checkpoint_and_rerun_resumes(ray_session, synth_600, tmp_path):
     out = tmp_path / "run"
-    meta = train(_cfg(synth_600, out, epochs=3, time_budget_min=0.05))  # 3 s: stops in epoch 1
+    budget_s = 30
+    t0 = time.perf_counter()
+    # two workers: both must agree on the step where the budget runs out, or DDP hangs
+    meta = train(_cfg(synth_600, out, epochs=50, workers=2, time_budget_min=budget_s / 60))
+    wall = time.perf_counter() - t0
     first = _epochs(out)
-    assert len(first) == 1 and first[0]["stopped"] == "time budget"
-    assert (out / "model" / "model.safetensors").exists() and meta["metrics"]["epochs_run"] == 1
+    assert 1 <= len(first) < 50 and first[-1]["stopped"] == "time budget"
+    assert not any(e["stopped"] for e in first[:-1])
+    assert first[0]["elapsed_s"] > first[0]["epoch_seconds"]  # start-up and validation count too
+    assert wall < budget_s + 30, wall  # the whole run, start-up to export, keeps close to the budget
+    assert (out / "model" / "model.safetensors").exists() and meta["metrics"]["epochs_run"] == len(first)
     # same --out, larger budget: continues from the checkpoint, does not start over
-    train(_cfg(synth_600, out, epochs=3, time_budget_min=10, resume=True))
+    k = len(first)
+    train(_cfg(synth_600, out, epochs=k + 1, workers=2, time_budget_min=10, resume=True))
     again = _epochs(out)
-    assert [e["epoch"] for e in again] == [1, 2, 3]
-    assert again[0] == first[0]
-    assert again[1]["elapsed_s"] > first[0]["elapsed_s"]
+    assert [e["epoch"] for e in again] == list(range(1, k + 2))
+    assert again[:k] == first
+    assert again[k]["elapsed_s"] > first[-1]["elapsed_s"]
 
 
 def test_resume_flag_without_a_run_is_an_error(tmp_path, synth_600):
