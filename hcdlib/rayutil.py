@@ -39,8 +39,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 
 
-# CPUs one read/decode task asks for (hcdlib.pipeline); the actor pool must leave this much.
-READ_TASK_CPUS = 1.0
+# CPUs one read/decode task asks for (hcdlib.pipeline): a small request, so that a read fits in
+# the fraction of a node's CPU that fractional actor requests leave over (a two-node cluster with
+# 1 + 2 CPUs and three 0.67-CPU actors left 0.33 and 0.67: 1-CPU reads never ran, a silent hang).
+READ_TASK_CPUS = 0.25
+# CPUs the actor pool must leave to the reads in all.
+READ_RESERVE_CPUS = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: f
         n = actors or max(1, int(gpus // gpus_per_actor))
         c = cpus_per_actor if cpus_per_actor is not None else 1.0
         return ActorPlan(n, c, gpus_per_actor, max(1, int(c)))
-    for_actors = cpus - max(READ_TASK_CPUS, cpus * 0.25)  # CPU requests left after the readers' share
+    for_actors = cpus - max(READ_RESERVE_CPUS, cpus * 0.25)  # CPU requests left after the readers' share
     if actors is None and cpus_per_actor is None:
         threads = max(1, int(cpus // 8))
         n = max(1, int(cpus // threads))
@@ -83,7 +87,7 @@ def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: f
         c = cpus_per_actor if cpus_per_actor is not None else max(0.0, for_actors) / actors
         n = actors or (max(1, int(for_actors // c)) if c > 0 else max(1, int(cpus)))
         threads = max(1, round(cpus / n))
-    if cpus - n * c < READ_TASK_CPUS:
-        raise ValueError(f"{n} actors x {c:g} CPUs leaves less than {READ_TASK_CPUS:g} of {cpus:g} CPUs for the "
+    if cpus - n * c < READ_RESERVE_CPUS:
+        raise ValueError(f"{n} actors x {c:g} CPUs leaves less than {READ_RESERVE_CPUS:g} of {cpus:g} CPUs for the "
                          "readers and would starve them; use fewer --actors or a smaller --cpus-per-actor")
     return ActorPlan(n, round(c, 4), 0.0, threads)

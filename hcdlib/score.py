@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
-from hcdlib.pipeline import decoded_dataset
+from hcdlib.pipeline import decoded_dataset, limit_read_ahead
 from hcdlib.sources import list_files, open_source, plan_chunks
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,9 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         batch_size=cfg.batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
+    # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
+    ds = limit_read_ahead(ds, chunk_size=cfg.chunk_size, consumers=plan.actors,
+                          per_consumer=16 if plan.gpus_per_actor else 4)
     pending: dict[str, list[pa.Table]] = defaultdict(list)
     seen: dict[str, set[int]] = defaultdict(set)  # row numbers received, so retries count once
     written: set[str] = set()

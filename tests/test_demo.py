@@ -5,7 +5,7 @@ from hcdlib.predictions import read_manifest
 
 
 def test_demo_runs_every_stage_end_to_end(ray_session, tmp_path):
-    out = run_demo(DemoConfig(out=str(tmp_path / "demo"), n=600, minutes=0.3))
+    out = run_demo(DemoConfig(out=str(tmp_path / "demo"), n=600, minutes=0.6))  # the budget includes ~10 s of start-up
     assert (tmp_path / "demo" / "run" / "model" / "model.safetensors").exists()
     m = read_manifest(out["predictions"])
     assert m["rows"] == 200 and m["errors"] == 0
