@@ -17,6 +17,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from hcdlib import uri as urimod
+from hcdlib.errors import UserError
 from hcdlib.models import build_model
 from hcdlib.transforms import Preprocess
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 WEIGHTS, META = "model.safetensors", "model.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """A model artifact is missing, incomplete or inconsistent."""
 
 
@@ -50,25 +51,57 @@ def export_model(model: nn.Module, out: str, *, arch: str, preprocess: Preproces
     return meta
 
 
+def read_meta(uri: str) -> dict:
+    """The artifact's ``model.json``, checked for what loading needs; :class:`ArtifactError` if not."""
+    from hcdlib.models import ARCHES
+
+    target = urimod.join(uri, META)
+    try:
+        meta = json.loads(urimod.read_bytes(target))
+    except FileNotFoundError:
+        raise ArtifactError(f"{uri}: not a model artifact (no {META}); pass the <train-out>/model folder") from None
+    except OSError as exc:
+        raise ArtifactError(f"{target}: cannot read: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{target}: invalid JSON ({exc}); re-export or re-copy the model") from exc
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{target}: not a JSON object; re-export or re-copy the model")
+    missing = [k for k in ("arch", "preprocess", "sha256") if k not in meta]
+    if missing:
+        raise ArtifactError(f"{target}: missing {', '.join(missing)}; re-export or re-copy the model")
+    if meta["arch"] not in ARCHES:
+        raise ArtifactError(f"{target}: unknown arch {meta['arch']!r} (this hcd knows {', '.join(ARCHES)})")
+    try:
+        Preprocess.from_dict(meta["preprocess"])
+        float(meta.get("threshold", 0.5))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{target}: invalid preprocess or threshold ({exc!r})") from exc
+    return meta
+
+
 def load_model(uri: str, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Load an exported model: returns the ``nn.Module`` in eval mode and its metadata dict.
 
     Checks the weights against the hash in the metadata, so a half-copied artifact fails
-    loudly instead of scoring with wrong weights.
+    loudly instead of scoring with wrong weights; every problem is one :class:`ArtifactError`
+    naming the file, so ``hcd score`` refuses a bad model on the driver before Ray starts.
     """
+    meta = read_meta(uri)
+    target = urimod.join(uri, WEIGHTS)
     try:
-        meta = json.loads(urimod.read_bytes(urimod.join(uri, META)))
-        blob = urimod.read_bytes(urimod.join(uri, WEIGHTS))
-    except (OSError, FileNotFoundError) as exc:
-        raise ArtifactError(f"{uri}: not a model artifact ({META} + {WEIGHTS}): {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{uri}/{META}: invalid JSON: {exc}") from exc
+        blob = urimod.read_bytes(target)
+    except OSError as exc:
+        raise ArtifactError(f"{target}: cannot read the weights: {exc}") from exc
     digest = hashlib.sha256(blob).hexdigest()
     if digest != meta.get("sha256"):
-        raise ArtifactError(f"{uri}: weights hash {digest[:12]} does not match {META} "
+        raise ArtifactError(f"{target}: weights hash {digest[:12]} does not match {META} "
                             f"({str(meta.get('sha256'))[:12]}); the artifact is corrupt or mixed")
     model, _ = build_model(meta["arch"], weights="none")
-    model.load_state_dict(load_safetensors(blob))
+    try:
+        model.load_state_dict(load_safetensors(blob))
+    except Exception as exc:  # safetensors' own error type, or RuntimeError for mismatched tensors
+        raise ArtifactError(f"{target}: not {meta['arch']} weights in safetensors format "
+                            f"({str(exc).splitlines()[0][:200]})") from exc
     return model.to(device).eval(), meta
 
 

@@ -15,7 +15,16 @@ import logging
 import sys
 from collections.abc import Callable
 
+from hcdlib.errors import UserError
+
 log = logging.getLogger("hcd")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error every user mistake gets (usage stays in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -27,7 +36,7 @@ def _positive_int(text: str) -> int:
 
 def synth_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd synth``."""
-    p = parser or argparse.ArgumentParser(prog="hcd synth")
+    p = parser or _Parser(prog="hcd synth")
     p.description = "Write synthetic H&E patches (Kaggle layout + labels.csv)."
     p.add_argument("--out", required=True, help="output folder URI (local path or s3://)")
     p.add_argument("--n", type=_positive_int, default=2000, help="number of patches")
@@ -39,7 +48,7 @@ def synth_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def pack_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd pack``."""
-    p = parser or argparse.ArgumentParser(prog="hcd pack")
+    p = parser or _Parser(prog="hcd pack")
     p.description = "Pack any patch source into Parquet shards (few large objects instead of millions)."
     p.add_argument("--input", required=True, help="patch source URI (folder, class folders, shards)")
     p.add_argument("--labels", help="labels CSV URI (id,label[,slide_id])")
@@ -50,7 +59,7 @@ def pack_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
 
 def score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd score``."""
-    p = parser or argparse.ArgumentParser(prog="hcd score")
+    p = parser or _Parser(prog="hcd score")
     p.description = "Batch-score patches with Ray Data; writes committed Parquet predictions."
     p.add_argument("--model", required=True, help="model artifact URI (the <train-out>/model folder)")
     p.add_argument("--input", required=True, help="patch source URI")
@@ -78,7 +87,7 @@ def score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd train``."""
-    p = parser or argparse.ArgumentParser(prog="hcd train")
+    p = parser or _Parser(prog="hcd train")
     p.description = "Train a patch classifier with Ray Train; exports the best epoch to <out>/model."
     p.add_argument("--data", required=True, help="training patch source URI")
     p.add_argument("--labels", help="labels CSV URI for --data")
@@ -105,7 +114,7 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def submission_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd submission``."""
-    p = parser or argparse.ArgumentParser(prog="hcd submission")
+    p = parser or _Parser(prog="hcd submission")
     p.description = "Write a Kaggle submission CSV (id,label) from committed predictions."
     p.add_argument("--predictions", required=True, help="output URI of hcd score")
     p.add_argument("--out", required=True, help="CSV URI to write")
@@ -114,7 +123,7 @@ def submission_parser(parser: argparse.ArgumentParser | None = None) -> argparse
 
 def evaluate_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd evaluate``."""
-    p = parser or argparse.ArgumentParser(prog="hcd evaluate")
+    p = parser or _Parser(prog="hcd evaluate")
     p.description = "Metrics, figures and an HTML report for committed predictions against labels."
     p.add_argument("--predictions", required=True, help="output URI of hcd score")
     p.add_argument("--labels", required=True, help="labels CSV (id,label[,slide_id]) or a labelled patch source")
@@ -128,7 +137,7 @@ def evaluate_parser(parser: argparse.ArgumentParser | None = None) -> argparse.A
 
 def bench_score_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd bench-score``."""
-    p = parser or argparse.ArgumentParser(prog="hcd bench-score")
+    p = parser or _Parser(prog="hcd bench-score")
     p.description = "Scoring benchmark: model only vs DataLoader vs hcd score (tif, Parquet, S3), one run."
     p.add_argument("--n", type=_positive_int, default=20_000, help="synthetic patches")
     p.add_argument("--arch", default="resnet18", help="architecture")
@@ -146,7 +155,7 @@ def bench_score_parser(parser: argparse.ArgumentParser | None = None) -> argpars
 
 def bench_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd bench-train``."""
-    p = parser or argparse.ArgumentParser(prog="hcd bench-train")
+    p = parser or _Parser(prog="hcd bench-train")
     p.description = "Training benchmark on real patches: AUC under a time budget, or Ray Train vs plain loop."
     p.add_argument("--train", required=True, help="training patch source (e.g. pcam-real/train)")
     p.add_argument("--valid", required=True, help="validation patch source (e.g. pcam-real/valid)")
@@ -159,7 +168,7 @@ def bench_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
 
 def demo_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd demo``."""
-    p = parser or argparse.ArgumentParser(prog="hcd demo")
+    p = parser or _Parser(prog="hcd demo")
     p.description = "Run the whole product on an embedded synthetic archive: synth, train, score, evaluate."
     p.add_argument("--out", default="hcd-demo", help="folder for everything the demo writes")
     p.add_argument("--n", type=_positive_int, default=3000, help="synthetic patches")
@@ -277,7 +286,7 @@ COMMANDS: dict[str, Command] = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``hcd`` parser with every command as a sub-parser."""
-    parser = argparse.ArgumentParser(prog="hcd",
+    parser = _Parser(prog="hcd",
                                      description="Histopathologic cancer detection at archive scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (build, _) in COMMANDS.items():
@@ -293,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        log.error("%s", exc)
+    except UserError as exc:  # the user can fix it: one line naming the thing and the fix
+        log.error("%s", " ".join(str(exc).split()))
         return 2
+    # Anything else is a bug or a fault of the machine: it keeps its traceback and exit code 1.
 
 
 if __name__ == "__main__":

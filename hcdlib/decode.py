@@ -17,6 +17,10 @@ from PIL import Image, UnidentifiedImageError
 
 PATCH_SIZE = 96
 ALLOWED_FORMATS = frozenset({"TIFF", "PNG", "JPEG"})
+# Pixel formats PIL converts to 8-bit RGB without losing what they mean. 16-bit grayscale is
+# scaled (below); 32-bit integer ("I") and float ("F") pixels have no known range: error rows.
+CONVERTIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr"})
+SIXTEEN_BIT_GRAY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Largest image we agree to decode when resizing is allowed (a 4096x4096 tile).
 MAX_PIXELS = 4096 * 4096
 
@@ -49,8 +53,16 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                     return Decoded(None, f"image is {w}x{h}: too large to be a patch, not decoded", None)
                 if (w, h) != (size, size) and not resize:
                     return Decoded(None, f"image is {w}x{h}, expected {size}x{size}", None)
+                if im.mode not in CONVERTIBLE_MODES and im.mode not in SIXTEEN_BIT_GRAY:
+                    return Decoded(None, f"pixel format {im.mode} cannot be converted to 8-bit RGB faithfully "
+                                         "(convert the patch to 8-bit RGB)", None)
                 im.load()
                 notes = []
+                if im.mode in SIXTEEN_BIT_GRAY:
+                    # PIL's convert() clips 16-bit values at 255 (a white patch); scale the full range.
+                    wide = np.asarray(im).astype(np.uint32)
+                    im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+                    notes.append("scaled 16-bit grayscale to 8 bits")
                 if im.mode != "RGB":
                     notes.append(f"converted {im.mode} to RGB")
                     im = im.convert("RGB")

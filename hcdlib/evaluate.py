@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from hcdlib import uri as urimod
+from hcdlib.errors import UserError, check_range
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,24 @@ class EvalConfig:
     grid: int = 8
     seed: int = 0
 
+    def __post_init__(self):
+        check_range("--target-sensitivity", self.target_sensitivity, 0, 1, lo_open=True)
+        check_range("--threshold", self.threshold, 0, 1)
+        check_range("--bootstrap", self.bootstrap, 0)
+        check_range("top_k", self.top_k, 1)
+
 
 def load_labels(uri: str) -> pd.DataFrame:
     """Labels by id from a CSV (``id,label[,slide_id]``) or from any patch source (class folders)."""
-    from hcdlib.sources import open_source, read_labels
+    from hcdlib.sources import check_labelled, open_source, read_labels
 
     if uri.lower().endswith(".csv"):
-        t = read_labels(uri)
+        t = read_labels(uri)  # the same rules as training: labels exactly 0/1, one row per id
         cols = [c for c in ("id", "label", "slide_id") if c in t.column_names]
         return t.select(cols).to_pandas()
-    items = open_source(uri).items
-    return items.select(["id", "label", "slide_id"]).to_pandas()
+    src = open_source(uri)
+    check_labelled(src, "labelled")
+    return src.items.select(["id", "label", "slide_id"]).to_pandas()
 
 
 def join(preds: pd.DataFrame, labels: pd.DataFrame, *, allow_missing: bool) -> tuple[pd.DataFrame, dict]:
@@ -58,7 +66,7 @@ def join(preds: pd.DataFrame, labels: pd.DataFrame, *, allow_missing: bool) -> t
     counts = {"predictions": len(preds), "labels": len(labels), "missing_labels": len(no_label),
               "missing_predictions": len(no_pred), "missing_examples": (no_label + no_pred)[:10]}
     if (no_label or no_pred) and not allow_missing:
-        raise ValueError(f"partial join: {len(no_label)} predicted ids have no label and {len(no_pred)} labelled ids "
+        raise UserError(f"partial join: {len(no_label)} predicted ids have no label and {len(no_pred)} labelled ids "
                          f"have no prediction (e.g. {counts['missing_examples'][:3]}); refusing to compute metrics "
                          "over a partial set. Fix the inputs or pass --allow-missing")
     right = labels[["id", "label"] + (["slide_id"] if "slide_id" in labels and "slide_id" not in preds else [])]
@@ -158,7 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     preds = read_predictions(cfg.predictions).to_pandas()
     df, counts = join(preds, load_labels(cfg.labels), allow_missing=cfg.allow_missing)
     if df["label"].nunique() < 2:
-        raise ValueError(f"{cfg.labels}: the evaluated patches hold one class only; AUC is undefined")
+        raise UserError(f"{cfg.labels}: the evaluated patches hold one class only; AUC is undefined")
     threshold = cfg.threshold if cfg.threshold is not None else _model_threshold(cfg.predictions)
     y, p = df["label"].to_numpy(), df["prob"].to_numpy(dtype=float)
     metrics = {

@@ -7,10 +7,12 @@ internet); ``none`` starts from scratch; a URI loads a state dict with ``weights
 from __future__ import annotations
 
 import io
+import pickle
 
 import torch
 from torch import nn
 
+from hcdlib.errors import UserError
 from hcdlib.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 ARCHES = ("hcdnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
@@ -70,20 +72,44 @@ def preprocess_for(weights: str) -> Preprocess:
 def build_model(arch: str, *, weights: str = "none") -> tuple[nn.Module, Preprocess]:
     """Build ``arch`` with ``weights`` (none | imagenet | URI of a state dict) and its preprocessing."""
     if arch not in ARCHES:
-        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHES)}")
+        raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHES)}")
     if weights == "imagenet" and arch == "hcdnet":
-        raise ValueError("hcdnet has no ImageNet weights; use --weights none or a torchvision arch")
+        raise UserError("hcdnet has no ImageNet weights; use --weights none or a torchvision arch")
     model = HcdNet() if arch == "hcdnet" else _torchvision(arch, weights == "imagenet")
     pre = preprocess_for(weights)
     if weights not in ("none", "imagenet"):
-        from hcdlib import uri as urimod
+        try:
+            model.load_state_dict(read_state_dict(weights))
+        except RuntimeError as exc:  # missing / unexpected keys, wrong shapes
+            raise UserError(f"--weights {weights}: does not fit --arch {arch} "
+                            f"({' '.join(str(exc).split())[:240]})") from exc
+    return model, pre
 
-        data = urimod.read_bytes(weights)
-        if weights.endswith(".safetensors"):
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``uri``: safetensors, or a torch file loaded with ``weights_only=True``.
+
+    Never unpickles code: a pickle that holds anything but tensors is refused with one line.
+    """
+    from hcdlib import uri as urimod
+
+    try:
+        data = urimod.read_bytes(uri)
+    except OSError as exc:
+        raise UserError(f"--weights {uri}: cannot read: {exc}") from exc
+    try:
+        if uri.endswith(".safetensors"):
             from safetensors.torch import load as load_safetensors
 
             state = load_safetensors(data)
         else:  # weights_only: a state dict of tensors, never pickled code
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    return model, pre
+    except pickle.UnpicklingError as exc:  # pickled objects other than tensors: never unpickled
+        raise UserError(f"--weights {uri}: not a state dict of tensors: it holds pickled Python objects, which hcd "
+                        "refuses to load (save model.state_dict(), or use safetensors)") from exc
+    except Exception as exc:  # safetensors', zipfile's and torch's errors for a damaged file: "not weights"
+        raise UserError(f"--weights {uri}: not a state dict of tensors (safetensors, or torch.save of a "
+                        f"state_dict); refused: {' '.join(str(exc).split())[:200]}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights {uri}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state

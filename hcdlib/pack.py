@@ -24,7 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
-from hcdlib.sources import PACK_MANIFEST, ROW_SCHEMA, open_source, plan_chunks, read_chunk
+from hcdlib.errors import UserError, check_range
+from hcdlib.sources import (
+    CLASS_FOLDERS,
+    PACK_MANIFEST,
+    ROW_SCHEMA,
+    check_labelled,
+    open_source,
+    plan_chunks,
+    read_chunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +49,44 @@ class PackConfig:
     row_group_size: int = 1024  # the unit of scoring work and resume
     threads: int = 4
 
+    def __post_init__(self):
+        for name in ("rows_per_file", "row_group_size", "threads"):
+            check_range(name.replace("_", "-"), getattr(self, name), 1)
+
 
 def _shard_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
 
+def _existing_shard(cfg: PackConfig, name: str, chunk: dict) -> dict | None:
+    """A shard an earlier run of this pack wrote (atomic, so complete): kept. Anything else is refused."""
+    target = urimod.join(cfg.out, name)
+    fs, path = urimod.resolve(target)
+    try:
+        with fs.open_input_file(path) as f:
+            ids = pq.ParquetFile(f).read(columns=["id"])["id"].to_pylist()
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise UserError(f"{target} exists and is not a readable shard ({exc}); hcd pack does not overwrite "
+                        "files it did not write: choose another --out") from exc
+    if ids != chunk["id"]:
+        raise UserError(f"{target} exists and holds other patches than this input's shard {name} "
+                        "(another input, labels or --rows-per-file); choose another --out")
+    return {"path": name, "rows": len(ids)}
+
+
 def _write_shard(cfg: PackConfig, index: int, chunk: dict) -> dict:
     name = _shard_name(index)
+    kept = _existing_shard(cfg, name, chunk)  # a rerun keeps what the first run finished
+    if kept:
+        return kept
     target = urimod.join(cfg.out, name)
-    if urimod.exists(target):  # shards are only ever complete (atomic), so a rerun keeps them
-        fs, path = urimod.resolve(target)
-        with fs.open_input_file(path) as f:
-            return {"path": name, "rows": pq.ParquetFile(f).metadata.num_rows}
     table = read_chunk(chunk)
     bad = [e for e in table["error"].to_pylist() if e]
     if bad:
         # A file we cannot even read is an input problem to fix first, not something to pack.
-        raise OSError(f"pack {cfg.input}: {len(bad)} unreadable files, first: {bad[0]}")
+        raise UserError(f"pack {cfg.input}: {len(bad)} unreadable files, first: {bad[0]}; fix or remove them")
     table = table.drop_columns(["error"]).cast(ROW_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=cfg.row_group_size, compression="zstd")
@@ -67,7 +97,14 @@ def _write_shard(cfg: PackConfig, index: int, chunk: dict) -> dict:
 def pack(cfg: PackConfig) -> dict:
     """Pack ``cfg.input`` into Parquet shards under ``cfg.out``; return the manifest."""
     t0 = time.perf_counter()
+    if urimod.within(cfg.out, cfg.input) or urimod.within(cfg.input, cfg.out):
+        raise UserError(f"--out {cfg.out} and --input {cfg.input} overlap: shards would be read as input (or "
+                        "input as shards) on the next run; choose an --out outside the input")
     src = open_source(cfg.input, cfg.labels)
+    labelled = cfg.labels or src.layout == CLASS_FOLDERS or (
+        "label" in src.items.column_names and src.items["label"].null_count < src.items.num_rows)
+    if labelled:
+        check_labelled(src, "input")  # a labelled archive: every patch 0 or 1, none forgotten
     chunks = plan_chunks(src, cfg.rows_per_file)
     with ThreadPoolExecutor(cfg.threads) as pool:
         files = list(pool.map(lambda ic: _write_shard(cfg, *ic), enumerate(chunks)))

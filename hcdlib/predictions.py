@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
+from hcdlib.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "_SUCCESS"
 RUN_SPEC = "_RUN.json"
@@ -34,31 +41,152 @@ SCHEMA = pa.schema([
 ])
 
 
-class NotCommittedError(FileNotFoundError):
+class NotCommittedError(UserError, FileNotFoundError):
     """The output has no manifest: the job did not finish (or is still running)."""
 
 
+class CorruptOutputError(UserError):
+    """A committed file is not what the manifest promises (replaced, truncated, damaged)."""
+
+
 def read_manifest(out: str) -> dict:
-    """The committed manifest of ``out``; raises :class:`NotCommittedError` if absent."""
+    """The committed manifest of ``out``; :class:`NotCommittedError` if absent, named if corrupt."""
     target = urimod.join(out, MANIFEST)
-    if not urimod.exists(target):
+    try:
+        data = urimod.read_bytes(target)
+    except FileNotFoundError:
         raise NotCommittedError(f"{out}: no {MANIFEST} manifest; the run did not finish "
-                                "(rerun the same command to resume it)")
-    return json.loads(urimod.read_bytes(target))
+                                "(rerun the same command to resume it)") from None
+    try:
+        manifest = json.loads(data)
+        if not isinstance(manifest.get("files"), list):
+            raise ValueError("no 'files' list")
+    except (ValueError, AttributeError) as exc:
+        raise CorruptOutputError(f"{target}: corrupt manifest ({len(data)} bytes: {exc}); rerun the same "
+                                 "hcd score command to rewrite it") from exc
+    return manifest
 
 
 def read_predictions(out: str, columns: list[str] | None = None) -> pa.Table:
-    """All committed prediction rows of ``out`` (only the files the manifest lists)."""
+    """All committed prediction rows of ``out`` (only the files the manifest lists, as it lists them)."""
     manifest = read_manifest(out)
-    tables = [read_part(urimod.join(out, f["path"]), columns) for f in manifest["files"]]
+    tables = [read_part(urimod.join(out, f["path"]), columns, expect_rows=f.get("rows"),
+                        expect_bytes=f.get("bytes")) for f in manifest["files"]]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
-def read_part(part_uri: str, columns: list[str] | None = None) -> pa.Table:
-    """Read one part file."""
+def read_part(part_uri: str, columns: list[str] | None = None, *, expect_rows: int | None = None,
+              expect_bytes: int | None = None) -> pa.Table:
+    """Read one part file, refusing one that differs from what the manifest recorded."""
     fs, path = urimod.resolve(part_uri)
-    with fs.open_input_file(path) as f:
-        return pq.read_table(f, columns=columns)
+    fix = "the output was changed after it was committed; rerun hcd score with --overwrite"
+    try:
+        with fs.open_input_file(path) as f:
+            if expect_bytes is not None and f.size() != expect_bytes:
+                raise CorruptOutputError(f"{part_uri}: {f.size()} bytes, the manifest recorded {expect_bytes}; {fix}")
+            table = pq.read_table(f, columns=columns)
+    except FileNotFoundError:
+        raise CorruptOutputError(f"{part_uri}: listed in the manifest but missing; {fix}") from None
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CorruptOutputError(f"{part_uri}: unreadable ({exc}); {fix}") from exc
+    if expect_rows is not None and table.num_rows != expect_rows:
+        raise CorruptOutputError(f"{part_uri}: {table.num_rows} rows, the manifest recorded {expect_rows}; {fix}")
+    return table
+
+
+# Everything hcd score writes in --out, and how to recognise its files there: --overwrite
+# deletes these and nothing else (--out may hold the user's own files, even their input).
+OWNED = (MANIFEST, RUN_SPEC, PARTS, "slides")
+_PART_RE = re.compile(r"^part-.+\.parquet(\.tmp-[0-9a-f]{32})?$")
+_SLIDE_FILE_RE = re.compile(r"^(.+-[0-9a-f]{8}\.(thumbnail\.png|heatmap\.png|geojson)|summary\.csv)"
+                            r"(\.tmp-[0-9a-f]{32})?$")
+
+
+def part_name(key: str) -> str:
+    """The file name of the part that holds chunk ``key``."""
+    return f"part-{key}.parquet"
+
+
+def _files(uri: str) -> list[pafs.FileInfo]:
+    fs, root = urimod.resolve(uri)
+    return [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+            if i.type == pafs.FileType.File]
+
+
+def claim_output(out: str, spec: dict, *, overwrite: bool) -> None:
+    """Make ``out`` this run's: resume the same run, refuse another, or (``overwrite``) clear hcd's old one.
+
+    ``_RUN.json`` (the spec) is written before any part, so its presence says hcd owns the parts
+    and slide files beside it. Without it, a ``parts/`` folder or manifest is somebody else's
+    and is never touched.
+    """
+    target = urimod.join(out, RUN_SPEC)
+    if urimod.exists(target) and not overwrite:
+        try:
+            old = json.loads(urimod.read_bytes(target))
+        except ValueError as exc:
+            raise CorruptOutputError(f"{target}: corrupt run spec ({exc}); pass --overwrite to start the run again"
+                                     ) from exc
+        diff = [k for k in spec if old.get(k) != spec[k]]
+        if diff:
+            raise UserError(f"{out} holds a run with a different {', '.join(diff)} "
+                            f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
+                            "use another --out or pass --overwrite")
+        return
+    if urimod.exists(target):
+        _clear_run(out)
+    else:
+        foreign = [n for n in (MANIFEST, PARTS) if urimod.exists(urimod.join(out, n))]
+        if foreign:
+            raise UserError(f"{out} holds {' and '.join(foreign)} that hcd score did not write (no {RUN_SPEC}); "
+                            "choose another --out")
+    urimod.write_bytes_atomic(target, json.dumps(spec, indent=1).encode())
+
+
+def _clear_run(out: str) -> None:
+    """Delete the files an earlier run wrote in ``out`` (by hcd's own names), the run spec last."""
+    urimod.delete(urimod.join(out, MANIFEST))
+    for folder, pattern in ((PARTS, _PART_RE), ("slides", _SLIDE_FILE_RE)):
+        for info in _files(urimod.join(out, folder)):
+            if pattern.match(info.base_name):
+                urimod.delete(urimod.join(out, folder, info.base_name))
+    urimod.delete(urimod.join(out, RUN_SPEC))
+
+
+def done_parts(out: str, expected: dict[str, int], *, verify: bool = True) -> dict[str, int]:
+    """Chunks of ``expected`` (key -> rows) whose part is complete in ``out``, with the part's bytes.
+
+    With ``verify`` each part's footer is read: a zero-byte, unreadable or short part (a crash,
+    a disk that filled up) is named in a warning and not counted, so its chunk is scored again.
+    """
+    sizes = {i.base_name: i.size for i in _files(urimod.join(out, PARTS))}
+    found = {k: sizes[part_name(k)] for k in expected if part_name(k) in sizes}
+    if not verify:
+        return found
+
+    def problem(key: str) -> str | None:
+        if not found[key]:
+            return "empty (0 bytes)"
+        fs, path = urimod.resolve(urimod.join(out, PARTS, part_name(key)))
+        try:
+            with fs.open_input_file(path) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+        except (OSError, pa.ArrowInvalid) as exc:
+            return f"unreadable ({exc})"
+        return None if rows == expected[key] else f"{rows} rows, expected {expected[key]}"
+
+    with ThreadPoolExecutor(16 if urimod.is_s3(out) else 2) as pool:
+        problems = dict(zip(found, pool.map(problem, found), strict=True))
+    for key, why in problems.items():
+        if why:
+            log.warning("%s: %s; its chunk is scored again", urimod.join(out, PARTS, part_name(key)), why)
+            del found[key]
+    return found
+
+
+def read_parts(out: str, keys: list[str], columns: list[str]) -> pa.Table:
+    """The named parts of ``out`` (before the manifest exists: the run's own post-processing)."""
+    return pa.concat_tables(read_part(urimod.join(out, PARTS, part_name(k)), columns) for k in keys)
 
 
 def write_part(part_uri: str, table: pa.Table) -> None:
@@ -73,13 +201,27 @@ def write_submission(predictions: str, out_csv: str) -> int:
     """Write the Kaggle submission CSV (``id,label`` = P(tumour), ids sorted); return rows.
 
     Kaggle needs a value for every id, so rows that failed to decode get 0.5 (no evidence
-    either way); the count is logged by the caller from the manifest's error total.
+    either way); the count is logged by the caller from the manifest's error total. Kaggle
+    rejects a file with an id twice: rows of one id that agree (the same patch listed twice)
+    become one row; rows that disagree are refused, naming the ids.
     """
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
-    t = read_predictions(predictions, ["id", "prob", "status"]).sort_by("id")
+    t = read_predictions(predictions, ["id", "prob", "status"])
     label = pc.fill_null(t["prob"], pa.scalar(0.5, pa.float32()))
+    t = pa.table({"id": t["id"], "label": label}).group_by("id").aggregate([("label", "min"), ("label", "max"),
+                                                                             ("label", "count")])
+    clash = pc.not_equal(t["label_min"], t["label_max"])
+    if pc.any(clash).as_py():
+        ids = pc.filter(t["id"], clash).to_pylist()
+        raise UserError(f"{predictions}: {len(ids)} ids have rows with different predictions (different "
+                        f"images under one name), e.g. {', '.join(ids[:5])}; rename or remove them and score again")
+    dups = pc.sum(pc.greater(t["label_count"], 1)).as_py() or 0
+    if dups:
+        log.warning("%d ids appear more than once with the same prediction; written once each", dups)
+    t = t.sort_by("id")
+    label = t["label_min"]
     buf = io.BytesIO()
     pacsv.write_csv(pa.table({"id": t["id"], "label": label}), buf)
     urimod.write_bytes_atomic(out_csv, buf.getvalue())

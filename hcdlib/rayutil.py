@@ -6,6 +6,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from hcdlib.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Ray's single-node mode: every service on 127.0.0.1 (see init_ray).
@@ -88,6 +90,6 @@ def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: f
         n = actors or (max(1, int(for_actors // c)) if c > 0 else max(1, int(cpus)))
         threads = max(1, round(cpus / n))
     if cpus - n * c < READ_RESERVE_CPUS:
-        raise ValueError(f"{n} actors x {c:g} CPUs leaves less than {READ_RESERVE_CPUS:g} of {cpus:g} CPUs for the "
+        raise UserError(f"{n} actors x {c:g} CPUs leaves less than {READ_RESERVE_CPUS:g} of {cpus:g} CPUs for the "
                          "readers and would starve them; use fewer --actors or a smaller --cpus-per-actor")
     return ActorPlan(n, round(c, 4), 0.0, threads)

@@ -27,8 +27,13 @@ import pyarrow.compute as pc
 
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
+from hcdlib.errors import UserError
+from hcdlib.infer import TTA_CHOICES
 from hcdlib.pipeline import decoded_dataset, limit_read_ahead
 from hcdlib.sources import list_files, open_source, plan_chunks
+
+# Plausible scanner resolutions in microns per pixel (a 100x oil objective is ~0.1; a 1x overview ~10).
+MPP_RANGE = (0.05, 20.0)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,18 @@ class ScoreConfig:
     tissue_threshold: float = 0.5  # fraction of a tile that must be tissue for it to be scored
     overwrite: bool = False
     address: str | None = None
+
+    def __post_init__(self):
+        from hcdlib.errors import check_range
+
+        if self.tta not in TTA_CHOICES:
+            raise UserError(f"--tta must be one of {', '.join(map(str, TTA_CHOICES))}, got {self.tta}")
+        for name in ("batch_size", "chunk_size", "actors"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_range("--gpus-per-actor", self.gpus_per_actor, 0)
+        check_range("--cpus-per-actor", self.cpus_per_actor, 0)
+        check_range("--mpp", self.mpp, *MPP_RANGE)
+        check_range("--tissue-threshold", self.tissue_threshold, 0, 1)
 
 
 class Scorer:
@@ -117,61 +134,53 @@ def _to_part(rows: pa.Table) -> pa.Table:
     return pa.table(cols).cast(preds.SCHEMA)
 
 
-def _check_run_spec(cfg: ScoreConfig, spec: dict) -> None:
-    """Refuse to mix outputs of another model or input into ``cfg.out``."""
-    target = urimod.join(cfg.out, preds.RUN_SPEC)
-    if cfg.overwrite:  # only what a scoring run writes: --out may hold the user's other files
-        for name in (preds.MANIFEST, preds.PARTS, preds.RUN_SPEC, "slides"):
-            urimod.delete(urimod.join(cfg.out, name))
-    elif urimod.exists(target):
-        old = json.loads(urimod.read_bytes(target))
-        diff = [k for k in spec if old.get(k) != spec[k]]
-        if diff:
-            raise ValueError(f"{cfg.out} holds a run with a different {', '.join(diff)} "
-                             f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
-                             "use another --out or pass --overwrite")
-        return
-    urimod.write_bytes_atomic(target, json.dumps(spec, indent=1).encode())
-
-
-def _done_parts(cfg: ScoreConfig) -> dict[str, str]:
-    fs, root = urimod.resolve(urimod.join(cfg.out, preds.PARTS))
-    from pyarrow.fs import FileSelector
-
-    infos = fs.get_file_info(FileSelector(root, allow_not_found=True))
-    names = [i.base_name for i in infos if i.base_name.endswith(".parquet")]
-    return {n[len("part-"):-len(".parquet")]: n for n in names}
+def _check_locations(cfg: ScoreConfig) -> None:
+    """Refuse an --out that overlaps --input: outputs would be read as input, or input deleted."""
+    if urimod.within(cfg.out, cfg.input):
+        raise UserError(f"--out {cfg.out} is inside --input {cfg.input}: its files would be read as input on the "
+                        "next run; choose an --out outside the input")
+    for name in preds.OWNED:
+        if urimod.within(cfg.input, urimod.join(cfg.out, name)):
+            raise UserError(f"--input {cfg.input} is inside {urimod.join(cfg.out, name)}, where hcd score writes "
+                            "its outputs; choose another --out")
 
 
 def score(cfg: ScoreConfig) -> dict:
-    """Run one scoring job to completion (resuming if ``cfg.out`` holds a partial run)."""
+    """Run one scoring job to completion (resuming if ``cfg.out`` holds a partial run).
+
+    Everything the user gave is checked here, on the driver, before Ray starts: the model
+    artifact is loaded once (hash, format, arch), --out is checked against --input, and the
+    input is listed.
+    """
     import ray
 
+    from hcdlib.artifact import load_model
     from hcdlib.rayutil import init_ray, plan_actors
-    from hcdlib.slides import SLIDE_EXTS, is_slide_source, plan_slides, tile_chunks, write_slide_outputs
+    from hcdlib.slides import is_slide_source, plan_slides, slide_inputs, tile_chunks, write_slide_outputs
 
     t0 = time.perf_counter()
-    meta = json.loads(urimod.read_bytes(urimod.join(cfg.model, "model.json")))
-    fs, _, files = list_files(cfg.input)
+    _, meta = load_model(cfg.model)
+    _check_locations(cfg)
+    listing = list_files(cfg.input)
     planned = None
-    if cfg.slides or is_slide_source(files):
-        slide_uris = [urimod.to_uri(fs, p) for p in files if p.lower().endswith(SLIDE_EXTS)]
-        fingerprint = hashlib.sha256("\n".join(slide_uris).encode()).hexdigest()[:16]
+    if cfg.slides or is_slide_source(listing.files):
+        slides, refused = slide_inputs(listing)
+        fingerprint = hashlib.sha256("\n".join(s["slide"] for s in slides + refused).encode()).hexdigest()[:16]
         spec = _run_spec(cfg, meta, fingerprint)
-        _check_run_spec(cfg, spec)
+        preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
         init_ray(cfg.address)
-        planned = plan_slides(slide_uris, out=cfg.out, mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold)
+        planned = plan_slides(slides, out=cfg.out, mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold) + refused
         chunks = [c for p in planned for c in tile_chunks(p, cfg.chunk_size)]
         total = sum(c["num_rows"] for c in chunks)
-        log.info("%s: %d slides, %d tissue tiles", cfg.input, len(slide_uris), total)
+        log.info("%s: %d slides, %d tissue tiles", cfg.input, len(planned), total)
     else:
-        src = open_source(cfg.input, cfg.labels)
+        src = open_source(cfg.input, cfg.labels, listing=listing)
         chunks = plan_chunks(src, cfg.chunk_size)
         spec = _run_spec(cfg, meta, src.fingerprint())
-        _check_run_spec(cfg, spec)
+        preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
         total = src.num_patches
         log.info("%s: %d patches, listed in %.2fs", cfg.input, total, src.list_seconds)
-    done = _done_parts(cfg)
+    done = preds.done_parts(cfg.out, {c["key"]: c["num_rows"] for c in chunks})
     todo = [c for c in chunks if c["key"] not in done]
     log.info("%d chunks, %d already done", len(chunks), len(chunks) - len(todo))
     if todo:
@@ -182,11 +191,12 @@ def score(cfg: ScoreConfig) -> dict:
                            cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)
         log.info("model actors: %s", plan)
         _run_pipeline(cfg, todo, plan, meta["sha256"], total=total)
-    slides = None
+    slides_out = None
     if planned is not None:
-        rows = _read_parts(cfg, chunks, ["slide_id", "x", "y", "tile_size", "prob", "status"]).to_pandas()
-        slides = write_slide_outputs(cfg.out, planned, rows, threshold=float(meta.get("threshold", 0.5)))
-    return _commit(cfg, chunks, spec, time.perf_counter() - t0, slides=slides)
+        rows = preds.read_parts(cfg.out, [c["key"] for c in chunks],
+                                ["slide_id", "x", "y", "tile_size", "prob", "status"]).to_pandas()
+        slides_out = write_slide_outputs(cfg.out, planned, rows, threshold=float(meta.get("threshold", 0.5)))
+    return _commit(cfg, chunks, spec, time.perf_counter() - t0, slides=slides_out)
 
 
 def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
@@ -198,12 +208,6 @@ def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
     if cfg.slides or cfg.mpp is not None:
         spec.update(mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold)
     return spec
-
-
-def _read_parts(cfg: ScoreConfig, chunks: list[dict], columns: list[str]) -> pa.Table:
-    done = _done_parts(cfg)
-    return pa.concat_tables(preds.read_part(urimod.join(cfg.out, preds.PARTS, done[c["key"]]), columns)
-                            for c in chunks)
 
 
 def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, total: int) -> None:
@@ -234,7 +238,7 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
             seen[key].update(part["row"].to_pylist())
             if len(seen[key]) == expected[key]:
                 table = _to_part(pa.concat_tables(pending.pop(key)))
-                preds.write_part(urimod.join(cfg.out, preds.PARTS, f"part-{key}.parquet"), table)
+                preds.write_part(urimod.join(cfg.out, preds.PARTS, preds.part_name(key)), table)
                 rows_done += table.num_rows
                 written.add(key)
                 del seen[key]
@@ -249,23 +253,22 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
 
 def _commit(cfg: ScoreConfig, chunks: list[dict], spec: dict, wall: float, *, slides: list | None = None) -> dict:
     """Check every chunk has its part, then write the manifest that makes them visible."""
-    done = _done_parts(cfg)
-    missing = [c["key"] for c in chunks if c["key"] not in done]
+    expected = {c["key"]: c["num_rows"] for c in chunks}
+    done = preds.done_parts(cfg.out, expected)
+    missing = [k for k in expected if k not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} chunks were not scored (first: {missing[0]}); "
                            "rerun the same command to finish them")
     files, ids, ok = [], [], 0
-    for c in chunks:
-        path = f"{preds.PARTS}/{done[c['key']]}"
-        t = preds.read_part(urimod.join(cfg.out, path), ["id", "status"])
-        if t.num_rows != c["num_rows"]:
-            raise RuntimeError(f"{path}: {t.num_rows} rows, expected {c['num_rows']}")
-        files.append({"path": path, "rows": t.num_rows})
+    for key in expected:
+        path = f"{preds.PARTS}/{preds.part_name(key)}"
+        t = preds.read_part(urimod.join(cfg.out, path), ["id", "status"], expect_rows=expected[key])
+        files.append({"path": path, "rows": t.num_rows, "bytes": done[key]})
         ids.append(t["id"])
         ok += pc.sum(pc.equal(t["status"], "ok")).as_py() or 0
     id_col = pa.chunked_array(ids, pa.string()) if ids else pa.chunked_array([], pa.string())
     counts = pc.value_counts(id_col)
-    dups = [v["values"].as_py() for v in counts if v["counts"].as_py() > 1]
+    dups = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
     if dups:
         log.warning("%d ids appear more than once in the input (kept as separate rows), e.g. %s",
                     len(dups), dups[:5])

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +61,27 @@ def plan_level(mpp: float, downsamples: list[float], *, target_mpp: float = PCAM
     return TilePlan(mpp=mpp, tile_size=tile0, level=level, read_size=max(1, round(tile0 / downsamples[level])))
 
 
+def slide_id_of(path: str, root: str) -> str:
+    """The slide's id: its path below the input root without the extension.
+
+    ``a/s1.svs`` and ``b/s1.svs`` are two slides with two ids; a single-slide input is its stem.
+    """
+    rel = posixpath.relpath(path, root) if path != root else os.path.basename(path)
+    return os.path.splitext(rel.replace(os.sep, "/"))[0]
+
+
+def slide_inputs(listing) -> tuple[list[dict], list[dict]]:
+    """The slides of a listing, each with its unique id, and refused slide entries as planned errors."""
+    slides = [{"slide": urimod.to_uri(listing.fs, p), "slide_id": slide_id_of(p, listing.root)}
+              for p in listing.files if p.lower().endswith(SLIDE_EXTS)]
+    refused = []
+    for p, why in listing.refused:
+        if p.lower().endswith(SLIDE_EXTS):
+            sid = slide_id_of(p, listing.root)
+            refused.append({"slide": p, "slide_id": sid, "key": slide_key(p), "error": f"slide {p}: {why}"})
+    return slides, refused
+
+
 def is_slide_source(paths: list[str]) -> bool:
     """Whether a listing holds slide-only formats (then scoring tiles slides without ``--slides``)."""
     return any(p.lower().endswith(SLIDE_ONLY_EXTS) for p in paths)
@@ -99,7 +121,7 @@ def tissue_mask(thumb: np.ndarray, *, min_saturation: float = 0.07) -> np.ndarra
     return sat > max(t, min_saturation)
 
 
-def plan_slide(slide_uri: str, *, out: str, mpp: float | None, tissue_threshold: float) -> dict:
+def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, tissue_threshold: float) -> dict:
     """Open one slide and list its tissue tiles; an unreadable slide returns an ``error``.
 
     The thumbnail goes straight to ``<out>/slides/<key>.thumbnail.png`` (the heatmap's
@@ -107,8 +129,7 @@ def plan_slide(slide_uri: str, *, out: str, mpp: float | None, tissue_threshold:
     """
     import openslide
 
-    base = {"slide": slide_uri, "slide_id": os.path.splitext(os.path.basename(slide_uri))[0],
-            "key": slide_key(slide_uri)}
+    base = {"slide": slide_uri, "slide_id": slide_id, "key": slide_key(slide_uri)}
     try:
         with local_copy(slide_uri) as path, openslide.OpenSlide(path) as s:
             slide_mpp = mpp or float(s.properties.get(openslide.PROPERTY_NAME_MPP_X) or 0)
@@ -211,12 +232,16 @@ def geojson(slide_rows, *, threshold: float) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
-def plan_slides(slide_uris: list[str], *, out: str, mpp: float | None, tissue_threshold: float) -> list[dict]:
-    """Plan every slide in parallel Ray tasks (each opens, thumbnails and grids one slide)."""
+def plan_slides(slides: list[dict], *, out: str, mpp: float | None, tissue_threshold: float) -> list[dict]:
+    """Plan every slide (``{"slide": uri, "slide_id": id}``) in parallel Ray tasks.
+
+    Each task opens, thumbnails and grids one slide.
+    """
     import ray
 
     task = ray.remote(num_cpus=1)(plan_slide)
-    return ray.get([task.remote(u, out=out, mpp=mpp, tissue_threshold=tissue_threshold) for u in slide_uris])
+    return ray.get([task.remote(s["slide"], slide_id=s["slide_id"], out=out, mpp=mpp,
+                                tissue_threshold=tissue_threshold) for s in slides])
 
 
 def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int) -> bytes:

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
+from hcdlib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ ROW_SCHEMA = pa.schema([
 ])
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The input cannot be used as a patch source; the message names the URI and the problem."""
 
 
@@ -55,7 +57,7 @@ class PatchSource:
 
     uri: str
     layout: str
-    # kaggle / class_folders: id, source, label, slide_id, group
+    # kaggle / class_folders: id, source, label, slide_id, group, error (set: listed, never read)
     # parquet: shard, row_group, num_rows
     items: pa.Table
     list_seconds: float
@@ -77,60 +79,220 @@ class PatchSource:
         return h.hexdigest()[:16]
 
 
-def list_files(root_uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """All file paths below ``root_uri`` with one listing pass (no stat per file)."""
-    fs, root = urimod.resolve(root_uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise SourceError(f"{root_uri}: no such file or directory")
-    if info.type == pafs.FileType.File:
-        return fs, root, [root]
-    if isinstance(fs, pafs.LocalFileSystem):
-        # os.walk uses scandir's d_type, so no stat call per file (pyarrow's selector stats).
-        paths = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
-    else:
-        # S3: ListObjectsV2 pages of 1000 keys; sizes come with the listing.
-        sel = pafs.FileSelector(root, recursive=True)
-        paths = [i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File]
-    paths.sort()
-    return fs, root, paths
+@dataclass(frozen=True)
+class Listing:
+    """What one listing pass found: regular files to read, and entries refused with the reason."""
+
+    fs: pafs.FileSystem
+    root: str
+    files: list[str]
+    refused: list[tuple[str, str]]  # (path as printable text, why it is not read)
 
 
-def read_labels(labels_uri: str) -> pa.Table:
-    """Read a labels CSV (``id,label`` plus optional ``slide_id`` / ``dup_group``)."""
+def printable(path: str) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 shown as backslash-x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if _not_utf8(path) else path
+
+
+def _not_utf8(path: str) -> bool:
     try:
-        table = pacsv.read_csv(
-            io.BytesIO(urimod.read_bytes(labels_uri)),
-            convert_options=pacsv.ConvertOptions(
-                column_types={"id": pa.string(), "label": pa.int64(),
-                              "slide_id": pa.string(), "dup_group": pa.string()}),
-        )
-    except (OSError, pa.ArrowInvalid) as exc:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk keeps undecodable bytes as lone surrogates
+        return True
+    return False
+
+
+def _walk_local(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Regular files below ``root``; everything that must not be read is refused with the reason.
+
+    ``scandir``'s d_type tells the kind of each entry without a stat per file. A symlink is
+    followed only to a regular file inside ``root``: a link to ``/etc/passwd`` or ``/dev/zero``
+    is never opened. Pipes, sockets and devices are never opened either (a named pipe called
+    ``x.tif`` would block the reader forever). Linked directories are not entered (no loops).
+    """
+    real_root = os.path.realpath(root)
+    files, refused, stack = [], [], [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for e in entries:
+                path = e.path
+                if _not_utf8(path):
+                    refused.append((printable(path), "file name is not valid UTF-8 (shown with \\x escapes); "
+                                                     "rename the file to read it"))
+                elif e.is_symlink():
+                    why = _link_problem(path, real_root)
+                    if why:
+                        refused.append((path, why))
+                    else:
+                        files.append(path)
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                elif e.is_file(follow_symlinks=False):
+                    files.append(path)
+                else:
+                    refused.append((path, "not a regular file (a pipe, socket or device); not read"))
+    return files, refused
+
+
+def _link_problem(path: str, real_root: str) -> str | None:
+    """Why the symlink at ``path`` must not be read, or None when it names a regular file in the root."""
+    target = os.path.realpath(path)
+    if not (target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)):
+        return f"symlink to {printable(target)}, outside the input folder; not read"
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return "broken symlink; not read"
+    if stat.S_ISDIR(mode):
+        return "symlink to a folder; not followed"
+    return None if stat.S_ISREG(mode) else "symlink to something that is not a regular file; not read"
+
+
+def list_files(root_uri: str) -> Listing:
+    """Every regular file below ``root_uri`` with one listing pass (no stat per file)."""
+    fs, root = urimod.resolve(root_uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
+            raise SourceError(f"{root_uri}: no such file or directory") from None
+        except OSError as exc:
+            raise SourceError(f"{root_uri}: cannot be read: {exc.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            files, refused = _walk_local(root)
+        elif stat.S_ISREG(st.st_mode):
+            files, refused = [root], []
+        else:
+            raise SourceError(f"{root_uri}: not a regular file or folder (a pipe, socket or device)")
+    else:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise SourceError(f"{root_uri}: no such file or directory")
+        if info.type == pafs.FileType.File:
+            files, refused = [root], []
+        else:
+            # S3: ListObjectsV2 pages of 1000 keys; keys are UTF-8 and objects are plain bytes.
+            sel = pafs.FileSelector(root, recursive=True)
+            files, refused = [i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File], []
+    files.sort()
+    refused.sort()
+    if refused:
+        log.warning("%s: %d entries not read, e.g. %s: %s", root_uri, len(refused), *refused[0])
+    return Listing(fs, root, files, refused)
+
+
+LABEL_VALUES = ("0", "1")
+
+
+def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
+    """Read and check a labels CSV (``id,label`` plus optional ``slide_id`` / ``dup_group``).
+
+    Labels are exactly 0 or 1 and every id appears once; anything else is refused before any
+    work starts, naming the file, the row (1 = the header) and the value. Without
+    ``require_label`` a CSV may carry only ids and slide ids (scoring).
+    """
+    try:
+        raw = urimod.read_bytes(labels_uri)
+    except OSError as exc:
         raise SourceError(f"{labels_uri}: cannot read labels CSV: {exc}") from exc
-    if "id" not in table.column_names:
-        raise SourceError(f"{labels_uri}: labels CSV needs an 'id' column, has {table.column_names}")
+    try:
+        table = pacsv.read_csv(io.BytesIO(raw), convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in ("id", "label", "slide_id", "dup_group")},
+            strings_can_be_null=False))
+    except pa.ArrowInvalid as exc:
+        raise SourceError(f"{labels_uri}: not a readable CSV: {str(exc).splitlines()[0]}") from exc
+    names = table.column_names
+    if "id" not in names:
+        raise SourceError(f"{labels_uri}: labels CSV needs an 'id' column, has {names}")
+    ids = pc.utf8_trim_whitespace(table["id"])
+    blank = pc.equal(ids, "")
+    if pc.any(blank).as_py():
+        raise SourceError(f"{labels_uri}: row {_first(blank) + 2}: empty id")
+    counts = pc.value_counts(ids)
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        first = dup[0]["values"].as_py()
+        rows = [i + 2 for i in pc.indices_nonzero(pc.equal(ids, first)).to_pylist()[:3]]
+        raise SourceError(f"{labels_uri}: {len(dup)} ids are listed more than once, e.g. {first!r} on rows "
+                          f"{', '.join(map(str, rows))}; keep one row per id")
+    table = table.set_column(names.index("id"), "id", ids)
+    if "label" in names:
+        label = pc.utf8_trim_whitespace(table["label"])
+        bad = pc.invert(pc.is_in(label, value_set=pa.array(LABEL_VALUES)))
+        if pc.any(bad).as_py():
+            i = _first(bad)
+            raise SourceError(f"{labels_uri}: row {i + 2}: label {label[i].as_py()!r} for id {ids[i].as_py()!r} "
+                              "is not 0 or 1; labels are exactly 0 (normal) or 1 (tumour)")
+        table = table.set_column(names.index("label"), "label", label.cast(pa.int64()))
+    elif require_label:
+        raise SourceError(f"{labels_uri}: labels CSV needs a 'label' column (0 or 1), has {names}")
+    for col in ("slide_id", "dup_group"):  # empty cells are no value
+        if col in names:
+            v = table[col]
+            table = table.set_column(names.index(col), col, pc.if_else(pc.equal(v, ""), None, v))
     return table
+
+
+def _first(mask: pa.ChunkedArray | pa.Array) -> int:
+    return pc.indices_nonzero(mask)[0].as_py()
+
+
+def check_labelled(src: PatchSource, what: str) -> None:
+    """Refuse a source whose patches are not all labelled 0 or 1 (training, packing labelled data).
+
+    A patch without a label would be dropped from training without a word, and a label of 2
+    would train a wrong model; both are stopped here, before any work starts.
+    """
+    label = src.items["label"] if src.layout != PARQUET else _parquet_labels(src)
+    if label.null_count:
+        i = _first(label.is_null())
+        example = src.items["id"][i].as_py() if src.layout != PARQUET else f"row {i}"
+        raise SourceError(f"{src.uri}: {label.null_count} of {len(label)} {what} patches have no label "
+                          f"(e.g. {example}); give a labels CSV (--labels) that lists every patch")
+    bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int64())))
+    if pc.any(bad).as_py():
+        i = _first(bad)
+        example = src.items["source"][i].as_py() if src.layout != PARQUET else f"row {i}"
+        raise SourceError(f"{src.uri}: label {label[i].as_py()} ({example}) is not 0 or 1; "
+                          "labels are exactly 0 (normal) or 1 (tumour)")
+
+
+def _parquet_labels(src: PatchSource) -> pa.ChunkedArray:
+    """The label column of every listed row group (a few bytes per patch, read on the driver)."""
+    out = []
+    for shard, rg in zip(src.items["shard"].to_pylist(), src.items["row_group"].to_pylist(), strict=True):
+        fs, path = urimod.resolve(shard)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if "label" not in pf.schema_arrow.names:
+                raise SourceError(f"{shard}: Parquet shard has no 'label' column; pack it with --labels")
+            out.append(pf.read_row_group(rg, columns=["label"])["label"].cast(pa.int64()))
+    return pa.chunked_array([c for t in out for c in t.chunks], pa.int64())
 
 
 def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _file_items(fs, root: str, images: list[str], labels: pa.Table | None) -> tuple[str, pa.Table]:
-    parents = [os.path.basename(os.path.dirname(p)) for p in images]
-    is_class = all(p.isdigit() for p in parents) and os.path.dirname(images[0]) != root
-    ids = [_stem(p) for p in images]
-    folder_labels = [int(p) for p in parents] if is_class else [None] * len(ids)
+def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, str]],
+                labels: pa.Table | None) -> tuple[str, pa.Table]:
+    """One row per image file; refused entries (links outside the root, pipes) come as error rows."""
+    entries = sorted([(p, None) for p in images] + refused)
+    paths = [p for p, _ in entries]
+    parents = [os.path.basename(os.path.dirname(p)) for p in paths]
+    is_class = all(p.isdigit() for p in parents) and os.path.dirname(paths[0]) != listing.root
     table = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "source": pa.array([urimod.to_uri(fs, p) for p in images], pa.string()),
-        "folder_label": pa.array(folder_labels, pa.int64()),
+        "id": pa.array([_stem(p) for p in paths], pa.string()),
+        "source": pa.array([urimod.to_uri(listing.fs, p) for p in paths], pa.string()),
+        "folder_label": pa.array([int(p) for p in parents] if is_class else [None] * len(paths), pa.int64()),
+        "error": pa.array([e for _, e in entries], pa.string()),
+        "pos": pa.array(range(len(paths)), pa.int64()),
     })
     if labels is not None:
         keep = [c for c in ("id", "label", "slide_id", "dup_group") if c in labels.column_names]
         table = table.join(labels.select(keep), "id", join_type="left outer")
         # join() does not keep order; restore the listing order so chunks are stable.
-        table = table.sort_by("source")
+        table = table.sort_by("pos")
     names = table.column_names
     null_str = pa.nulls(table.num_rows, pa.string())
     label = table["folder_label"] if is_class or "label" not in names else table["label"]
@@ -140,22 +302,30 @@ def _file_items(fs, root: str, images: list[str], labels: pa.Table | None) -> tu
     # group, else the patch itself.
     group = pc.coalesce(slide, dup, table["id"])
     items = pa.table({"id": table["id"], "source": table["source"], "label": label,
-                      "slide_id": slide, "group": group})
+                      "slide_id": slide, "group": group, "error": table["error"]})
     return (CLASS_FOLDERS if is_class else KAGGLE), items
 
 
-def _parquet_items(fs, root: str, files: list[str], root_uri: str) -> pa.Table:
+def _parquet_items(listing: Listing, root_uri: str) -> pa.Table:
+    fs, root, files = listing.fs, listing.root, listing.files
     manifest = f"{root}/{PACK_MANIFEST}" if len(files) > 1 or files[0] != root else None
     shards = [p for p in files if p.endswith(".parquet")]
     if manifest and manifest in files:
-        listed = json.loads(urimod.read_bytes(urimod.to_uri(fs, manifest)))["files"]
+        manifest_uri = urimod.to_uri(fs, manifest)
+        try:
+            listed = json.loads(urimod.read_bytes(manifest_uri))["files"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SourceError(f"{manifest_uri}: corrupt pack manifest ({exc}); rerun hcd pack to rewrite it") from exc
         shards = [f"{root}/{f['path']}" for f in listed]
     elif manifest:
         log.warning("%s: no %s manifest; reading every .parquet file found", root_uri, PACK_MANIFEST)
     rows = {"shard": [], "row_group": [], "num_rows": []}
     for shard in shards:
-        with fs.open_input_file(shard) as f:
-            md = pq.ParquetFile(f).metadata
+        try:
+            with fs.open_input_file(shard) as f:
+                md = pq.ParquetFile(f).metadata
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise SourceError(f"{urimod.to_uri(fs, shard)}: not a readable Parquet shard ({exc})") from exc
         for rg in range(md.num_row_groups):
             rows["shard"].append(urimod.to_uri(fs, shard))
             rows["row_group"].append(rg)
@@ -164,20 +334,22 @@ def _parquet_items(fs, root: str, files: list[str], root_uri: str) -> pa.Table:
                                             ("num_rows", pa.int64())]))
 
 
-def open_source(uri: str, labels: str | None = None) -> PatchSource:
-    """List the patch source at ``uri`` and detect its layout."""
+def open_source(uri: str, labels: str | None = None, *, listing: Listing | None = None) -> PatchSource:
+    """List the patch source at ``uri`` (or take ``listing``, already made) and detect its layout."""
     t0 = time.perf_counter()
-    fs, root, files = list_files(uri)
+    listing = listing or list_files(uri)
+    files = listing.files
     images = [p for p in files if p.lower().endswith(IMAGE_EXTS)]
+    refused = [(p, why) for p, why in listing.refused if p.lower().endswith(IMAGE_EXTS)]
     parquet = [p for p in files if p.endswith(".parquet")]
-    if parquet and not images:
-        items = _parquet_items(fs, root, files, uri)
+    if parquet and not images and not refused:
+        items = _parquet_items(listing, uri)
         layout = PARQUET
-    elif images:
-        if labels is None and f"{root}/labels.csv" in files:
-            labels = urimod.to_uri(fs, f"{root}/labels.csv")
-        table = read_labels(labels) if labels else None
-        layout, items = _file_items(fs, root, images, table)
+    elif images or refused:
+        if labels is None and f"{listing.root}/labels.csv" in files:
+            labels = urimod.to_uri(listing.fs, f"{listing.root}/labels.csv")
+        table = read_labels(labels, require_label=False) if labels else None
+        layout, items = _file_items(listing, images, refused, table)
     else:
         raise SourceError(f"{uri}: no patch images ({', '.join(IMAGE_EXTS)}) or Parquet shards found")
     secs = time.perf_counter() - t0
@@ -196,19 +368,45 @@ def plan_chunks(src: PatchSource, chunk_size: int = 1024) -> list[dict]:
                                                      for c in ("shard", "row_group", "num_rows")),
                                                    strict=True))]
     chunks = []
-    cols = {c: src.items[c].to_pylist() for c in ("id", "source", "label", "slide_id")}
+    cols = {c: src.items[c].to_pylist() for c in ("id", "source", "label", "slide_id", "error")}
     for i, start in enumerate(range(0, src.items.num_rows, chunk_size)):
         part = {c: v[start:start + chunk_size] for c, v in cols.items()}
         chunks.append({"key": f"files-{i:06d}", "kind": "files", "num_rows": len(part["id"]), **part})
     return chunks
 
 
+# A patch file is read whole into memory; nothing a patch can be (even a 4096x4096 tile that
+# --resize accepts, uncompressed) is larger than this, and /dev/zero-like inputs stop here.
+MAX_PATCH_BYTES = 64 * 2**20
+
+
 def _read_one(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]:
+    too_big = f"file is larger than {MAX_PATCH_BYTES // 2**20} MiB: not a patch, not read"
+    if isinstance(fs, pafs.LocalFileSystem):
+        # Checked on the open descriptor: a file swapped for a pipe after listing is not read,
+        # and O_NONBLOCK keeps open() itself from waiting on one.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            return None, f"cannot read {path}: {exc.strerror or exc}"
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None, f"{path} is not a regular file; not read"
+            if st.st_size > MAX_PATCH_BYTES:
+                return None, too_big
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read(), None
+        except OSError as exc:
+            return None, f"cannot read {path}: {exc.strerror or exc}"
+        finally:
+            os.close(fd)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read(), None
+            data = f.read(MAX_PATCH_BYTES + 1)
     except OSError as exc:
         return None, f"cannot read {path}: {exc}"
+    return (None, too_big) if len(data) > MAX_PATCH_BYTES else (data, None)
 
 
 def read_chunk(chunk: dict) -> pa.Table:
@@ -228,15 +426,18 @@ def read_chunk(chunk: dict) -> pa.Table:
         t = t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
         return t.append_column("error", pa.nulls(t.num_rows, pa.string()))
     sources = chunk["source"]
+    refused = chunk.get("error") or [None] * len(sources)
     fs, _ = urimod.resolve(sources[0])
-    paths = [urimod.resolve(s)[1] for s in sources]
+    todo = [(i, urimod.resolve(s)[1]) for i, s in enumerate(sources) if refused[i] is None]
+    results: list[tuple[bytes | None, str | None]] = [(None, why) for why in refused]
     # Object stores answer small GETs with high latency: overlap them. Local disks need none.
-    threads = 16 if isinstance(fs, pafs.S3FileSystem) else 1
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            results = list(pool.map(lambda p: _read_one(fs, p), paths))
+    if isinstance(fs, pafs.S3FileSystem):
+        with ThreadPoolExecutor(16) as pool:
+            read = list(pool.map(lambda ip: _read_one(fs, ip[1]), todo))
     else:
-        results = [_read_one(fs, p) for p in paths]
+        read = [_read_one(fs, p) for _, p in todo]
+    for (i, _), r in zip(todo, read, strict=True):
+        results[i] = r
     return pa.table({
         "id": pa.array(chunk["id"], pa.string()),
         "image": pa.array([r[0] for r in results], pa.binary()),

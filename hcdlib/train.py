@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hcdlib import uri as urimod
-from hcdlib.sources import PARQUET, PatchSource, open_source, plan_chunks
+from hcdlib.errors import UserError, check_range
+from hcdlib.sources import PARQUET, PatchSource, check_labelled, open_source, plan_chunks, read_labels
 from hcdlib.train_loop import TRAIN, VAL
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,23 @@ class TrainConfig:
     chunk_size: int = 512
     address: str | None = None
 
+    def __post_init__(self):
+        from hcdlib.models import ARCHES
+
+        if self.arch not in ARCHES:
+            raise UserError(f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHES)}")
+        if self.weights == "imagenet" and self.arch == "hcdnet":
+            raise UserError("hcdnet has no ImageNet weights; use --weights none or a torchvision --arch")
+        for name in ("epochs", "batch_size", "patience", "workers", "chunk_size"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_range("--lr", self.lr, 0, 10, lo_open=True)
+        check_range("--weight-decay", self.weight_decay, 0)
+        check_range("--gpus-per-worker", self.gpus_per_worker, 0)
+        check_range("--cpus-per-worker", self.cpus_per_worker, 0)
+        check_range("--time-budget-min", self.time_budget_min, 0, lo_open=True)
+        check_range("--val-fraction", self.val_fraction, 0, 1, lo_open=True)
+        check_range("--max-failures", self.max_failures, 0)
+
 
 def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, PatchSource]:
     """Hold out ``fraction`` of the *groups* (slide, duplicate group, else patch) for validation.
@@ -66,12 +84,12 @@ def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, Patc
     validation AUC is not inflated by near-copies of training patches.
     """
     if src.layout == PARQUET:
-        raise ValueError(f"{src.uri}: a validation split of Parquet shards needs --val-data "
+        raise UserError(f"{src.uri}: a validation split of Parquet shards needs --val-data "
                          "(pack the validation set separately)")
     groups = sorted(set(src.items["group"].to_pylist()),
                     key=lambda g: hashlib.sha1(g.encode()).hexdigest())  # stable on every run and machine
     if len(groups) < 2:
-        raise ValueError(f"{src.uri}: one group only ({groups}); a grouped validation split needs --val-data")
+        raise UserError(f"{src.uri}: one group only ({groups}); a grouped validation split needs --val-data")
     n_val = min(len(groups) - 1, max(1, round(fraction * len(groups))))
     mask = pc.is_in(src.items["group"], value_set=pa.array(groups[:n_val], pa.string()))
     val, train = src.items.filter(mask), src.items.filter(pc.invert(mask))
@@ -90,21 +108,31 @@ def _shuffled_chunks(src: PatchSource, chunk_size: int, seed: int) -> list[dict]
     return chunks
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[dict, int]:
-    """The train/val Ray Datasets (keyed by :data:`TRAIN` / :data:`VAL`) and the train size."""
-    from hcdlib.pipeline import decoded_dataset, labelled_ok
-
+def open_sources(cfg: TrainConfig) -> tuple[PatchSource, PatchSource]:
+    """The training and validation sources, listed and checked (every patch labelled 0 or 1)."""
+    for labels in (cfg.labels, cfg.val_labels):
+        if labels:
+            read_labels(labels)  # refuses a file without a label column, labels not 0/1, repeated ids
     src = open_source(cfg.data, cfg.labels)
     if cfg.val_data:
         train_src, val_src = src, open_source(cfg.val_data, cfg.val_labels)
     else:
         train_src, val_src = split_by_group(src, cfg.val_fraction)
+    check_labelled(train_src, "training")
+    check_labelled(val_src, "validation")
     log.info("train: %d patches, validation: %d patches", train_src.num_patches, val_src.num_patches)
+    return train_src, val_src
+
+
+def build_datasets(cfg: TrainConfig, train_src: PatchSource, val_src: PatchSource) -> dict:
+    """The train/val Ray Datasets, keyed by :data:`TRAIN` / :data:`VAL`."""
+    from hcdlib.pipeline import decoded_dataset, labelled_ok
+
     datasets = {}
     for key, s in ((TRAIN, train_src), (VAL, val_src)):
         chunks = _shuffled_chunks(s, cfg.chunk_size, cfg.seed) if key == TRAIN else plan_chunks(s, cfg.chunk_size)
         datasets[key] = decoded_dataset(chunks, chunk_size=cfg.chunk_size).map_batches(labelled_ok)
-    return datasets, train_src.num_patches
+    return datasets
 
 
 def _scaling(cfg: TrainConfig, resources: dict):
@@ -118,7 +146,7 @@ def _scaling(cfg: TrainConfig, resources: dict):
     # Requests that add up to every CPU would starve Ray Data's read tasks (a silent hang).
     cpw = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else min(1.0, cpus / (2 * workers))
     if workers * cpw >= cpus:
-        raise ValueError(f"{workers} workers x {cpw:g} CPUs leaves no CPU for reading data on a {cpus:g}-CPU "
+        raise UserError(f"{workers} workers x {cpw:g} CPUs leaves no CPU for reading data on a {cpus:g}-CPU "
                          "cluster; use fewer --workers or a smaller --cpus-per-worker")
     threads = max(1, int(cpus // workers)) if not gpw else max(1, int(cpw))
     res = {"CPU": cpw, **({"GPU": gpw} if gpw else {})}
@@ -131,20 +159,23 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from hcdlib.models import ARCHES
+    from hcdlib.models import build_model
     from hcdlib.rayutil import init_ray
     from hcdlib.train_loop import train_loop_per_worker
 
     started_at = time.time()  # the time budget counts from here: start-up is part of the run
-    if cfg.arch not in ARCHES:  # fail before starting Ray
-        raise ValueError(f"unknown --arch {cfg.arch!r}; choose from {', '.join(ARCHES)}")
+    # Everything the user gave is checked before Ray starts: an error here cannot succeed on a
+    # worker either, and Ray Train would retry it max_failures times.
     run_dir = urimod.join(cfg.out, RUN_NAME)
     if cfg.resume and not urimod.exists(run_dir):
-        raise ValueError(f"--resume: {cfg.out} has no training run to resume ({run_dir} missing)")
+        raise UserError(f"--resume: {cfg.out} has no training run to resume ({run_dir} missing)")
+    if cfg.weights not in ("none", "imagenet"):
+        build_model(cfg.arch, weights=cfg.weights)  # a pickle, a truncated file or another arch's weights
+    train_src, val_src = open_sources(cfg)
     if urimod.exists(run_dir):
         log.info("resuming the training run in %s from its latest checkpoint", run_dir)
     init_ray(cfg.address)
-    datasets, n_train = build_datasets(cfg)
+    datasets, n_train = build_datasets(cfg, train_src, val_src), train_src.num_patches
     scaling, threads = _scaling(cfg, ray.cluster_resources())
     log.info("Ray Train: %s, %d torch threads per worker", scaling, threads)
     fs, path = urimod.resolve(cfg.out)

@@ -10,6 +10,7 @@ flags, so secrets never land in shell history or job specs, and nothing here log
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -93,10 +94,39 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
+    # fsync before rename: after a power cut the name must not point at blocks never written
+    # (a zero-byte or truncated "complete" file); then fsync the directory that holds the name.
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def within(child: str, parent: str) -> bool:
+    """Whether the location ``child`` is ``parent`` or lies below it (same storage only).
+
+    Local paths are compared after resolving symlinks, so ``proj/../proj/slides`` and a link to
+    it count as inside ``proj``.
+    """
+    if is_s3(child) != is_s3(parent):
+        return False
+    if is_s3(child):
+        c, p = resolve(child)[1].rstrip("/"), resolve(parent)[1].rstrip("/")
+    else:
+        c, p = os.path.realpath(resolve(child)[1]), os.path.realpath(resolve(parent)[1])
+    return c == p or c.startswith(p.rstrip("/") + "/")
 
 
 def delete(uri: str) -> None:

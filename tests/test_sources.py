@@ -133,14 +133,14 @@ def test_unreadable_file_becomes_error_row(synth_small, tmp_path):
 
 @pytest.mark.skipif(not PCAM_REAL.exists(), reason="../shared/data/pcam-real not present")
 def test_real_pcam_jpeg_class_folders(tmp_path):
-    # 200 real patches: 100 per class from the valid split, re-laid as a small class-folder tree
-    # (links, not copies) so the listing stays small.
+    # 200 real patches: 100 per class from the valid split, copied into a small class-folder tree
+    # (symlinks out of the input folder are refused, see test_listing_refuses_what_must_not_be_read).
     picked = []
     for label in (0, 1):
         for p in sorted((PCAM_REAL / "valid" / str(label)).glob("*.jpg"))[:100]:
             d = tmp_path / "valid" / str(label)
             d.mkdir(parents=True, exist_ok=True)
-            (d / p.name).symlink_to(p)
+            shutil.copy(p, d / p.name)
             picked.append((p.stem, label))
     src = open_source(str(tmp_path), labels=str(PCAM_REAL / "labels.csv"))
     assert src.layout == CLASS_FOLDERS and src.num_patches == 200

@@ -1,0 +1,27 @@
+"""The line between a problem the user can fix and a bug in hcd.
+
+:class:`UserError` is raised for anything the person at the keyboard can put right: a bad flag,
+a missing or malformed input, a refused overwrite, a labels file with values that are not 0/1,
+a corrupt model artifact. ``hcd`` prints its message as one line and exits with code 2. Every
+other exception is a bug (or a fault of the machine) and keeps its traceback and exit code 1.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the thing and the fix, on one line."""
+
+
+def check_range(name: str, value: float | None, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False) -> None:
+    """Refuse ``value`` outside ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), naming the setting."""
+    if value is None:
+        return
+    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+    high_bad = hi is not None and value > hi
+    if low_bad or high_bad or value != value:  # NaN compares false everywhere
+        left = "(" if lo_open else "["
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        raise UserError(f"{name} must be in {left}{lo_s}, {hi_s}], got {value!r}")

@@ -1,0 +1,416 @@
+"""What hcd refuses before any work starts, and what it records as an error row (no Ray here).
+
+Each test names the misuse it stands for; every one of them failed on the code before the
+refusals were added (labels, pixel formats, overwrite, manifests, artifacts, flags, listing).
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from hcdlib import cli, sources
+from hcdlib import predictions as preds
+from hcdlib import uri as urimod
+from hcdlib.artifact import ArtifactError, export_model, load_model
+from hcdlib.decode import decode_patch
+from hcdlib.errors import UserError
+from hcdlib.evaluate import load_labels
+from hcdlib.infer import infer_batch
+from hcdlib.models import build_model
+from hcdlib.pack import PackConfig, pack
+from hcdlib.score import ScoreConfig, score
+from hcdlib.slides import slide_id_of
+from hcdlib.sources import SourceError, list_files, open_source, plan_chunks, read_chunk, read_labels
+from hcdlib.train import TrainConfig, open_sources
+from hcdlib.transforms import Preprocess
+
+
+@pytest.fixture()
+def no_ray(monkeypatch):
+    """Fail the test if anything tries to start or join Ray: refusals come before it."""
+    import hcdlib.rayutil
+
+    def refuse(*_a, **_k):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(hcdlib.rayutil, "init_ray", refuse)
+
+
+def _one_line_exit_2(capsys, caplog, argv: list[str], *, expect: str) -> str:
+    """Run ``hcd`` in-process; the user error must be one line naming ``expect``, with exit code 2."""
+    caplog.clear()
+    t0 = time.perf_counter()
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err + "\n".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and expect in lines[0], lines
+    assert "Traceback" not in err
+    assert time.perf_counter() - t0 < 20
+    return lines[0]
+
+
+# ---- labels ---------------------------------------------------------------------------------
+
+@pytest.fixture()
+def ten_patches(synth_small, tmp_path) -> tuple[Path, list[str]]:
+    folder = tmp_path / "k"
+    folder.mkdir()
+    ids = sorted(p.stem for p in synth_small.glob("*.tif"))[:10]
+    for i in ids:
+        shutil.copy(synth_small / f"{i}.tif", folder / f"{i}.tif")
+    return folder, ids
+
+
+def _csv(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_labels_csv_without_label_column_is_refused(ten_patches, tmp_path, no_ray):
+    folder, ids = ten_patches
+    bad = _csv(tmp_path / "nolabel.csv", "id,slide_id\n" + "".join(f"{i},s\n" for i in ids))
+    with pytest.raises(SourceError, match=r"nolabel.csv: labels CSV needs a 'label' column"):
+        read_labels(bad)
+    with pytest.raises(SourceError, match="needs a 'label' column"):
+        open_sources(TrainConfig(data=str(folder), labels=bad, out=str(tmp_path / "run")))
+    with pytest.raises(SourceError, match="needs a 'label' column"):
+        load_labels(bad)
+    assert not (tmp_path / "run").exists()
+    read_labels(bad, require_label=False)  # scoring may carry slide ids without labels
+
+
+@pytest.mark.parametrize("value", ["2", "-1", "0.5", "tumour", ""])
+def test_label_that_is_not_0_or_1_is_refused_naming_row_and_value(ten_patches, tmp_path, value):
+    folder, ids = ten_patches
+    rows = [f"{i},{1 if n % 2 else 0}\n" for n, i in enumerate(ids)]
+    rows[3] = f"{ids[3]},{value}\n"
+    bad = _csv(tmp_path / "labels.csv", "id,label\n" + "".join(rows))
+    with pytest.raises(SourceError, match=rf"labels.csv: row 5: label '{value}' for id '{ids[3]}' is not 0 or 1"):
+        read_labels(bad)
+    with pytest.raises(SourceError, match="row 5"):
+        pack(PackConfig(input=str(folder), labels=bad, out=str(tmp_path / "shards")))
+    assert not (tmp_path / "shards").exists()  # refused before any shard was written
+
+
+def test_id_listed_twice_is_refused(ten_patches, tmp_path):
+    folder, ids = ten_patches
+    bad = _csv(tmp_path / "dup.csv", "id,label\n" + "".join(f"{i},0\n" for i in ids) + f"{ids[2]},1\n")
+    with pytest.raises(SourceError, match=rf"listed more than once, e.g. '{ids[2]}' on rows 4, 12"):
+        pack(PackConfig(input=str(folder), labels=bad, out=str(tmp_path / "shards")))
+    with pytest.raises(SourceError, match="more than once"):
+        load_labels(bad)
+
+
+def test_class_folder_labelled_2_and_unlabelled_patches_do_not_train(ten_patches, tmp_path, no_ray):
+    folder, ids = ten_patches
+    root = tmp_path / "cls"
+    for n, i in enumerate(ids):
+        (root / str(n % 3)).mkdir(parents=True, exist_ok=True)  # folders 0, 1 and 2
+        shutil.copy(folder / f"{i}.tif", root / str(n % 3) / f"{i}.tif")
+    with pytest.raises(SourceError, match=r"label 2 \(.*\) is not 0 or 1"):
+        open_sources(TrainConfig(data=str(root), out=str(tmp_path / "run"), val_data=str(root)))
+    partial = _csv(tmp_path / "partial.csv", "id,label\n" + "".join(f"{i},1\n" for i in ids[:7]))
+    with pytest.raises(SourceError, match=r"3 of 10 training patches have no label"):
+        open_sources(TrainConfig(data=str(folder), labels=partial, out=str(tmp_path / "run"), val_data=str(folder)))
+
+
+def test_train_cli_refuses_bad_labels_in_one_line_before_ray(ten_patches, tmp_path, capsys, caplog, no_ray):
+    folder, ids = ten_patches
+    bad = _csv(tmp_path / "l.csv", "id,label\n" + "".join(f"{i},2\n" for i in ids))
+    _one_line_exit_2(capsys, caplog, ["train", "--data", str(folder), "--labels", bad, "--out", str(tmp_path / "r")],
+                     expect="l.csv: row 2: label '2'")
+
+
+# ---- pixel formats --------------------------------------------------------------------------
+
+def _tif(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr)
+    return buf.getvalue()
+
+
+def test_16_bit_and_float_patches_are_scaled_or_refused_never_clipped(synth_small, model_dir):
+    rgb = decode_patch(sorted(synth_small.glob("*.tif"))[0].read_bytes()).pixels
+    gray8 = np.asarray(Image.fromarray(rgb).convert("L"))
+    as16 = decode_patch(_tif(gray8.astype(np.uint16) * 257))
+    as8 = decode_patch(_tif(gray8))
+    assert as16.error is None and "scaled 16-bit grayscale" in as16.note
+    np.testing.assert_array_equal(as16.pixels, as8.pixels)
+    rgb16 = decode_patch(_tif(rgb.astype(np.uint16) * 257))  # 16 bits per channel: PIL scales it itself
+    np.testing.assert_array_equal(rgb16.pixels, rgb)
+    for arr, mode in ((gray8.astype(np.float32) / 255, "F"), (gray8.astype(np.int32) * 1000, "I")):
+        res = decode_patch(_tif(arr))
+        assert res.pixels is None and f"pixel format {mode} cannot be converted" in res.error
+    model, meta = load_model(str(model_dir))
+    pre = Preprocess.from_dict(meta["preprocess"])
+    p = infer_batch(model, np.stack([as8.pixels, as16.pixels, rgb16.pixels, rgb]), device=torch.device("cpu"),
+                    preprocess=pre)
+    assert p[0] == pytest.approx(p[1], abs=1e-6) and p[2] == pytest.approx(p[3], abs=1e-6)
+
+
+# ---- listing ----------------------------------------------------------------------------------
+
+def test_listing_refuses_what_must_not_be_read(synth_small, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted(synth_small.glob("*.tif"))[:3]
+    for p in good:
+        shutil.copy(p, folder / p.name)
+    os.mkfifo(folder / "pipe.tif")  # a named pipe: opening it would block forever
+    (folder / "passwd.tif").symlink_to("/etc/passwd")
+    (folder / "zero.tif").symlink_to("/dev/zero")
+    (folder / "inside.tif").symlink_to(folder / good[0].name)  # a link inside the root is fine
+    weird = os.fsencode(str(folder)) + b"/caf\xe9.tif"  # Latin-1 bytes: not UTF-8
+    with open(weird, "wb") as f:
+        f.write(good[1].read_bytes())
+    (folder / "big.tif").write_bytes(good[2].read_bytes() + b"\0" * 4096)
+    monkeypatch.setattr(sources, "MAX_PATCH_BYTES", 30_000)  # cap bytes per patch (default 64 MiB)
+
+    signal.alarm(60)  # a hang (the pipe) fails the test instead of the whole run
+    try:
+        src = open_source(str(folder))
+        rows = pa.concat_tables(read_chunk(c) for c in plan_chunks(src, 4)).to_pylist()
+    finally:
+        signal.alarm(0)
+    by_id = {r["id"]: r for r in rows}
+    assert len(rows) == 3 + 6
+    for p in good:
+        assert by_id[p.stem]["error"] is None and by_id[p.stem]["image"] == p.read_bytes()
+    assert by_id["inside"]["error"] is None
+    assert "not a regular file" in by_id["pipe"]["error"]
+    assert "outside the input folder" in by_id["passwd"]["error"] and by_id["passwd"]["image"] is None
+    assert "outside the input folder" in by_id["zero"]["error"]
+    assert "larger than" in by_id["big"]["error"] and by_id["big"]["image"] is None
+    assert by_id["caf\\xe9"]["error"].startswith("file name is not valid UTF-8")
+    assert by_id["caf\\xe9"]["source"].endswith("caf\\xe9.tif")
+    with pytest.raises(SourceError, match="not a regular file or folder"):
+        list_files(str(folder / "pipe.tif"))
+
+
+def test_slide_ids_are_unique_per_input():
+    assert slide_id_of("/d/a/s1.svs", "/d") == "a/s1"
+    assert slide_id_of("/d/b/s1.svs", "/d") == "b/s1"
+    assert slide_id_of("/d/s2.tif", "/d") == "s2"
+    assert slide_id_of("/d/only.svs", "/d/only.svs") == "only"
+    assert slide_id_of("bucket/x/a/s1.svs", "bucket/x") == "a/s1"
+
+
+# ---- the commit protocol --------------------------------------------------------------------
+
+def _committed(out: Path, parts: dict[str, list[tuple[str, float]]]) -> None:
+    """A committed output written through the protocol's own functions (what hcd score does)."""
+    files = []
+    for key, rows in parts.items():
+        t = pa.table({"id": [r[0] for r in rows], "prob": pa.array([r[1] for r in rows], pa.float32()),
+                      "status": ["ok"] * len(rows)})
+        preds.write_part(urimod.join(str(out), preds.PARTS, preds.part_name(key)), t)
+        size = (out / preds.PARTS / preds.part_name(key)).stat().st_size
+        files.append({"path": f"{preds.PARTS}/{preds.part_name(key)}", "rows": len(rows), "bytes": size})
+    (out / preds.MANIFEST).write_text(json.dumps({"files": files, "rows": sum(f["rows"] for f in files)}))
+
+
+def test_readers_refuse_a_part_that_differs_from_the_manifest(tmp_path):
+    out = tmp_path / "out"
+    _committed(out, {"a": [("p1", 0.1), ("p2", 0.9)], "b": [("p3", 0.5)]})
+    assert preds.read_predictions(str(out)).num_rows == 3
+    part = out / preds.PARTS / preds.part_name("a")
+    t = preds.read_part(str(part)).slice(0, 1)
+    preds.write_part(str(part), t)  # replaced after the commit, one row short
+    with pytest.raises(preds.CorruptOutputError, match=r"part-a.parquet: .*(bytes|rows), the manifest recorded"):
+        preds.read_predictions(str(out))
+    part.unlink()
+    with pytest.raises(preds.CorruptOutputError, match="listed in the manifest but missing"):
+        preds.read_predictions(str(out))
+
+
+def test_truncated_manifest_is_named(tmp_path):
+    out = tmp_path / "out"
+    _committed(out, {"a": [("p1", 0.1)]})
+    full = (out / preds.MANIFEST).read_bytes()
+    (out / preds.MANIFEST).write_bytes(full[: len(full) // 2])
+    with pytest.raises(preds.CorruptOutputError, match=r"_SUCCESS: corrupt manifest .*rerun the same hcd score"):
+        preds.read_predictions(str(out))
+
+
+def test_zero_byte_and_short_parts_are_not_done(tmp_path):
+    out = tmp_path / "out"
+    _committed(out, {"a": [("p1", 0.1), ("p2", 0.2)], "b": [("p3", 0.3)], "c": [("p4", 0.4)]})
+    (out / preds.PARTS / preds.part_name("b")).write_bytes(b"")  # a crash left a zero-byte part
+    (out / preds.PARTS / preds.part_name("c")).write_bytes(b"PAR1garbage")
+    assert set(preds.done_parts(str(out), {"a": 2, "b": 1, "c": 1, "d": 1})) == {"a"}
+    assert set(preds.done_parts(str(out), {"a": 3})) == set()  # a part with fewer rows than its chunk
+
+
+def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    urimod.write_bytes_atomic(str(tmp_path / "f"), b"data")
+    assert calls == ["fsync", "replace", "fsync"]  # the file, the rename, then the directory
+    assert (tmp_path / "f").read_bytes() == b"data" and os.listdir(tmp_path) == ["f"]
+
+
+def test_submission_has_one_row_per_id(tmp_path):
+    out = tmp_path / "out"
+    _committed(out, {"a": [("p1", 0.25), ("p2", 0.5)], "b": [("p1", 0.25)]})  # the same patch twice
+    n = preds.write_submission(str(out), str(tmp_path / "sub.csv"))
+    sub = pacsv.read_csv(tmp_path / "sub.csv").to_pydict()
+    assert n == 2 and sub == {"id": ["p1", "p2"], "label": [0.25, 0.5]}
+    clash = tmp_path / "clash"
+    _committed(clash, {"a": [("p1", 0.25), ("p2", 0.5)], "b": [("p2", 0.75)]})  # two images named p2
+    with pytest.raises(UserError, match=r"1 ids have rows with different predictions .*e.g. p2"):
+        preds.write_submission(str(clash), str(tmp_path / "sub2.csv"))
+    assert not (tmp_path / "sub2.csv").exists()
+
+
+def test_claim_output_deletes_only_what_hcd_wrote(tmp_path):
+    out = tmp_path / "out"
+    _committed(out, {"a": [("p1", 0.1)]})
+    (out / preds.RUN_SPEC).write_text(json.dumps({"model": "m1"}))
+    slides = out / "slides"
+    slides.mkdir()
+    ours = ["s1-0123abcd.heatmap.png", "s1-0123abcd.geojson", "s1-0123abcd.thumbnail.png", "summary.csv"]
+    for name in ours:
+        (slides / name).write_bytes(b"x")
+    theirs = [out / "notes.txt", out / preds.PARTS / "README.md", slides / "my-figure.png"]
+    for p in theirs:
+        p.write_text("the user's own file")
+    with pytest.raises(UserError, match="holds a run with a different model"):
+        preds.claim_output(str(out), {"model": "m2"}, overwrite=False)
+    preds.claim_output(str(out), {"model": "m2"}, overwrite=True)
+    assert all(p.read_text() == "the user's own file" for p in theirs)
+    assert not any((slides / n).exists() for n in ours)
+    assert not list((out / preds.PARTS).glob("*.parquet")) and not (out / preds.MANIFEST).exists()
+    assert json.loads((out / preds.RUN_SPEC).read_text()) == {"model": "m2"}
+    foreign = tmp_path / "foreign"
+    (foreign / preds.PARTS).mkdir(parents=True)
+    with pytest.raises(UserError, match="did not write"):  # no run spec: not hcd's parts folder
+        preds.claim_output(str(foreign), {"model": "m2"}, overwrite=True)
+
+
+def test_overwrite_never_deletes_the_input(model_dir, synth_small, tmp_path, no_ray):
+    proj = tmp_path / "proj"
+    shutil.copytree(synth_small, proj / "slides")  # the issue's example: --input proj/slides --out proj
+    before = sorted(p.name for p in (proj / "slides").iterdir())
+    with pytest.raises(UserError, match="where hcd score writes its outputs"):
+        score(ScoreConfig(model=str(model_dir), input=str(proj / "slides"), out=str(proj), overwrite=True))
+    with pytest.raises(UserError, match="inside --input"):
+        score(ScoreConfig(model=str(model_dir), input=str(proj), out=str(proj / "preds"), overwrite=True))
+    assert sorted(p.name for p in (proj / "slides").iterdir()) == before
+
+
+# ---- the model artifact and --weights, checked on the driver --------------------------------
+
+def _artifact(tmp_path: Path) -> Path:
+    model, pre = build_model("hcdnet")
+    export_model(model, str(tmp_path / "m"), arch="hcdnet", preprocess=pre)
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated", "unknown_arch", "invalid_json", "no_json"])
+def test_bad_model_artifact_is_one_line_before_ray(damage, synth_small, tmp_path, capsys, caplog, no_ray):
+    m = _artifact(tmp_path)
+    blob, meta = (m / "model.safetensors").read_bytes(), json.loads((m / "model.json").read_text())
+    expect = {"tampered": "does not match", "truncated": "does not match", "unknown_arch": "unknown arch 'vit_h'",
+              "invalid_json": "invalid JSON", "no_json": "not a model artifact"}[damage]
+    if damage == "tampered":
+        (m / "model.safetensors").write_bytes(blob[:-8] + b"\0" * 8)
+    elif damage == "truncated":
+        (m / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    elif damage == "unknown_arch":
+        (m / "model.json").write_text(json.dumps(dict(meta, arch="vit_h")))
+    elif damage == "invalid_json":
+        (m / "model.json").write_text(json.dumps(meta)[:40])
+    else:
+        (m / "model.json").unlink()
+    with pytest.raises(ArtifactError, match=expect):
+        load_model(str(m))
+    _one_line_exit_2(capsys, caplog, ["score", "--model", str(m), "--input", str(synth_small),
+                                      "--out", str(tmp_path / "o")], expect=expect)
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_safetensors_with_matching_hash_is_refused(tmp_path):
+    m = _artifact(tmp_path)
+    blob = (m / "model.safetensors").read_bytes()[:1000]
+    meta = json.loads((m / "model.json").read_text())
+    import hashlib
+
+    (m / "model.safetensors").write_bytes(blob)
+    (m / "model.json").write_text(json.dumps(dict(meta, sha256=hashlib.sha256(blob).hexdigest())))
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: not hcdnet weights in safetensors format"):
+        load_model(str(m))
+
+
+def test_pickle_as_weights_is_one_line_before_ray(ten_patches, tmp_path, capsys, caplog, no_ray):
+    folder, _ = ten_patches
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    line = _one_line_exit_2(capsys, caplog, ["train", "--data", str(folder), "--out", str(tmp_path / "r"),
+                                             "--weights", str(tmp_path / "evil.pt")],
+                            expect="evil.pt: not a state dict of tensors: it holds pickled Python objects")
+    assert "refuses" in line and not Path("pwned").exists()
+    other, _ = build_model("resnet18")
+    torch.save(other.state_dict(), tmp_path / "r18.pt")
+    _one_line_exit_2(capsys, caplog, ["train", "--data", str(folder), "--out", str(tmp_path / "r"),
+                                      "--weights", str(tmp_path / "r18.pt")], expect="does not fit --arch hcdnet")
+
+
+# ---- flags ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("flags", "expect"), [
+    (["--mpp", "0"], "--mpp must be in [0.05, 20]"),
+    (["--mpp", "-1"], "--mpp must be in [0.05, 20]"),
+    (["--mpp", "500"], "--mpp must be in [0.05, 20]"),
+    (["--mpp", "nan"], "--mpp must be in"),
+    (["--tissue-threshold", "1.5"], "--tissue-threshold must be in [0, 1]"),
+    (["--batch-size", "0"], "--batch-size: must be > 0"),
+    (["--chunk-size", "-5"], "--chunk-size: must be > 0"),
+    (["--tta", "3"], "--tta: invalid choice"),
+    (["--cpus-per-actor", "-1"], "--cpus-per-actor must be in [0, inf]"),
+])
+def test_bad_score_flags_are_one_line(flags, expect, model_dir, synth_small, tmp_path, capsys, caplog, no_ray):
+    _one_line_exit_2(capsys, caplog, ["score", "--model", str(model_dir), "--input", str(synth_small),
+                                      "--out", str(tmp_path / "o"), *flags], expect=expect)
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["evaluate", "--predictions", "p", "--labels", "l.csv", "--out", "o", "--threshold", "2"], "--threshold must be"),
+    (["evaluate", "--predictions", "p", "--labels", "l.csv", "--out", "o", "--target-sensitivity", "0"],
+     "--target-sensitivity must be"),
+    (["train", "--data", "d", "--out", "o", "--lr", "0"], "--lr must be in (0, 10]"),
+    (["train", "--data", "d", "--out", "o", "--time-budget-min", "-3"], "--time-budget-min must be"),
+    (["train", "--data", "d", "--out", "o", "--arch", "vgg11"], "unknown --arch 'vgg11'"),
+])
+def test_bad_flags_of_other_commands_are_one_line(argv, expect, capsys, caplog, no_ray):
+    _one_line_exit_2(capsys, caplog, argv, expect=expect)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def broken(_args):
+        raise KeyError("a bug, not the user's fault")
+
+    monkeypatch.setitem(cli.COMMANDS, "submission", (cli.submission_parser, broken))
+    with pytest.raises(KeyError):  # not swallowed into exit code 2: Python prints it and exits 1
+        cli.main(["submission", "--predictions", "p", "--out", "o.csv"])
