@@ -53,7 +53,9 @@ def main() -> int:
                               dashboard_agent_listen_port=_free_port())
     cluster.wait_for_nodes()
     info = {"gcs_address": cluster.address, "dashboard": f"http://127.0.0.1:{args.dashboard_port}",
-            "worker_node_id": worker.node_id, "head_node_id": cluster.head_node.node_id}
+            "worker_node_id": worker.node_id, "head_node_id": cluster.head_node.node_id,
+            # killing this process takes the worker node away (fault tests)
+            "worker_raylet_pid": worker.all_processes["raylet"][0].process.pid}
     sys.stdout.write(json.dumps(info) + "\n")
     sys.stdout.flush()
     stop = threading.Event()

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from hcdlib.errors import UserError
+from hcdlib.errors import RunStopped, UserError
 
 log = logging.getLogger("hcd")
 
@@ -305,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # the user can fix it: one line naming the thing and the fix
         log.error("%s", " ".join(str(exc).split()))
         return 2
+    except RunStopped as exc:  # storage or a node went away: committed work is kept, a rerun resumes
+        log.debug("run stopped", exc_info=exc)
+        log.error("%s", " ".join(str(exc).split()))
+        return 3
     # Anything else is a bug or a fault of the machine: it keeps its traceback and exit code 1.
 
 

@@ -25,3 +25,29 @@ def check_range(name: str, value: float | None, lo: float | None = None, hi: flo
         lo_s = "-inf" if lo is None else f"{lo:g}"
         hi_s = "inf" if hi is None else f"{hi:g}"
         raise UserError(f"{name} must be in {left}{lo_s}, {hi_s}], got {value!r}")
+
+
+class RunStopped(RuntimeError):
+    """A run stopped for a reason outside hcd (storage went away, a node died); a rerun resumes.
+
+    ``hcd`` prints the message as one line and exits with code 3: committed work is kept.
+    """
+
+
+def outside_cause(exc: BaseException) -> BaseException | None:
+    """The fault of the environment behind ``exc`` (I/O, a lost node or worker), or None for a bug."""
+    import ray.exceptions as rex
+
+    faults = (OSError, rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError, rex.WorkerCrashedError,
+              rex.ActorUnavailableError)
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, faults) and not isinstance(e, UserError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None

@@ -22,7 +22,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     every service on loopback, so we ask for it unless the user set the variable otherwise.
     """
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    # A cluster on 127.0.0.1 (cluster/local_cluster.py, a `ray start` on this laptop) runs in the
+    # same mode: a driver in cluster mode rewrites 127.0.0.1 to the machine's own address and
+    # then waits for a GCS that does not listen there, silently, for ever.
+    loopback = not address or _host(address) in ("127.0.0.1", "localhost")
+    if loopback:
         # Read by Ray's processes at start-up, and by this process when ray is first imported.
         os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
     import ray
@@ -30,15 +34,21 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
     if ray.is_initialized():
         return
+    if loopback:
+        # ray was imported before the variable was set (e.g. by a test runner): apply it here too,
+        # or this driver would advertise the machine's public address to the local Ray.
+        ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ONLY_ENV] not in ("0", "false", "False")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # ray was imported before the variable was set (e.g. by a test runner): apply it here too,
-    # or this driver would advertise the machine's public address to the local Ray.
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ONLY_ENV] not in ("0", "false", "False")
     # The dashboard hosts the state API that Ray Train's controller polls; it binds to loopback.
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
+
+
+def _host(address: str) -> str:
+    """The host part of a Ray address (``ray://h:p``, ``h:p``, ``http://h:p``)."""
+    return address.split("://")[-1].rsplit(":", 1)[0]
 
 
 # CPUs one read/decode task asks for (hcdlib.pipeline): a small request, so that a read fits in

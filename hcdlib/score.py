@@ -14,6 +14,7 @@ part file once all its rows are in. A part is written atomically and only once, 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
-from hcdlib.errors import UserError
+from hcdlib.errors import RunStopped, UserError, outside_cause
 from hcdlib.infer import TTA_CHOICES
 from hcdlib.pipeline import decoded_dataset, limit_read_ahead
 from hcdlib.sources import list_files, open_source, plan_chunks
@@ -190,7 +191,24 @@ def score(cfg: ScoreConfig) -> dict:
         plan = plan_actors(ray.cluster_resources(), actors=cfg.actors,
                            cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)
         log.info("model actors: %s", plan)
-        _run_pipeline(cfg, todo, plan, meta["sha256"], total=total)
+        written: set[str] = set()
+        stopped = None
+        try:
+            _run_pipeline(cfg, todo, plan, meta["sha256"], total=total, written=written)
+        except Exception as exc:
+            cause = outside_cause(exc)
+            if cause is None:  # a bug: its own traceback
+                raise
+            log.debug("scoring stopped", exc_info=exc)
+            stopped = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+        if stopped:
+            # Raised here, not from the except block: the failed pipeline's frames (and through them
+            # its model actors, which Ray Data only un-references on failure) are freed first, so a
+            # notebook or a retry loop does not find every CPU still held by the dead run's actors.
+            gc.collect()
+            kept = len(chunks) - len(todo) + len(written)
+            raise RunStopped(f"scoring stopped: {stopped}; {kept} of {len(chunks)} chunks are committed and kept: "
+                             "rerun the same command to finish the rest")
     slides_out = None
     if planned is not None:
         rows = preds.read_parts(cfg.out, [c["key"] for c in chunks],
@@ -210,7 +228,11 @@ def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
     return spec
 
 
-def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, total: int) -> None:
+def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, total: int, written: set[str]) -> None:
+    """Stream ``todo`` through the model actors.
+
+    Each chunk's part is written once all its rows are in, and its key added to ``written``.
+    """
     import ray
 
     expected = {c["key"]: c["num_rows"] for c in todo}
@@ -227,7 +249,6 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
                           per_consumer=16 if plan.gpus_per_actor else 4)
     pending: dict[str, list[pa.Table]] = defaultdict(list)
     seen: dict[str, set[int]] = defaultdict(set)  # row numbers received, so retries count once
-    written: set[str] = set()
     rows_done, t0, last_log = 0, time.perf_counter(), 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for key in pc.unique(batch["chunk"]).to_pylist():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,11 +39,65 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 in front of a server, so a test can take the server away and back.
+
+    ``stop()`` closes the listening socket and every open connection (clients see refused and
+    reset connections, as when S3 goes down); ``start()`` listens again on the same port.
+    """
+
+    def __init__(self, target_port: int):
+        self.target, self.port = target_port, _free_port()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.start()
+
+    def start(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def stop(self) -> None:
+        for s in [self._server, *self._conns]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        with self._lock:
+            self._conns.clear()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                if server.fileno() == -1:
+                    return
+                continue
+            with self._lock:
+                self._conns |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """Moto's standalone S3 server in a subprocess on 127.0.0.1, configured via AWS_* env."""
+    """Moto's standalone S3 server in a subprocess on 127.0.0.1, configured via AWS_* env.
+
+    Clients reach it through a :class:`TcpRelay` (the ``s3_relay`` fixture), so an outage can
+    be staged without losing moto's in-memory buckets.
+    """
     port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
@@ -54,11 +110,15 @@ def s3_server():
     else:
         proc.kill()
         pytest.fail("moto S3 server did not start")
+    relay = TcpRelay(port)
+    endpoint = f"http://127.0.0.1:{relay.port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # Ray workers started after this inherit it too
+    _RELAYS[endpoint] = relay
     yield endpoint
+    relay.stop()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -66,6 +126,18 @@ def s3_server():
             os.environ[k] = v
     proc.terminate()
     proc.wait(10)
+
+
+_RELAYS: dict[str, TcpRelay] = {}
+
+
+@pytest.fixture()
+def s3_relay(s3_server) -> TcpRelay:
+    """The relay between every S3 client and the server: ``stop()`` is an S3 outage."""
+    relay = _RELAYS[s3_server]
+    yield relay
+    with contextlib.suppress(OSError):
+        relay.start()  # a test that left S3 down must not break the next one
 
 
 @pytest.fixture()

@@ -116,3 +116,50 @@ def test_two_node_cluster_ray_job_submit(synth_small, tmp_path):
     finally:
         os.killpg(helper.pid, signal.SIGTERM)
         helper.wait(60)
+
+
+@pytest.fixture()
+def two_nodes():
+    """The loopback two-node cluster of cluster/local_cluster.py; yields its address info."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    port = 8265 + (os.getpid() + 250) % 500
+    helper = subprocess.Popen([sys.executable, str(CLUSTER / "local_cluster.py"), "--dashboard-port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                              start_new_session=True)
+    try:
+        yield dict(json.loads(helper.stdout.readline()), env=env)
+    finally:
+        os.killpg(helper.pid, signal.SIGTERM)
+        helper.wait(60)
+
+
+@pytest.mark.slow
+def test_worker_node_killed_mid_score_is_finished_or_resumed_exactly_once(two_nodes, model_dir, tmp_path):
+    from hcdlib.predictions import read_predictions
+    from hcdlib.synth import SynthConfig, write_synth
+
+    data, out = tmp_path / "data", tmp_path / "preds"
+    write_synth(SynthConfig(out=str(data), n=1200, seed=5), processes=1)
+    env = dict(two_nodes["env"], RAY_ADDRESS=two_nodes["gcs_address"])
+    cmd = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", str(model_dir), "--input", str(data),
+           "--out", str(out), "--chunk-size", "64", "--tta", "8", "--batch-size", "32"]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and driver.poll() is None and len(list(out.glob("parts/*.parquet"))) < 2:
+        time.sleep(0.1)
+    assert driver.poll() is None, "the run ended before the node could be killed"
+    os.kill(two_nodes["worker_raylet_pid"], signal.SIGKILL)  # the worker node dies mid-run
+    try:
+        driver.wait(120)  # it may finish on the head node alone ...
+    except subprocess.TimeoutExpired:
+        driver.kill()  # ... or wait for the lost node's resources: stopped, to be resumed
+        driver.wait(30)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("parts/*.parquet")}
+    if driver.returncode != 0 or not (out / "_SUCCESS").exists():
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        after = {p.name: p.stat().st_mtime_ns for p in out.glob("parts/*.parquet")}
+        assert all(after[n] == t for n, t in before.items())  # work done before the fault was kept
+    ids = read_predictions(str(out))["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 1200

@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score
 
 from hcdlib import predictions as preds
+from hcdlib.errors import UserError
 from hcdlib.evaluate import EvalConfig, evaluate, expected_calibration_error
 from hcdlib.report import FIG_SIZE_PX, FIGURES, errors_size_px
 
@@ -98,7 +99,7 @@ def test_partial_join_is_refused_unless_allowed(case, synth_small, tmp_path):
     partial = tmp_path / "partial.csv"
     pd.read_csv(synth_small / "labels.csv").iloc[:250].to_csv(partial, index=False)
     cfg = EvalConfig(predictions=str(tmp / "preds"), labels=str(partial), out=str(tmp / "r"), bootstrap=10)
-    with pytest.raises(ValueError, match="50 predicted ids have no label"):
+    with pytest.raises(UserError, match="50 predicted ids have no label"):
         evaluate(cfg)
     m = evaluate(EvalConfig(**{**cfg.__dict__, "allow_missing": True}))
     assert m["join"]["missing_labels"] == 50 and m["patch"]["n"] == 250

@@ -15,6 +15,7 @@ from conftest import REPO, ray_worker_pids
 
 from hcdlib.artifact import load_model
 from hcdlib.decode import decode_patch
+from hcdlib.errors import UserError
 from hcdlib.infer import infer_batch
 from hcdlib.models import build_model
 from hcdlib.sources import PatchSource, open_source
@@ -112,7 +113,7 @@ def test_time_budget_stops_with_checkpoint_and_rerun_resumes(ray_session, synth_
 
 
 def test_resume_flag_without_a_run_is_an_error(tmp_path, synth_600):
-    with pytest.raises(ValueError, match="no training run to resume"):
+    with pytest.raises(UserError, match="no training run to resume"):
         train(_cfg(synth_600, tmp_path / "fresh", resume=True))
 
 
