@@ -47,6 +47,7 @@ class BenchScoreConfig:
     skip_s3: bool = False
     skip_memory: bool = False
     slide_tiles: int = 6400  # (f): tiles in the synthetic slide archive (4 square slides); 0 leaves it out
+    memory_only: bool = False  # only (d) at N and mem_factor x N: does peak memory stay flat?
 
 
 def _tree_rss_bytes() -> int:
@@ -285,13 +286,15 @@ def run(cfg: BenchScoreConfig) -> dict:
     model, pre = build_model(cfg.arch)  # random weights: throughput does not depend on them
     export_model(model, model_dir, arch=cfg.arch, preprocess=pre)
     s3_proc, s3_uri = None, cfg.s3_uri
-    if not cfg.skip_s3 and cfg.s3_uri is None:
+    if not cfg.skip_s3 and cfg.s3_uri is None and not cfg.memory_only:
         try:
             s3_proc, s3_uri = _local_s3(shards)  # before Ray starts, so its workers inherit the endpoint
         except ImportError:
             log.warning("moto is not installed (pip install 'hcd[test]'): leaving out (e)")
     init_ray()
     r: dict = {"n": cfg.n, "arch": cfg.arch, "batch_size": cfg.batch_size, "tta": cfg.tta, "cpus": os.cpu_count()}
+    if cfg.memory_only:
+        return _memory_rows(cfg, model_dir, shards, r)
     try:
         r["a_model_only"] = model_only(model_dir, tif, cfg)
         r["a_star_actors"], r["actor_layout"] = model_only_actors(model_dir, tif, cfg)
@@ -322,6 +325,47 @@ def run(cfg: BenchScoreConfig) -> dict:
     if "peak_rss_kn" in r:
         r["ratios"][f"mem {cfg.mem_factor}N/N"] = r["peak_rss_kn"] / r["peak_rss_n"]
     log.info("\n%s", format_table(r, cfg))
+    return r
+
+
+def _replicated(shards: str, k: int, out: str) -> str:
+    """``k`` copies of a pack's shards with distinct ids: a k x N archive without rendering k x N patches."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from hcdlib.sources import PACK_MANIFEST
+
+    if os.path.exists(os.path.join(out, PACK_MANIFEST)):
+        return out
+    os.makedirs(out, exist_ok=True)
+    files = []
+    for f in json.loads(Path(shards, PACK_MANIFEST).read_text())["files"]:
+        t = pq.read_table(os.path.join(shards, f["path"]))
+        for j in range(k):
+            ids = pc.binary_join_element_wise(t["id"], pa.scalar(f"r{j}"), "-")
+            name = f"r{j}-{f['path']}"
+            pq.write_table(t.set_column(0, "id", ids), os.path.join(out, name), row_group_size=1024)
+            files.append({"path": name, "rows": t.num_rows})
+    Path(out, PACK_MANIFEST).write_text(json.dumps({"files": files, "rows": sum(f["rows"] for f in files)}))
+    return out
+
+
+def _memory_rows(cfg: BenchScoreConfig, model_dir: str, shards: str, r: dict) -> dict:
+    """(d) at N and at mem_factor x N: patches/s and peak RSS of driver + Ray workers, side by side."""
+    kn = cfg.n * cfg.mem_factor
+    big = _replicated(shards, cfg.mem_factor, os.path.join(cfg.work, f"n{kn}-replicated-shards"))
+    r["d_score_parquet"], r["peak_rss_n"] = hcd_score(model_dir, shards, os.path.join(cfg.work, "out-d"), cfg)
+    r["d_score_parquet_kn"], r["peak_rss_kn"] = hcd_score(model_dir, big, os.path.join(cfg.work, "out-big"), cfg)
+    table = "\n".join([
+        f"{cfg.arch}, batch {cfg.batch_size}, TTA {cfg.tta}, {r['cpus']} CPUs", "",
+        "| (d) hcd score, Parquet shards | patches | patches/s | peak RSS |", "|---|---:|---:|---:|",
+        f"| N | {cfg.n} | {r['d_score_parquet']:.0f} | {r['peak_rss_n'] / 2**30:.2f} GiB |",
+        f"| {cfg.mem_factor}N | {kn} | {r['d_score_parquet_kn']:.0f} | {r['peak_rss_kn'] / 2**30:.2f} GiB |",
+        "", f"peak RSS {cfg.mem_factor}N / N: {r['peak_rss_kn'] / r['peak_rss_n']:.2f} (target <= 1.25)"])
+    log.info("\n%s", table)
     return r
 
 

@@ -21,7 +21,11 @@ log = logging.getLogger("hcd")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the one-line error every user mistake gets (usage stays in ``--help``)."""
+    """argparse with defaults in ``--help`` and the one-line error every user mistake gets."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -150,6 +154,8 @@ def bench_score_parser(parser: argparse.ArgumentParser | None = None) -> argpars
     p.add_argument("--skip-memory", action="store_true", help="leave out the N vs k*N memory check")
     p.add_argument("--slide-tiles", type=int, default=6400,
                    help="(f) tiles in a synthetic slide archive vs as many Parquet patches; 0 leaves it out")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only (d) at N and --mem-factor x N: throughput and peak memory side by side")
     return p
 
 
@@ -169,11 +175,16 @@ def bench_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
 def demo_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Flags of ``hcd demo``."""
     p = parser or _Parser(prog="hcd demo")
-    p.description = "Run the whole product on an embedded synthetic archive: synth, train, score, evaluate."
+    p.description = ("Run the whole product on real PatchCamelyon patches that ship with hcd: train, score, "
+                     "evaluate, and score a slide assembled from held-out patches.")
     p.add_argument("--out", default="hcd-demo", help="folder for everything the demo writes")
-    p.add_argument("--n", type=_positive_int, default=3000, help="synthetic patches")
     p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
     return p
+
+
+def _config_kwargs(args: argparse.Namespace) -> dict:
+    """A command's flags as its config's fields (what main() itself consumes left out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -198,7 +209,7 @@ def run_score(args: argparse.Namespace) -> int:
     """``hcd score``."""
     from hcdlib.score import ScoreConfig, score
 
-    cfg = ScoreConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    cfg = ScoreConfig(**_config_kwargs(args))
     m = score(cfg)
     wall = m["wall_seconds"]
     log.info(
@@ -213,7 +224,7 @@ def run_train(args: argparse.Namespace) -> int:
     """``hcd train``."""
     from hcdlib.train import TrainConfig, train
 
-    meta = train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    meta = train(TrainConfig(**_config_kwargs(args)))
     m = meta["metrics"]
     log.info("\n== hcd train summary ==\n best epoch %s of %s\n val AUC    %.4f\n val acc    %.4f\n"
              " model      %s/model (%s)", m.get("best_epoch"), m.get("epochs_run"), m.get("val_auc", float("nan")),
@@ -237,7 +248,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``hcd evaluate``."""
     from hcdlib.evaluate import EvalConfig, evaluate
 
-    m = evaluate(EvalConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    m = evaluate(EvalConfig(**_config_kwargs(args)))
     p = m["patch"]
     log.info("\n== hcd evaluate summary ==\n patches  %d\n ROC AUC  %.4f (95%% CI %.4f-%.4f)\n PR AUC   %.4f\n"
              " report   %s", p["n"], p["roc_auc"], *(p["roc_auc_ci95"] or (float("nan"),) * 2), p["pr_auc"],
@@ -249,7 +260,7 @@ def run_bench_score(args: argparse.Namespace) -> int:
     """``hcd bench-score``."""
     from hcdlib.benchmark import BenchScoreConfig, run
 
-    run(BenchScoreConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    run(BenchScoreConfig(**_config_kwargs(args)))
     return 0
 
 
@@ -257,7 +268,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     """``hcd bench-train``."""
     from hcdlib.benchmark_train import BenchTrainConfig, run
 
-    run(BenchTrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    run(BenchTrainConfig(**_config_kwargs(args)))
     return 0
 
 
@@ -266,7 +277,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from hcdlib.demo import DemoConfig
     from hcdlib.demo import run_demo as demo
 
-    demo(DemoConfig(out=args.out, n=args.n, minutes=args.minutes))
+    demo(DemoConfig(out=args.out, minutes=args.minutes))
     return 0
 
 
@@ -292,14 +303,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name, (build, _) in COMMANDS.items():
         p = build(sub.add_parser(name, help=build().description))
         p.prog = f"hcd {name}"
+        p.add_argument("--verbose", action="store_true", help="also show Ray's own logs, progress and warnings")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hcd`` (console script) and of every ``jobs/*.py``."""
+    from hcdlib.console import setup_logging
+
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    setup_logging(verbose=args.verbose)
     try:
         return COMMANDS[args.command][1](args)
     except UserError as exc:  # the user can fix it: one line naming the thing and the fix

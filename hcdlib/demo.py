@@ -1,11 +1,16 @@
-"""``hcd demo``: the whole product end to end on an embedded synthetic archive, no downloads.
+"""``hcd demo``: the whole product end to end on real tissue that ships with hcd, no downloads.
 
     hcd demo --out hcd-demo
 
-1. synthesize a training archive and a separate test archive (other slides) of H&E patches;
-2. train the default CNN with Ray Train for a couple of minutes;
-3. batch-score the test archive with Ray Data (committed Parquet predictions);
-4. evaluate against the test labels: metrics.json, figures and report.html.
+1. train the default CNN with Ray Train for a couple of minutes on the embedded PatchCamelyon
+   sample (:mod:`hcdlib.sample`);
+2. score its held-out test patches (from other slides) with Ray Data, and evaluate them:
+   metrics with 95% intervals, figures and ``report.html``;
+3. assemble a whole-slide image from other held-out patches: a tumour region of known shape
+   (label-1 patches) inside normal tissue (label-0 patches), with glass around it, written as a
+   pyramidal TIFF at PCam's resolution, so each tile the slide path cuts is one known patch;
+4. score that slide through the normal slide path and report the tile-level AUC against the
+   known region, with the heatmap and the region's outline.
 """
 
 from __future__ import annotations
@@ -13,9 +18,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from hcdlib import uri as urimod
 
 log = logging.getLogger(__name__)
+
+TILE = 96
+SLIDE_COLS = 14  # tissue columns of the demo slide; one tile of glass is added all round
 
 
 @dataclass(frozen=True)
@@ -23,36 +33,106 @@ class DemoConfig:
     """What the demo does."""
 
     out: str = "hcd-demo"
-    n: int = 3000
     minutes: float = 2.0
 
 
+def layout_slide(labels: list[int], *, cols: int = SLIDE_COLS, tumour=None) -> list[tuple[int, int, int]]:
+    """Grid cells ``(col, row, patch index)`` for a mosaic with a glass border of one tile.
+
+    Label-1 patches fill the cells ``tumour(col, row)`` ranks first (default: an ellipse left of
+    centre, so a swapped x/y or a shifted grid would not match it); label-0 patches fill the rest.
+    """
+    rows = -(-len(labels) // cols)
+    cells = [(c + 1, r + 1) for r in range(rows) for c in range(cols)]
+    if tumour is None:
+        cx, cy = 0.4 * cols + 1, 0.5 * rows + 1
+
+        def tumour(c, r):  # normalised elliptical distance from the region's centre
+            return ((c - cx) / cols) ** 2 + ((r - cy) / (0.7 * rows)) ** 2
+    cells.sort(key=lambda cr: tumour(*cr))
+    ones = [i for i, v in enumerate(labels) if v == 1]
+    zeros = [i for i, v in enumerate(labels) if v == 0]
+    return [(c, r, i) for (c, r), i in zip(cells, ones + zeros, strict=False)]
+
+
+def write_demo_slide(patches, path: str, *, cols: int = SLIDE_COLS, tumour=None, seed: int = 0) -> dict:
+    """Write the mosaic slide of ``patches`` (table: image, label) to ``path``; return its ground truth."""
+    from hcdlib.decode import decode_patch
+    from hcdlib.slides import PCAM_MPP
+    from hcdlib.synth import write_slide_tiff
+
+    labels = patches["label"].to_pylist()
+    images = patches["image"].to_pylist()
+    cells = layout_slide(labels, cols=cols, tumour=tumour)
+    rows = max(r for _, r, _ in cells)
+    rng = np.random.default_rng(seed)
+    img = rng.normal(236, 3, ((rows + 2) * TILE, (cols + 2) * TILE, 3)).clip(0, 255).astype(np.uint8)  # glass
+    truth = []
+    for c, r, i in cells:
+        img[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] = decode_patch(images[i]).pixels
+        truth.append({"x": c * TILE, "y": r * TILE, "label": labels[i]})
+    write_slide_tiff(path, img, mpp=PCAM_MPP)
+    return {"tiles": truth, "width": img.shape[1], "height": img.shape[0]}
+
+
+def tile_auc(rows, truth: dict) -> tuple[float, int]:
+    """ROC AUC of scored tiles against the known labels of the mosaic; and how many tiles count."""
+    from sklearn.metrics import roc_auc_score
+
+    label = {(t["x"], t["y"]): t["label"] for t in truth["tiles"]}
+    pairs = [(label[(r["x"], r["y"])], r["prob"]) for r in rows if r["status"] == "ok" and (r["x"], r["y"]) in label]
+    y, p = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+    return (float(roc_auc_score(y, p)) if len(set(y)) == 2 else float("nan")), len(pairs)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run every stage; return where each output went."""
+    """Run every stage; return where each output went and the headline numbers."""
+    import pyarrow.parquet as pq
+
     from hcdlib.evaluate import EvalConfig, evaluate
+    from hcdlib.predictions import read_predictions
     from hcdlib.rayutil import init_ray
+    from hcdlib.sample import sample_uri
     from hcdlib.score import ScoreConfig, score
-    from hcdlib.synth import SynthConfig, write_synth
+    from hcdlib.slides import heatmap_png, slide_key, tumour_regions
     from hcdlib.train import TrainConfig, train
 
-    paths = {k: urimod.join(cfg.out, k) for k in ("train_data", "test_data", "run", "predictions", "report")}
-    log.info("[1/4] synthesizing %d training and %d test patches", cfg.n, cfg.n // 3)
-    write_synth(SynthConfig(out=paths["train_data"], n=cfg.n, slides=8, seed=1))
-    write_synth(SynthConfig(out=paths["test_data"], n=cfg.n // 3, slides=4, seed=2))
+    paths = {k: urimod.join(cfg.out, k) for k in ("run", "predictions", "report", "slide", "slide_predictions")}
     init_ray()
-    log.info("[2/4] training for up to %.1f minutes", cfg.minutes)
-    meta = train(TrainConfig(data=paths["train_data"], out=paths["run"], epochs=6, batch_size=64,
-                             time_budget_min=cfg.minutes))
-    log.info("[3/4] scoring the test archive")
+    log.info("[1/4] training hcdnet for up to %.1f minutes on %d real PCam patches", cfg.minutes, 900)
+    meta = train(TrainConfig(data=sample_uri("train"), val_data=sample_uri("val"), out=paths["run"],
+                             batch_size=64, time_budget_min=cfg.minutes))
     model_uri = urimod.join(paths["run"], "model")
-    scored = score(ScoreConfig(model=model_uri, input=paths["test_data"], out=paths["predictions"], overwrite=True))
-    log.info("[4/4] evaluating")
-    labels = urimod.join(paths["test_data"], "labels.csv")
-    metrics = evaluate(EvalConfig(predictions=paths["predictions"], labels=labels,
-                                  out=paths["report"]))
-    log.info("\n== hcd demo done ==\n model        %s (validation AUC %.4f)\n predictions  %s (%d rows, manifest %s)\n"
-             " test AUC     %.4f (95%% CI %.4f-%.4f)\n report       %s",
-             model_uri, meta["metrics"].get("val_auc", float("nan")), paths["predictions"], scored["rows"],
-             scored["manifest_uri"], metrics["patch"]["roc_auc"], *metrics["patch"]["roc_auc_ci95"],
-             urimod.join(paths["report"], "report.html"))
-    return {**paths, "model": model_uri, "report_html": urimod.join(paths["report"], "report.html")}
+    log.info("[2/4] scoring and evaluating 300 held-out patches from other slides")
+    scored = score(ScoreConfig(model=model_uri, input=sample_uri("test"), out=paths["predictions"], overwrite=True))
+    metrics = evaluate(EvalConfig(predictions=paths["predictions"], labels=sample_uri("test"), out=paths["report"]))
+    log.info("[3/4] assembling a slide from 140 held-out patches and scoring it tile by tile")
+    slide_path = urimod.join(paths["slide"], "demo_slide.tif")
+    urimod.resolve(paths["slide"])[0].create_dir(urimod.resolve(paths["slide"])[1], recursive=True)
+    truth = write_demo_slide(pq.read_table(urimod.join(sample_uri("slide"), "part-00000.parquet")), slide_path)
+    score(ScoreConfig(model=model_uri, input=paths["slide"], out=paths["slide_predictions"], slides=True,
+                      overwrite=True, chunk_size=64))
+    log.info("[4/4] drawing the slide heatmap with the known tumour region")
+    rows = read_predictions(paths["slide_predictions"]).to_pylist()
+    auc, n_tiles = tile_auc(rows, truth)
+    known = tumour_regions([dict(t, tile_size=TILE, prob=1.0, status="ok") for t in truth["tiles"] if t["label"]],
+                           threshold=0.5)
+    key = slide_key(slide_path)
+    thumb = urimod.read_bytes(urimod.join(paths["slide_predictions"], "slides", f"{key}.thumbnail.png"))
+    heatmap = urimod.join(cfg.out, "slide_heatmap.png")
+    urimod.write_bytes_atomic(heatmap, heatmap_png(
+        thumb, [r for r in rows if r["status"] == "ok"], width=truth["width"], height=truth["height"],
+        title=f"demo slide: tile AUC {auc:.3f} against the known tumour region (dashed)", truth=known))
+    p = metrics["patch"]
+    lo, hi = p["roc_auc_ci95"] or (float("nan"), float("nan"))
+    result = {**paths, "model": model_uri, "report_html": urimod.join(paths["report"], "report.html"),
+              "heatmap": heatmap, "test_auc": p["roc_auc"], "test_auc_ci95": (lo, hi), "tile_auc": auc,
+              "tiles": n_tiles, "val_auc": meta["metrics"].get("val_auc", float("nan"))}
+    log.info("\n== hcd demo done ==\n model        %s (validation AUC %.3f)\n predictions  %s (%d patches)\n"
+             " test AUC     %.3f (95%% CI %.3f-%.3f) on %d held-out patches from other slides\n"
+             " slide        tile AUC %.3f over %d tissue tiles against the known tumour region\n"
+             " report       %s\n heatmap      %s",
+             model_uri, result["val_auc"], paths["predictions"], scored["rows"], p["roc_auc"], lo, hi, p["n"],
+             auc, n_tiles, result["report_html"], heatmap)
+    return result
+

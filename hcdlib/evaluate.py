@@ -46,7 +46,7 @@ class EvalConfig:
 
 def load_labels(uri: str) -> pd.DataFrame:
     """Labels by id from a CSV (``id,label[,slide_id]``) or from any patch source (class folders)."""
-    from hcdlib.sources import check_labelled, open_source, read_labels
+    from hcdlib.sources import PARQUET, check_labelled, open_source, plan_chunks, read_chunk, read_labels
 
     if uri.lower().endswith(".csv"):
         t = read_labels(uri)  # the same rules as training: labels exactly 0/1, one row per id
@@ -54,6 +54,10 @@ def load_labels(uri: str) -> pd.DataFrame:
         return t.select(cols).to_pandas()
     src = open_source(uri)
     check_labelled(src, "labelled")
+    if src.layout == PARQUET:  # labels live in the shards beside the images
+        import pyarrow as pa
+
+        return pa.concat_tables(read_chunk(c).select(["id", "label", "slide_id"]) for c in plan_chunks(src)).to_pandas()
     return src.items.select(["id", "label", "slide_id"]).to_pandas()
 
 
@@ -139,10 +143,13 @@ def slide_metrics(df: pd.DataFrame, *, top_k: int) -> dict | None:
         "topk_mean_prob": g["prob"].apply(lambda s: s.nlargest(top_k).mean()),
     })
     both = slides["label"].nunique() == 2
+    note = "" if both else (f"not computable: all {len(slides)} slides are "
+                            f"{'tumour' if slides['label'].iloc[0] else 'normal'} slides; a slide-level AUC needs both")
     return {
         "slides": len(slides), "positive_slides": int(slides["label"].sum()), "top_k": top_k,
         "auc_max": float(roc_auc_score(slides["label"], slides["max_prob"])) if both else None,
         "auc_topk_mean": float(roc_auc_score(slides["label"], slides["topk_mean_prob"])) if both else None,
+        "auc_note": note,
         "per_slide": slides.reset_index().to_dict(orient="records"),
     }
 
@@ -156,6 +163,18 @@ def _model_threshold(preds_uri: str) -> float:
         return float(json.loads(urimod.read_bytes(urimod.join(model_uri, "model.json"))).get("threshold", 0.5))
     except (OSError, KeyError, ValueError):
         return 0.5
+
+
+def _slide_heatmaps(preds_uri: str) -> list[tuple[dict, bytes]]:
+    """(summary row, heatmap PNG) per slide when the predictions were made on whole-slide images."""
+    from hcdlib.predictions import read_manifest
+    from hcdlib.slides import slide_key
+
+    out = []
+    for s in (read_manifest(preds_uri).get("slides") or {}).get("per_slide", []):
+        png = urimod.join(preds_uri, "slides", f"{slide_key(s['source'])}.heatmap.png")
+        out.append((s, urimod.read_bytes(png) if s.get("status") == "ok" and urimod.exists(png) else b""))
+    return out
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -181,7 +200,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     figures = write_figures(df, metrics, cfg)
     body = json.dumps(metrics, indent=1, default=float).encode()
     urimod.write_bytes_atomic(urimod.join(cfg.out, "metrics.json"), body)
-    write_html(metrics, figures, cfg.out)
+    write_html(metrics, figures, cfg.out, slides=_slide_heatmaps(cfg.predictions))
     log.info("ROC AUC %.4f (95%% CI %s) on %d patches; report at %s", metrics["patch"]["roc_auc"],
              metrics["patch"]["roc_auc_ci95"], len(y), urimod.join(cfg.out, "report.html"))
     return metrics

@@ -38,12 +38,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # ray was imported before the variable was set (e.g. by a test runner): apply it here too,
         # or this driver would advertise the machine's public address to the local Ray.
         ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ONLY_ENV] not in ("0", "false", "False")
+    from hcdlib.console import quiet_ray_data, verbose
+
+    # Ray's logs go to its log files; on the console only with --verbose (hcdlib.console).
+    quiet = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
+        quiet_ray_data()
         return
     # The dashboard hosts the state API that Ray Train's controller polls; it binds to loopback.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+    quiet_ray_data()
+    res = ray.cluster_resources()
+    log.info("started a local Ray on 127.0.0.1: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
 
 
 def _host(address: str) -> str:

@@ -12,6 +12,19 @@ import pandas as pd
 from hcdlib import uri as urimod
 
 FIGURES = ("roc.png", "pr.png", "reliability.png", "histogram.png", "errors.png")
+# What each figure shows and how to read it (the report's captions).
+CAPTIONS = {
+    "roc.png": "ROC curve: sensitivity against 1 - specificity as the threshold moves; the closer to the top-left "
+               "corner, the better. Markers: the model's threshold and the one that reaches the target sensitivity.",
+    "pr.png": "Precision-recall curve: of the patches called tumour, the fraction that are (precision), against the "
+              "fraction of tumour patches found (recall). Useful when tumour is rare.",
+    "reliability.png": "Reliability: for patches given probability p, how often they are tumour. On the diagonal, "
+                       "the probabilities can be read as frequencies; above it the model is under-confident.",
+    "histogram.png": "Predicted probabilities of normal and tumour patches. Good separation: two humps at 0 and 1 "
+                     "that barely overlap.",
+    "errors.png": "The most confident mistakes: normal patches scored highest and tumour patches scored lowest "
+                  "(probability above each). Look here for artefacts, stain or labels to check.",
+}
 FIG_SIZE_PX = (800, 600)  # every figure but the error grid
 DPI = 100
 
@@ -152,8 +165,26 @@ def _rows(pairs) -> str:
     return "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in pairs)
 
 
-def write_html(metrics: dict, figures: dict[str, bytes], out: str) -> str:
-    """One self-contained page: the figures are embedded, so it opens offline and can be mailed."""
+def _slides_html(slides: list[tuple[dict, bytes]]) -> str:
+    """Per slide: the heatmap and its summary row (predictions made on whole-slide images)."""
+    from hcdlib.slides import HEATMAP_CAPTION
+
+    keys = ("tiles_scored", "tumour_tiles", "tumour_area_mm2", "max_prob", "topk_mean_prob", "mpp", "error")
+    parts = []
+    for summary, png in slides:
+        rows = _rows([(k.replace("_", " "), summary.get(k)) for k in keys if summary.get(k) is not None])
+        img = (f'<figure><img src="{png_data_uri(png)}" alt="heatmap of {escape(summary["slide_id"])}">'
+               f"<figcaption>{escape(HEATMAP_CAPTION)}</figcaption></figure>") if png else ""
+        parts.append(f"<h3>{escape(summary['slide_id'])}</h3><table>{rows}</table>{img}")
+    return "<h2>Slides</h2>" + "".join(parts)
+
+
+def write_html(metrics: dict, figures: dict[str, bytes], out: str, *,
+               slides: list[tuple[dict, bytes]] | None = None) -> str:
+    """One self-contained page: the figures are embedded, so it opens offline and can be mailed.
+
+    ``slides`` (summary row, heatmap PNG) adds a section per whole-slide image.
+    """
     p = metrics["patch"]
     ci = p["roc_auc_ci95"]
     fmt = "{:.4f}".format
@@ -172,11 +203,15 @@ def write_html(metrics: dict, figures: dict[str, bytes], out: str) -> str:
     slide = metrics["slide"]
     slide_html = "<p>No slide ids in the predictions or labels.</p>"
     if slide:
+        why = slide.get("auc_note") or ""
         slide_html = "<table>" + _rows([("slides", slide["slides"]), ("tumour slides", slide["positive_slides"]),
-                                         ("AUC (max tile probability)", slide["auc_max"]),
-                                         (f"AUC (top-{slide['top_k']} mean)", slide["auc_topk_mean"])]) + "</table>"
+                                         ("AUC (max tile probability)", slide["auc_max"] if why == "" else why),
+                                         (f"AUC (top-{slide['top_k']} mean)",
+                                          slide["auc_topk_mean"] if why == "" else why)]) + "</table>"
     imgs = "".join(f'<figure><img src="{png_data_uri(data)}" data-file="{escape(name)}" alt="{escape(name)}">'
-                   f"<figcaption>{escape(name)}</figcaption></figure>" for name, data in figures.items())
+                   f"<figcaption>{escape(CAPTIONS.get(name, name))}</figcaption></figure>"
+                   for name, data in figures.items())
+    slides_html = _slides_html(slides) if slides else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hcd evaluation report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
@@ -189,6 +224,7 @@ figure{{margin:1em 0}}img{{max-width:100%}}</style></head><body>
 <h2>Inputs joined</h2><table>{join_rows}</table>
 <h2>Slide level</h2>{slide_html}
 <h2>Figures</h2>{imgs}
+{slides_html}
 </body></html>"""
     target = urimod.join(out, "report.html")
     urimod.write_bytes_atomic(target, page.encode())

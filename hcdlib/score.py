@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -28,10 +27,12 @@ import pyarrow.compute as pc
 
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
+from hcdlib.console import progress
 from hcdlib.errors import RunStopped, UserError, outside_cause
 from hcdlib.infer import TTA_CHOICES
+from hcdlib.listing import list_files
 from hcdlib.pipeline import decoded_dataset, limit_read_ahead
-from hcdlib.sources import list_files, open_source, plan_chunks
+from hcdlib.sources import open_source, plan_chunks
 
 # Plausible scanner resolutions in microns per pixel (a 100x oil objective is ~0.1; a 1x overview ~10).
 MPP_RANGE = (0.05, 20.0)
@@ -119,10 +120,7 @@ def _as_str(col: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def _to_part(rows: pa.Table) -> pa.Table:
-    """Chunk rows (any order, maybe repeated by retries) -> one row per input, in input order."""
-    rows = rows.sort_by("row")
-    _, first = np.unique(rows["row"].to_numpy(), return_index=True)
-    rows = rows.take(pa.array(first))
+    """A chunk's rows (one per input, in input order) in the output schema."""
     ok = pc.equal(rows["status"], "ok")
     cols = {
         "id": rows["id"], "prob": pc.if_else(ok, rows["prob"], pa.scalar(None, pa.float32())),
@@ -247,29 +245,25 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
     # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
     ds = limit_read_ahead(ds, chunk_size=cfg.chunk_size, consumers=plan.actors,
                           per_consumer=16 if plan.gpus_per_actor else 4)
-    pending: dict[str, list[pa.Table]] = defaultdict(list)
-    seen: dict[str, set[int]] = defaultdict(set)  # row numbers received, so retries count once
+    assembler = preds.ChunkAssembler(expected)
+    todo_rows = sum(expected.values())
+    bar = progress(todo_rows, desc="scoring", unit="patch")
     rows_done, t0, last_log = 0, time.perf_counter(), 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for key in pc.unique(batch["chunk"]).to_pylist():
-            if key in written:  # a retried task repeated rows of a chunk already committed
-                continue
-            part = batch.filter(pc.equal(batch["chunk"], key))
-            pending[key].append(part)
-            seen[key].update(part["row"].to_pylist())
-            if len(seen[key]) == expected[key]:
-                table = _to_part(pa.concat_tables(pending.pop(key)))
-                preds.write_part(urimod.join(cfg.out, preds.PARTS, preds.part_name(key)), table)
-                rows_done += table.num_rows
-                written.add(key)
-                del seen[key]
+        for key, rows in assembler.add(batch):
+            table = _to_part(rows)
+            preds.write_part(urimod.join(cfg.out, preds.PARTS, preds.part_name(key)), table)
+            rows_done += table.num_rows
+            written.add(key)
+            bar.update(table.num_rows)
         now = time.perf_counter()
-        if now - last_log > 10:
+        if bar.disable and now - last_log > 10:  # no terminal (a log file, CI): a line every 10 s instead
             rate = rows_done / max(now - t0, 1e-9)
-            eta = (sum(expected.values()) - rows_done) / rate if rate else float("nan")
+            eta = (todo_rows - rows_done) / rate if rate else float("nan")
             log.info("scored %d/%d rows this run (%d total), %.0f rows/s, ETA %.0fs",
-                     rows_done, sum(expected.values()), total, rate, eta)
+                     rows_done, todo_rows, total, rate, eta)
             last_log = now
+    bar.close()
 
 
 def _commit(cfg: ScoreConfig, chunks: list[dict], spec: dict, wall: float, *, slides: list | None = None) -> dict:

@@ -216,19 +216,46 @@ def tumour_area_mm2(tiles: int, tile_size: int, mpp: float) -> float:
     return tiles * (tile_size * mpp / 1000.0) ** 2
 
 
+def _tile_boxes(rows):
+    """Each row's tile as a square polygon in level-0 px (vectorised)."""
+    import shapely
+
+    t = np.asarray([r["tile_size"] for r in rows], float)
+    x0, y0 = np.asarray([r["x"] for r in rows], float), np.asarray([r["y"] for r in rows], float)
+    return shapely.box(x0, y0, x0 + t, y0 + t)
+
+
+def tumour_regions(slide_rows, *, threshold: float):
+    """Tiles at or above ``threshold`` merged into polygons (level-0 px): what a pathologist outlines."""
+    import shapely
+
+    hot = [r for r in slide_rows if r["status"] == "ok" and r["prob"] >= threshold]
+    merged = shapely.unary_union(_tile_boxes(hot)) if hot else shapely.MultiPolygon()
+    return list(getattr(merged, "geoms", [merged])) if not merged.is_empty else []
+
+
 def geojson(slide_rows, *, threshold: float) -> dict:
-    """Tumour tiles as a GeoJSON FeatureCollection in level-0 pixels (QuPath imports this)."""
-    features = []
-    for r in slide_rows:
-        if r["status"] != "ok" or r["prob"] < threshold:
-            continue
-        x, y, t = int(r["x"]), int(r["y"]), int(r["tile_size"])
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]]},
-            "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]},
-                           "probability": round(float(r["prob"]), 4)},
-        })
+    """QuPath-ready GeoJSON (level-0 px): tumour regions as annotations, every scored tile as a detection.
+
+    Regions are the tumour tiles merged into polygons (one per connected area, holes kept). Each
+    tile carries its probability as a measurement, so QuPath can colour tiles by it (Measure >
+    Show measurement maps) and a script can re-threshold without rescoring.
+    """
+    import shapely
+
+    tumour = {"name": "Tumor", "color": [200, 0, 0]}
+    features = [{"type": "Feature", "geometry": shapely.geometry.mapping(poly),
+                 "properties": {"objectType": "annotation", "name": f"tumour region {i + 1}",
+                                "classification": tumour, "measurements": {"area px^2": float(poly.area)}}}
+                for i, poly in enumerate(tumour_regions(slide_rows, threshold=threshold))]
+    ok = [r for r in slide_rows if r["status"] == "ok"]
+    for r, box in zip(ok, _tile_boxes(ok), strict=True):
+        p = float(r["prob"])
+        features.append({"type": "Feature", "geometry": shapely.geometry.mapping(box),
+                         "properties": {"objectType": "detection",
+                                        "classification": tumour if p >= threshold else
+                                        {"name": "Normal", "color": [0, 120, 200]},
+                                        "measurements": {"P(tumour)": round(p, 4)}}})
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -244,26 +271,51 @@ def plan_slides(slides: list[dict], *, out: str, mpp: float | None, tissue_thres
                                 tissue_threshold=tissue_threshold) for s in slides])
 
 
-def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int) -> bytes:
-    """P(tumour) per tile over the slide thumbnail (inferno colour map, 60% opaque where scored)."""
+HEATMAP_CAPTION = ("Left: the slide. Right: every scored tile coloured by the model's probability of tumour "
+                   "(colour bar); tiles with too little tissue are not scored and stay uncoloured.")
+
+
+def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int, title: str = "",
+                truth: list | None = None) -> bytes:
+    """The slide beside P(tumour) per tile over it, with a 0-1 colour bar (and ``truth`` outlined).
+
+    ``truth``: polygons in level-0 px (shapely), drawn dashed where the real tumour is known.
+    """
     import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on a cluster node
+    import matplotlib.pyplot as plt
     from PIL import Image
 
-    thumb = Image.open(io.BytesIO(thumbnail_png)).convert("RGB")
-    tw, th = thumb.size
-    overlay = np.zeros((th, tw, 4), np.float32)
-    cmap = matplotlib.colormaps["inferno"]
+    thumb = np.asarray(Image.open(io.BytesIO(thumbnail_png)).convert("RGB"))
+    th, tw = thumb.shape[:2]
+    prob = np.full((th, tw), np.nan, np.float32)  # NaN: not scored, drawn transparent
     for r in rows:
         if r["status"] != "ok":
             continue
         x0, y0 = int(r["x"] * tw / width), int(r["y"] * th / height)
         x1 = max(x0 + 1, int((r["x"] + r["tile_size"]) * tw / width))
         y1 = max(y0 + 1, int((r["y"] + r["tile_size"]) * th / height))
-        overlay[y0:y1, x0:x1] = cmap(float(r["prob"]))
-    alpha = overlay[..., 3:4] * 0.6
-    blended = np.asarray(thumb, np.float32) / 255 * (1 - alpha) + overlay[..., :3] * alpha
+        prob[y0:y1, x0:x1] = r["prob"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.6), dpi=100, constrained_layout=True)
+    left.imshow(thumb)
+    left.set_title("slide")
+    right.imshow(thumb)
+    im = right.imshow(prob, cmap="inferno", vmin=0, vmax=1, alpha=0.65, interpolation="nearest")
+    right.set_title("P(tumour) per tile")
+    for poly in truth or []:
+        xs, ys = poly.exterior.xy
+        right.plot(np.asarray(xs) * tw / width, np.asarray(ys) * th / height, "--", color="cyan", lw=2,
+                   label="known tumour region")
+    if truth:
+        right.legend(loc="lower right", fontsize=8)
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.colorbar(im, ax=right, fraction=0.046, pad=0.02, label="P(tumour)")
+    fig.suptitle(title)
     buf = io.BytesIO()
-    Image.fromarray((blended * 255).clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    fig.savefig(buf, format="png")
+    plt.close(fig)
     return buf.getvalue()
 
 
@@ -294,7 +346,8 @@ def write_slide_outputs(out: str, planned: list[dict], rows, *, threshold: float
         base = urimod.join(out, "slides", p["key"])
         urimod.write_bytes_atomic(base + ".geojson", json.dumps(geojson(recs, threshold=threshold)).encode())
         thumb = urimod.read_bytes(base + ".thumbnail.png")
-        urimod.write_bytes_atomic(base + ".heatmap.png", heatmap_png(thumb, ok, width=p["width"], height=p["height"]))
+        heat = heatmap_png(thumb, ok, width=p["width"], height=p["height"], title=p["slide_id"])
+        urimod.write_bytes_atomic(base + ".heatmap.png", heat)
     buf = io.StringIO()
     pd.DataFrame(summary).to_csv(buf, index=False)
     urimod.write_bytes_atomic(urimod.join(out, "slides", "summary.csv"), buf.getvalue().encode())

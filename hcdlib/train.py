@@ -13,14 +13,17 @@ rerunning the same command resumes from the latest one. The best epoch is export
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from hcdlib import uri as urimod
 from hcdlib.errors import UserError, check_range
@@ -192,8 +195,53 @@ def train(cfg: TrainConfig) -> dict:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    result = trainer.fit()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_follow_epochs, args=(cfg, started_at, stop), daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        watcher.join(10)
     return export_best(cfg, result.checkpoint)
+
+
+def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -> None:
+    """The driver's view of training: a live bar on a terminal, else a line per epoch.
+
+    The workers' own logs stay in Ray's log files (hcdlib.console), so the driver follows the
+    per-epoch metrics files that rank 0 writes after each checkpoint.
+    """
+    from hcdlib.console import progress
+
+    budget = (cfg.time_budget_min or 0) * 60
+    bar = progress(budget or cfg.epochs, desc="training", unit="s" if budget else "epoch")
+    fs, path = urimod.resolve(urimod.join(cfg.out, "metrics"))
+    seen: set[str] = set()
+    while not stop.wait(1.0):
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            continue
+        for info in sorted((i for i in infos if i.base_name.endswith(".json") and i.path not in seen),
+                           key=lambda i: i.path):
+            seen.add(info.path)
+            try:
+                st = json.loads(urimod.read_bytes(urimod.to_uri(fs, info.path)))
+            except (OSError, ValueError):
+                continue
+            line = (f"epoch {st['epoch']}: val AUC {st['val_auc']:.4f} (best {st['best_auc']:.4f}, epoch "
+                    f"{st['best_epoch']}), {st['images_per_s']:.0f} images/s")
+            if bar.disable:
+                log.info("%s", line)
+            else:
+                bar.set_postfix_str(line)
+                if not budget:
+                    bar.update(1)
+        if budget and not bar.disable:
+            bar.n = min(budget, time.time() - started_at)
+            bar.refresh()
+    bar.close()
 
 
 def export_best(cfg: TrainConfig, checkpoint) -> dict:

@@ -215,3 +215,10 @@ def ray_worker_pids(marker: str) -> list[int]:
         if title.startswith("ray::") and marker in title:
             pids.append(int(proc.name))
     return pids
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs a Ray cluster is end to end: marked ``slow`` (``pytest -m "not slow"``: the fast tier)."""
+    for item in items:
+        if {"ray_session", "two_nodes"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -75,6 +75,7 @@ def _status(dashboard: str, sub_id: str, env: dict) -> str:
         time.sleep(2)
 
 
+@pytest.mark.slow
 def test_two_node_cluster_ray_job_submit(synth_small, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)

@@ -1,14 +1,84 @@
+"""The demo's real sample and its slide: what a first run shows must be real and correctly placed."""
+
 import json
+from pathlib import Path
 
-from hcdlib.demo import DemoConfig, run_demo
-from hcdlib.predictions import read_manifest
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hcdlib.decode import decode_patch
+from hcdlib.demo import DemoConfig, layout_slide, run_demo, tile_auc, write_demo_slide
+from hcdlib.predictions import read_manifest, read_predictions
+from hcdlib.sample import MAX_BYTES, SAMPLE_DIR, SPLITS, sample_uri
+from hcdlib.score import ScoreConfig, score
 
 
+def test_embedded_sample_is_small_real_and_balanced():
+    size = sum(p.stat().st_size for p in SAMPLE_DIR.rglob("*") if p.is_file())
+    assert size <= MAX_BYTES
+    assert (SAMPLE_DIR / "README.md").read_text().count("CC0") >= 1
+    seen = set()
+    for split, (origin, n) in SPLITS.items():
+        t = pq.read_table(Path(sample_uri(split)) / "part-00000.parquet")
+        assert t.num_rows == n and t["label"].to_pylist().count(1) == n // 2  # 50/50
+        assert all(s.startswith(f"pcam-real/{origin}/") for s in t["source"].to_pylist())
+        ids = set(t["id"].to_pylist())
+        assert not ids & seen  # no patch in two splits
+        seen |= ids
+        for img in t["image"].to_pylist()[:20]:
+            assert img[:3] == b"\xff\xd8\xff"  # the release's own JPEG bytes
+            assert decode_patch(img).pixels.shape == (96, 96, 3)
+    # test and slide patches come from PCam's valid split: other slides than the training patches
+    assert {SPLITS["test"][0], SPLITS["slide"][0]} == {"valid"} and SPLITS["train"][0] == "train"
+
+
+def test_slide_layout_puts_each_patch_in_its_cell():
+    labels = [1] * 6 + [0] * 10
+    cells = layout_slide(labels, cols=4)
+    assert sorted(i for _, _, i in cells) == list(range(16))
+    assert all(1 <= c <= 4 and 1 <= r <= 4 for c, r, _ in cells)  # one tile of glass all round
+    assert len({(c, r) for c, r, _ in cells}) == 16
+
+
+@pytest.mark.slow
+def test_slide_coordinates_map_tiles_to_their_patches(ray_session, model_dir, synth_small, tmp_path):
+    """Striped tumour columns: a swapped x/y or a grid shifted by one tile would not score this well."""
+    import pyarrow.csv as pacsv
+
+    labels = pacsv.read_csv(synth_small / "labels.csv").to_pydict()
+    by_label = {0: [], 1: []}
+    for pid, lab in zip(labels["id"], labels["label"], strict=True):
+        by_label[lab].append((synth_small / f"{pid}.tif").read_bytes())
+    table = pa.table({"image": by_label[1][:24] + by_label[0][:24], "label": [1] * 24 + [0] * 24})
+    (tmp_path / "slide").mkdir()
+    truth = write_demo_slide(table, str(tmp_path / "slide" / "mosaic.tif"), cols=8,
+                             tumour=lambda c, r: c % 2)  # even columns rank first: tumour in every other column
+    score(ScoreConfig(model=str(model_dir), input=str(tmp_path / "slide"), out=str(tmp_path / "o"), slides=True,
+                      chunk_size=16))
+    rows = read_predictions(str(tmp_path / "o")).to_pylist()
+    auc, n = tile_auc(rows, truth)
+    assert n >= 40 and auc > 0.9
+    swapped = [dict(r, x=r["y"], y=r["x"]) for r in rows]
+    shifted = [dict(r, x=r["x"] + 96) for r in rows]
+    assert tile_auc(shifted, truth)[0] < 0.3  # tumour and normal columns trade places
+    assert tile_auc(swapped, truth)[0] < auc - 0.3  # rows and columns mixed up: no better than chance
+
+
+@pytest.mark.slow
 def test_demo_runs_every_stage_end_to_end(ray_session, tmp_path):
-    out = run_demo(DemoConfig(out=str(tmp_path / "demo"), n=600, minutes=0.6))  # the budget includes ~10 s of start-up
+    out = run_demo(DemoConfig(out=str(tmp_path / "demo"), minutes=0.6))  # the budget includes ~10 s of start-up
     assert (tmp_path / "demo" / "run" / "model" / "model.safetensors").exists()
     m = read_manifest(out["predictions"])
-    assert m["rows"] == 200 and m["errors"] == 0
+    assert m["rows"] == 300 and m["errors"] == 0
     metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
-    assert metrics["join"]["evaluated"] == 200 and metrics["patch"]["roc_auc"] > 0.6
-    assert "data:image/png;base64," in (tmp_path / "demo" / "report" / "report.html").read_text()
+    assert metrics["join"]["evaluated"] == 300 and 0.5 < metrics["patch"]["roc_auc"] <= 1.0
+    lo, hi = out["test_auc_ci95"]
+    assert lo < out["test_auc"] < hi
+    html = (tmp_path / "demo" / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "closer to the top-left" in html  # captions, not file names
+    assert out["tiles"] >= 100 and np.isfinite(out["tile_auc"])
+    assert Path(out["heatmap"]).read_bytes()[:4] == b"\x89PNG"
+    slide = read_manifest(out["slide_predictions"])
+    assert slide["errors"] == 0 and slide["slides"]["per_slide"][0]["slide_id"] == "demo_slide"

@@ -1,3 +1,4 @@
+import io
 import json
 import shutil
 import struct
@@ -121,6 +122,50 @@ def test_figures_and_self_contained_html(case, synth_small):
     assert "ROC AUC" in html and "Slide level" in html
 
 
+@pytest.fixture()
+def slide_case(tmp_path):
+    """Committed predictions of one 6x4-tile slide (tumour on the left half), its heatmap, tile labels."""
+    from hcdlib.slides import heatmap_png, slide_key
+
+    t = 96
+    rows = [{"x": c * t, "y": r * t, "label": int(c < 3)} for r in range(4) for c in range(6)]
+    rng = np.random.default_rng(0)
+    prob = np.clip([0.75 * x["label"] + rng.uniform(0.05, 0.25) for x in rows], 0, 1)
+    source = str(tmp_path / "s1.tif")
+    df = pd.DataFrame({"id": [f"s1_{x['x']}_{x['y']}" for x in rows], "prob": prob, "source": source,
+                       "slide_id": "s1"})
+    out = tmp_path / "preds"
+    _write_predictions(out, df)
+    manifest = json.loads((out / preds.MANIFEST).read_text())
+    manifest["slides"] = {"per_slide": [{"slide_id": "s1", "source": source, "status": "ok", "tiles_scored": 24,
+                                         "tumour_tiles": 12, "max_prob": float(prob.max())}]}
+    (out / preds.MANIFEST).write_text(json.dumps(manifest))
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4 * 24, 6 * 24, 3), 220, np.uint8)).save(buf, format="PNG")
+    recs = [{"x": x["x"], "y": x["y"], "tile_size": t, "prob": p, "status": "ok"}
+            for x, p in zip(rows, prob, strict=True)]
+    (out / "slides").mkdir()
+    (out / "slides" / f"{slide_key(source)}.heatmap.png").write_bytes(
+        heatmap_png(buf.getvalue(), recs, width=6 * t, height=4 * t, title="s1"))
+    labels = tmp_path / "tiles.csv"
+    df.assign(label=[x["label"] for x in rows])[["id", "label"]].to_csv(labels, index=False)
+    return out, labels
+
+
+def test_report_has_a_slides_section_for_slide_predictions(slide_case, tmp_path):
+    out, labels = slide_case
+    m = evaluate(EvalConfig(predictions=str(out), labels=str(labels), out=str(tmp_path / "r"), bootstrap=10))
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "<h2>Slides</h2>" in html and "<h3>s1</h3>" in html and 'alt="heatmap of s1"' in html
+    assert html.count("data:image/png;base64,") == len(FIGURES) + 1  # the figures and the heatmap
+    assert "every scored tile coloured by the model" in html  # captioned, not a file name
+    # one slide, a tumour slide: the slide-level AUC says why it is missing instead of "None"
+    assert m["slide"]["auc_max"] is None and "all 1 slides are tumour slides" in m["slide"]["auc_note"]
+    assert ">None<" not in html and "not computable" in html
+
+
 def _chromium() -> str | None:
     """Debian's chromium: used if present, installed by apt where the test run may (root, CI)."""
     for name in ("chromium", "chromium-browser"):
@@ -154,3 +199,29 @@ def test_report_renders_in_headless_chromium(case, synth_small):
     assert blue.sum() > 300
     Path("test-output").mkdir(exist_ok=True)
     shutil.copy(shot, Path("test-output") / "report-screenshot.png")
+
+
+def test_slide_report_renders_in_headless_chromium(slide_case, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt where it can); "
+                    "report rendering not checked")
+    out, labels = slide_case
+    evaluate(EvalConfig(predictions=str(out), labels=str(labels), out=str(tmp_path / "r"), bootstrap=10))
+    shot = tmp_path / "shot.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1000,6000",
+           f"--screenshot={shot}", (tmp_path / "r" / "report.html").as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    assert shot.exists(), "chromium wrote no screenshot"
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # the heatmap's inferno colours (dark purple to yellow) were drawn at the end of the page
+    bottom = img[3000:]
+    yellow = (bottom[..., 0] > 200) & (bottom[..., 1] > 150) & (bottom[..., 2] < 120)
+    purple = (bottom[..., 0] < 120) & (bottom[..., 1] < 60) & (bottom[..., 2] > 60)
+    assert yellow.sum() > 200 and purple.sum() > 200
+    Path("test-output").mkdir(exist_ok=True)
+    shutil.copy(shot, Path("test-output") / "slide-report-screenshot.png")

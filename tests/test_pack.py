@@ -16,6 +16,7 @@ def synth_10k(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pack_round_trip_10k(synth_10k, tmp_path):
     out = tmp_path / "shards"
     manifest = pack(PackConfig(input=str(synth_10k), out=str(out), rows_per_file=2500))

@@ -28,11 +28,12 @@ from hcdlib.decode import decode_patch
 from hcdlib.errors import UserError
 from hcdlib.evaluate import load_labels
 from hcdlib.infer import infer_batch
+from hcdlib.listing import list_files
 from hcdlib.models import build_model
 from hcdlib.pack import PackConfig, pack
 from hcdlib.score import ScoreConfig, score
 from hcdlib.slides import slide_id_of
-from hcdlib.sources import SourceError, list_files, open_source, plan_chunks, read_chunk, read_labels
+from hcdlib.sources import SourceError, open_source, plan_chunks, read_chunk, read_labels
 from hcdlib.train import TrainConfig, open_sources
 from hcdlib.transforms import Preprocess
 
@@ -48,15 +49,15 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(hcdlib.rayutil, "init_ray", refuse)
 
 
-def _one_line_exit_2(capsys, caplog, argv: list[str], *, expect: str) -> str:
+def _one_line_exit_2(capsys, argv: list[str], *, expect: str) -> str:
     """Run ``hcd`` in-process; the user error must be one line naming ``expect``, with exit code 2."""
-    caplog.clear()
+    capsys.readouterr()
     t0 = time.perf_counter()
     try:
         code = cli.main(argv)
     except SystemExit as exc:  # argparse's own refusals
         code = exc.code
-    err = capsys.readouterr().err + "\n".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and expect in lines[0], lines
@@ -130,10 +131,10 @@ def test_class_folder_labelled_2_and_unlabelled_patches_do_not_train(ten_patches
         open_sources(TrainConfig(data=str(folder), labels=partial, out=str(tmp_path / "run"), val_data=str(folder)))
 
 
-def test_train_cli_refuses_bad_labels_in_one_line_before_ray(ten_patches, tmp_path, capsys, caplog, no_ray):
+def test_train_cli_refuses_bad_labels_in_one_line_before_ray(ten_patches, tmp_path, capsys, no_ray):
     folder, ids = ten_patches
     bad = _csv(tmp_path / "l.csv", "id,label\n" + "".join(f"{i},2\n" for i in ids))
-    _one_line_exit_2(capsys, caplog, ["train", "--data", str(folder), "--labels", bad, "--out", str(tmp_path / "r")],
+    _one_line_exit_2(capsys, ["train", "--data", str(folder), "--labels", bad, "--out", str(tmp_path / "r")],
                      expect="l.csv: row 2: label '2'")
 
 
@@ -325,7 +326,7 @@ def _artifact(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["tampered", "truncated", "unknown_arch", "invalid_json", "no_json"])
-def test_bad_model_artifact_is_one_line_before_ray(damage, synth_small, tmp_path, capsys, caplog, no_ray):
+def test_bad_model_artifact_is_one_line_before_ray(damage, synth_small, tmp_path, capsys, no_ray):
     m = _artifact(tmp_path)
     blob, meta = (m / "model.safetensors").read_bytes(), json.loads((m / "model.json").read_text())
     expect = {"tampered": "does not match", "truncated": "does not match", "unknown_arch": "unknown arch 'vit_h'",
@@ -342,7 +343,7 @@ def test_bad_model_artifact_is_one_line_before_ray(damage, synth_small, tmp_path
         (m / "model.json").unlink()
     with pytest.raises(ArtifactError, match=expect):
         load_model(str(m))
-    _one_line_exit_2(capsys, caplog, ["score", "--model", str(m), "--input", str(synth_small),
+    _one_line_exit_2(capsys, ["score", "--model", str(m), "--input", str(synth_small),
                                       "--out", str(tmp_path / "o")], expect=expect)
     assert not (tmp_path / "o").exists()
 
@@ -359,7 +360,7 @@ def test_truncated_safetensors_with_matching_hash_is_refused(tmp_path):
         load_model(str(m))
 
 
-def test_pickle_as_weights_is_one_line_before_ray(ten_patches, tmp_path, capsys, caplog, no_ray):
+def test_pickle_as_weights_is_one_line_before_ray(ten_patches, tmp_path, capsys, no_ray):
     folder, _ = ten_patches
 
     class Evil:
@@ -367,13 +368,13 @@ def test_pickle_as_weights_is_one_line_before_ray(ten_patches, tmp_path, capsys,
             return (os.system, ("touch pwned",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    line = _one_line_exit_2(capsys, caplog, ["train", "--data", str(folder), "--out", str(tmp_path / "r"),
+    line = _one_line_exit_2(capsys, ["train", "--data", str(folder), "--out", str(tmp_path / "r"),
                                              "--weights", str(tmp_path / "evil.pt")],
                             expect="evil.pt: not a state dict of tensors: it holds pickled Python objects")
     assert "refuses" in line and not Path("pwned").exists()
     other, _ = build_model("resnet18")
     torch.save(other.state_dict(), tmp_path / "r18.pt")
-    _one_line_exit_2(capsys, caplog, ["train", "--data", str(folder), "--out", str(tmp_path / "r"),
+    _one_line_exit_2(capsys, ["train", "--data", str(folder), "--out", str(tmp_path / "r"),
                                       "--weights", str(tmp_path / "r18.pt")], expect="does not fit --arch hcdnet")
 
 
@@ -390,8 +391,8 @@ def test_pickle_as_weights_is_one_line_before_ray(ten_patches, tmp_path, capsys,
     (["--tta", "3"], "--tta: invalid choice"),
     (["--cpus-per-actor", "-1"], "--cpus-per-actor must be in [0, inf]"),
 ])
-def test_bad_score_flags_are_one_line(flags, expect, model_dir, synth_small, tmp_path, capsys, caplog, no_ray):
-    _one_line_exit_2(capsys, caplog, ["score", "--model", str(model_dir), "--input", str(synth_small),
+def test_bad_score_flags_are_one_line(flags, expect, model_dir, synth_small, tmp_path, capsys, no_ray):
+    _one_line_exit_2(capsys, ["score", "--model", str(model_dir), "--input", str(synth_small),
                                       "--out", str(tmp_path / "o"), *flags], expect=expect)
 
 
@@ -403,8 +404,8 @@ def test_bad_score_flags_are_one_line(flags, expect, model_dir, synth_small, tmp
     (["train", "--data", "d", "--out", "o", "--time-budget-min", "-3"], "--time-budget-min must be"),
     (["train", "--data", "d", "--out", "o", "--arch", "vgg11"], "unknown --arch 'vgg11'"),
 ])
-def test_bad_flags_of_other_commands_are_one_line(argv, expect, capsys, caplog, no_ray):
-    _one_line_exit_2(capsys, caplog, argv, expect=expect)
+def test_bad_flags_of_other_commands_are_one_line(argv, expect, capsys, no_ray):
+    _one_line_exit_2(capsys, argv, expect=expect)
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

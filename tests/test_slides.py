@@ -60,6 +60,45 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def _check_geojson(gj: dict, rows: pd.DataFrame, *, tile: int, tumour_tiles: int, size: tuple[int, int]) -> None:
+    """QuPath GeoJSON: merged tumour regions (annotations) and one detection per scored tile."""
+    import shapely
+    from shapely.geometry import shape
+
+    assert gj["type"] == "FeatureCollection"
+    kinds = [f["properties"]["objectType"] for f in gj["features"]]
+    regions = [shape(f["geometry"]) for f in gj["features"] if f["properties"]["objectType"] == "annotation"]
+    tiles = [(shape(f["geometry"]), f["properties"]) for f in gj["features"]
+             if f["properties"]["objectType"] == "detection"]
+    assert kinds.count("detection") == len(rows) and regions  # every scored tile, and some tumour
+    probs = {(int(r.x), int(r.y)): r.prob for r in rows.itertuples()}
+    for geom, props in tiles:
+        x0, y0, x1, y1 = geom.bounds
+        assert (x1 - x0, y1 - y0) == (tile, tile) and geom.area == tile * tile  # level-0 pixels
+        assert props["measurements"]["P(tumour)"] == pytest.approx(probs[(int(x0), int(y0))], abs=1e-4)
+        assert x0 >= 0 and x1 <= size[0] and y0 >= 0 and y1 <= size[1]
+    hot = shapely.unary_union([g for g, p in tiles if p["classification"]["name"] == "Tumor"])
+    merged = shapely.unary_union(regions)
+    assert merged.area == pytest.approx(tumour_tiles * tile * tile)  # regions = the tumour tiles, merged
+    assert merged.symmetric_difference(hot).area == pytest.approx(0)
+    assert len(regions) < tumour_tiles  # merged into polygons, not one square per tile
+
+
+def test_tumour_regions_merge_tiles_into_polygons():
+    from hcdlib.slides import geojson, tumour_regions
+
+    def tile(c, r, p):
+        return {"x": c * T, "y": r * T, "tile_size": T, "prob": p, "status": "ok"}
+
+    ring = [tile(c, r, 0.9) for r in range(3) for c in range(3) if (c, r) != (1, 1)]  # a ring with a hole
+    rows = [*ring, tile(1, 1, 0.1), tile(6, 0, 0.8), tile(8, 0, 0.2)]
+    regions = sorted(tumour_regions(rows, threshold=0.5), key=lambda p: p.area)
+    assert [p.area for p in regions] == [T * T, 8 * T * T]
+    assert len(regions[1].interiors) == 1 and regions[1].interiors[0].envelope.area == T * T
+    gj = geojson(rows, threshold=0.5)
+    assert sum(f["properties"]["objectType"] == "detection" for f in gj["features"]) == len(rows)
+
+
 def test_score_a_slide_archive(ray_session, model_dir, slide_dir, tmp_path):
     out = tmp_path / "out"
     m = score(ScoreConfig(model=str(model_dir), input=str(slide_dir), out=str(out), slides=True, chunk_size=16))
@@ -88,18 +127,11 @@ def test_score_a_slide_archive(ray_session, model_dir, slide_dir, tmp_path):
 
         key = next(p.name[: -len(".geojson")] for p in (out / "slides").glob(f"{sid}-*.geojson"))
         gj = json.loads((out / "slides" / f"{key}.geojson").read_text())
-        assert gj["type"] == "FeatureCollection" and gj["features"]
-        for f in gj["features"]:
-            ring = f["geometry"]["coordinates"][0]
-            assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
-            x0, y0 = ring[0]
-            assert ring[2] == [x0 + T * scale, y0 + T * scale]  # level-0 pixels
-            assert (x0 // scale, y0 // scale) in expected
-            assert f["properties"]["probability"] >= 0.5
-        assert len(gj["features"]) == per[sid]["tumour_tiles"]
+        _check_geojson(gj, rows, tile=T * scale, tumour_tiles=per[sid]["tumour_tiles"],
+                       size=(COLS * T * scale, ROWS * T * scale))
         heat = (out / "slides" / f"{key}.heatmap.png").read_bytes()
         thumb = (out / "slides" / f"{key}.thumbnail.png").read_bytes()
-        assert heat[:4] == b"\x89PNG" and _png_size(heat) == _png_size(thumb)
+        assert heat[:4] == b"\x89PNG" and _png_size(heat)[0] > _png_size(thumb)[0]  # slide beside heatmap + bar
 
     summary = pd.read_csv(out / "slides" / "summary.csv")
     assert set(summary.slide_id) == {"s1_pcam_res", "s2_double_res", "s3_corrupt", "s4_no_mpp"}
