@@ -56,11 +56,16 @@ def verbose() -> bool:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's progress lines and execution banners only with ``--verbose`` (hcd draws its own bar)."""
+    """Ray Data's progress lines and execution banners only with ``--verbose`` (hcd draws its own bar).
+
+    Importing ray.data configures its loggers anew, so their levels are set again here.
+    """
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
     loud = verbose()
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if loud else logging.ERROR)
+    ctx = DataContext.get_current()
     ctx.enable_progress_bars = loud
     ctx.print_on_execution_start = loud
     ctx.enable_auto_log_stats = False

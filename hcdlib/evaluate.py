@@ -201,6 +201,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     body = json.dumps(metrics, indent=1, default=float).encode()
     urimod.write_bytes_atomic(urimod.join(cfg.out, "metrics.json"), body)
     write_html(metrics, figures, cfg.out, slides=_slide_heatmaps(cfg.predictions))
-    log.info("ROC AUC %.4f (95%% CI %s) on %d patches; report at %s", metrics["patch"]["roc_auc"],
-             metrics["patch"]["roc_auc_ci95"], len(y), urimod.join(cfg.out, "report.html"))
+    ci = metrics["patch"]["roc_auc_ci95"] or (float("nan"), float("nan"))
+    log.info("ROC AUC %.3f (95%% CI %.3f-%.3f) on %d patches; report at %s", metrics["patch"]["roc_auc"], *ci,
+             len(y), urimod.join(cfg.out, "report.html"))
     return metrics

@@ -178,17 +178,18 @@ def score(cfg: ScoreConfig) -> dict:
         spec = _run_spec(cfg, meta, src.fingerprint())
         preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
         total = src.num_patches
-        log.info("%s: %d patches, listed in %.2fs", cfg.input, total, src.list_seconds)
+        log.info("%s: %d patches (%s)", cfg.input, total, src.layout.replace("_", " "))
     done = preds.done_parts(cfg.out, {c["key"]: c["num_rows"] for c in chunks})
     todo = [c for c in chunks if c["key"] not in done]
-    log.info("%d chunks, %d already done", len(chunks), len(chunks) - len(todo))
+    if len(todo) < len(chunks):
+        log.info("resuming: %d of %d chunks were already committed", len(chunks) - len(todo), len(chunks))
     if todo:
         # A manifest from an earlier commit must not list parts this run is about to rewrite.
         urimod.delete(urimod.join(cfg.out, preds.MANIFEST))
         init_ray(cfg.address)
         plan = plan_actors(ray.cluster_resources(), actors=cfg.actors,
                            cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)
-        log.info("model actors: %s", plan)
+        log.debug("model actors: %s", plan)
         written: set[str] = set()
         stopped = None
         try:

@@ -111,14 +111,19 @@ def slide_key(slide_uri: str) -> str:
     return f"{safe}-{hashlib.sha1(slide_uri.encode()).hexdigest()[:8]}"
 
 
-def tissue_mask(thumb: np.ndarray, *, min_saturation: float = 0.07) -> np.ndarray:
-    """Tissue pixels of an RGB thumbnail: Otsu on HSV saturation (glass is grey/white: unsaturated)."""
+def tissue_mask(thumb: np.ndarray, *, min_saturation: float = 0.07, max_saturation: float = 0.15) -> np.ndarray:
+    """Tissue pixels of an RGB thumbnail: Otsu on HSV saturation (glass is grey/white: unsaturated).
+
+    Otsu splits glass from tissue when a slide has both. On a slide that is nearly all tissue it
+    splits the tissue itself (pale eosin from dark haematoxylin) and would drop pale tissue; stained
+    tissue is above ~0.15 saturation and glass below ~0.05, so the threshold is kept in between.
+    """
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
     sat = rgb2hsv(thumb)[..., 1]
     t = threshold_otsu(sat) if np.ptp(sat) > 1e-6 else 1.0
-    return sat > max(t, min_saturation)
+    return sat > min(max(t, min_saturation), max_saturation)
 
 
 def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, tissue_threshold: float) -> dict:

@@ -247,7 +247,7 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
     else:
         raise SourceError(f"{uri}: no patch images ({', '.join(IMAGE_EXTS)}) or Parquet shards found")
     secs = time.perf_counter() - t0
-    log.info("listed %s: layout %s, %d entries in %.2fs", uri, layout, items.num_rows, secs)
+    log.debug("listed %s: layout %s, %d entries in %.2fs", uri, layout, items.num_rows, secs)
     return PatchSource(uri=uri, layout=layout, items=items, list_seconds=secs)
 
 

@@ -180,7 +180,7 @@ def train(cfg: TrainConfig) -> dict:
     init_ray(cfg.address)
     datasets, n_train = build_datasets(cfg, train_src, val_src), train_src.num_patches
     scaling, threads = _scaling(cfg, ray.cluster_resources())
-    log.info("Ray Train: %s, %d torch threads per worker", scaling, threads)
+    log.debug("Ray Train: %s, %d torch threads per worker", scaling, threads)
     fs, path = urimod.resolve(cfg.out)
     fs.create_dir(path, recursive=True)
     trainer = TorchTrainer(
