@@ -59,7 +59,13 @@ def _walk_local(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     real_root = os.path.realpath(root)
     files, refused, stack = [], [], [root]
     while stack:
-        with os.scandir(stack.pop()) as entries:
+        folder = stack.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError as exc:  # an unreadable sub-folder is named, the rest is still listed
+            refused.append((printable(folder), f"folder cannot be listed ({exc.strerror}); its files are not read"))
+            continue
+        with entries:
             for e in entries:
                 path = e.path
                 if _not_utf8(path):

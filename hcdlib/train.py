@@ -218,6 +218,7 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
     bar = progress(budget or cfg.epochs, desc="training", unit="s" if budget else "epoch")
     fs, path = urimod.resolve(urimod.join(cfg.out, "metrics"))
     seen: set[str] = set()
+    last_line = 0.0
     while not stop.wait(1.0):
         try:
             infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -232,8 +233,10 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
                 continue
             line = (f"epoch {st['epoch']}: val AUC {st['val_auc']:.4f} (best {st['best_auc']:.4f}, epoch "
                     f"{st['best_epoch']}), {st['images_per_s']:.0f} images/s")
-            if bar.disable:
-                log.info("%s", line)
+            if bar.disable:  # a log file, not a terminal: a line every 30 s at most
+                if time.time() - last_line >= 30:
+                    log.info("%s", line)
+                    last_line = time.time()
             else:
                 bar.set_postfix_str(line)
                 if not budget:

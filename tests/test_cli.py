@@ -38,3 +38,11 @@ def test_bad_input_gives_a_clear_error_and_exit_code(tmp_path):
     assert res.returncode == 2
     assert f"{tmp_path}/missing: no such file or directory" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_help_shows_each_flags_default(capsys):
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["score", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "patches per model call (default: 256)" in out
+    assert "(default: 0.5)" in out and "--verbose" in out

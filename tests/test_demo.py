@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -78,7 +77,7 @@ def test_demo_runs_every_stage_end_to_end(ray_session, tmp_path):
     assert lo < out["test_auc"] < hi
     html = (tmp_path / "demo" / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "closer to the top-left" in html  # captions, not file names
-    assert out["tiles"] >= 100 and np.isfinite(out["tile_auc"])
+    assert out["tiles"] >= 100 and out["tile_auc"] > 0.6  # the known region lights up, even after 36 s
     assert Path(out["heatmap"]).read_bytes()[:4] == b"\x89PNG"
     slide = read_manifest(out["slide_predictions"])
     assert slide["errors"] == 0 and slide["slides"]["per_slide"][0]["slide_id"] == "demo_slide"

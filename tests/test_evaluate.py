@@ -174,54 +174,46 @@ def _chromium() -> str | None:
     return None
 
 
-def test_report_renders_in_headless_chromium(case, synth_small):
+def _screenshot(html: Path, tmp: Path, *, height: int) -> np.ndarray:
+    """Render ``html`` in headless chromium (skip the test where there is none); the page as RGB."""
     browser = _chromium()
     if browser is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt where it can); "
                     "report rendering not checked")
+    shot = tmp / "screenshot.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp / 'chrome-profile'}", f"--window-size=1000,{height}",
+           f"--screenshot={shot}", html.as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    assert shot.exists(), "chromium wrote no screenshot"
+    from PIL import Image
+
+    Path("test-output").mkdir(exist_ok=True)
+    shutil.copy(shot, Path("test-output") / f"{html.parent.name}-screenshot.png")
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def test_report_renders_in_headless_chromium(case, synth_small):
     _df, tmp = case
     evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
                         out=str(tmp / "report"), bootstrap=10))
-    shot = tmp / "report" / "screenshot.png"
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp / 'chrome-profile'}", "--window-size=1000,3000",
-           f"--screenshot={shot}", (tmp / "report" / "report.html").as_uri()]
-    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
-    assert shot.exists(), "chromium wrote no screenshot"
-    from PIL import Image
-
-    img = np.asarray(Image.open(shot).convert("RGB"))
+    img = _screenshot(tmp / "report" / "report.html", tmp, height=3000)
     assert img.shape[:2] == (3000, 1000)
     # the page is not blank and the embedded figures were drawn: text, and matplotlib's blue curve
     assert (img.min(axis=2) < 128).mean() > 0.005
-    blue = np.abs(img.astype(int) - [31, 119, 180]).sum(axis=2) < 40
+    blue = np.abs(img - [31, 119, 180]).sum(axis=2) < 40
     assert blue.sum() > 300
-    Path("test-output").mkdir(exist_ok=True)
-    shutil.copy(shot, Path("test-output") / "report-screenshot.png")
 
 
 def test_slide_report_renders_in_headless_chromium(slide_case, tmp_path):
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt where it can); "
-                    "report rendering not checked")
     out, labels = slide_case
-    evaluate(EvalConfig(predictions=str(out), labels=str(labels), out=str(tmp_path / "r"), bootstrap=10))
-    shot = tmp_path / "shot.png"
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1000,6000",
-           f"--screenshot={shot}", (tmp_path / "r" / "report.html").as_uri()]
-    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
-    assert shot.exists(), "chromium wrote no screenshot"
-    from PIL import Image
-
-    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    # the heatmap's inferno colours (dark purple to yellow) were drawn at the end of the page
-    bottom = img[3000:]
-    yellow = (bottom[..., 0] > 200) & (bottom[..., 1] > 150) & (bottom[..., 2] < 120)
-    purple = (bottom[..., 0] < 120) & (bottom[..., 1] < 60) & (bottom[..., 2] > 60)
-    assert yellow.sum() > 200 and purple.sum() > 200
-    Path("test-output").mkdir(exist_ok=True)
-    shutil.copy(shot, Path("test-output") / "slide-report-screenshot.png")
+    evaluate(EvalConfig(predictions=str(out), labels=str(labels), out=str(tmp_path / "slide-report"), bootstrap=10))
+    img = _screenshot(tmp_path / "slide-report" / "report.html", tmp_path, height=6000)
+    # the slides section comes last: the heatmap's inferno colours, yellow (tumour half) and purple
+    # (normal half), drawn below every figure of the patch-level report
+    bottom = img[3850:]
+    r, g, b = bottom[..., 0], bottom[..., 1], bottom[..., 2]
+    yellow = (r > 200) & (g > 150) & (b < 120)
+    purple = (r > g + 20) & (b > g + 20) & (g < 120)
+    assert yellow.sum() > 2000 and purple.sum() > 2000

@@ -66,13 +66,18 @@ def test_zero_byte_part_left_by_a_crash_is_scored_again(ray_session, model_dir, 
     first = preds.read_predictions(score(cfg)["manifest_uri"][: -len("/_SUCCESS")]).to_pandas()
     parts = sorted((tmp_path / "out" / preds.PARTS).glob("*.parquet"))
     parts[1].write_bytes(b"")  # a crash between create and write, as a non-fsynced disk leaves it
-    (tmp_path / "out" / preds.MANIFEST).unlink()
+    manifest = tmp_path / "out" / preds.MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:100])  # and a truncated manifest
+    with pytest.raises(preds.CorruptOutputError, match="_SUCCESS: corrupt manifest"):
+        preds.read_predictions(str(tmp_path / "out"))
     kept = parts[0].stat().st_mtime_ns
     again = score(cfg)
     assert again["rows"] == 300 and parts[1].stat().st_size > 0 and parts[0].stat().st_mtime_ns == kept
     second = preds.read_predictions(str(tmp_path / "out")).to_pandas()
     pd.testing.assert_frame_equal(first.sort_values("id").reset_index(drop=True),
                                   second.sort_values("id").reset_index(drop=True))
+    manifest.write_bytes(manifest.read_bytes()[:100])  # every part fine, only the manifest damaged
+    assert score(cfg)["rows"] == 300 and preds.read_predictions(str(tmp_path / "out")).num_rows == 300
 
 
 def test_corrupt_run_spec_is_named(ray_session, model_dir, synth_small, tmp_path):

@@ -415,3 +415,23 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "submission", (cli.submission_parser, broken))
     with pytest.raises(KeyError):  # not swallowed into exit code 2: Python prints it and exits 1
         cli.main(["submission", "--predictions", "p", "--out", "o.csv"])
+
+
+def test_unlistable_sub_folder_is_named_and_the_rest_listed(synth_small, tmp_path, monkeypatch):
+    import hcdlib.listing as listing
+
+    for sub in ("ok", "locked"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        shutil.copy(sorted(synth_small.glob("*.tif"))[0], tmp_path / "in" / sub / "a.tif")
+    real = os.scandir
+
+    def scandir(path):  # root reads any folder, so the refusal of one is simulated
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    found = list_files(str(tmp_path / "in"))
+    assert found.files == [str(tmp_path / "in" / "ok" / "a.tif")]
+    assert found.refused == [(str(tmp_path / "in" / "locked"),
+                              "folder cannot be listed (Permission denied); its files are not read")]

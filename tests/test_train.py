@@ -120,8 +120,9 @@ def test_resume_flag_without_a_run_is_an_error(tmp_path, synth_600):
 def test_killed_worker_restarts_from_checkpoint(ray_session, synth_600, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    # --verbose: the workers' own log lines (here: the resume) reach the driver's console
     args = ["--data", str(synth_600), "--out", str(out), "--epochs", "3", "--batch-size", "32",
-            "--cpus-per-worker", "0.5", "--workers", "2"]
+            "--cpus-per-worker", "0.5", "--workers", "2", "--verbose"]
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed, deadline = None, time.time() + 240
