@@ -71,7 +71,7 @@ def _plain_loop(files: list[Path], labels: list[int], *, batch_size: int, lr: fl
     import torch
     from torch.utils.data import DataLoader
 
-    from hcdlib.benchmark import FileDataset
+    from hcdlib.benchmark_score import FileDataset
     from hcdlib.models import build_model
     from hcdlib.transforms import to_input, train_preset
 

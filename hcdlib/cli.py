@@ -258,7 +258,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_bench_score(args: argparse.Namespace) -> int:
     """``hcd bench-score``."""
-    from hcdlib.benchmark import BenchScoreConfig, run
+    from hcdlib.benchmark_score import BenchScoreConfig, run
 
     run(BenchScoreConfig(**_config_kwargs(args)))
     return 0

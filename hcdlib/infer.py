@@ -14,16 +14,14 @@ from hcdlib.transforms import Preprocess, dihedral, eval_preset, to_input
 TTA_CHOICES = (1, 4, 8)
 
 
-def pick_device(gpus: float | None = None) -> torch.device:
-    """CUDA when present (and not explicitly disabled with ``gpus=0``), else CPU."""
-    if gpus != 0 and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.inference_mode()
 def infer_batch(model: nn.Module, pixels: np.ndarray | torch.Tensor, *, device: torch.device,
-                preprocess: Preprocess, tta: int = 1, amp: bool = True) -> np.ndarray:
+                preprocess: Preprocess, tta: int = 1) -> np.ndarray:
     """P(tumour) for a batch of uint8 NHWC patches, as float32 numpy.
 
     ``tta`` 4 averages the four 90-degree rotations, 8 the whole dihedral group. On a GPU the
@@ -40,6 +38,6 @@ def infer_batch(model: nn.Module, pixels: np.ndarray | torch.Tensor, *, device: 
         x = x.pin_memory().to(device, non_blocking=True)
     x = eval_preset(to_input(x, preprocess, channels_last=True))
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    with torch.autocast(device_type="cuda", dtype=dtype, enabled=cuda and amp):
+    with torch.autocast(device_type="cuda", dtype=dtype, enabled=cuda):
         probs = sum(torch.sigmoid(model(dihedral(x, k)).float()) for k in range(tta)) / tta
     return probs.reshape(-1).float().cpu().numpy()

@@ -14,6 +14,7 @@ the release's original JPEG bytes (no re-encoding), balanced 50/50:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -64,6 +65,8 @@ def build_sample(pcam_real: str, out: str | os.PathLike = SAMPLE_DIR, *, seed: i
                                                                                t["label"].to_pylist(), strict=True)]
                 t = t.set_column(t.schema.get_field_index("source"), "source", pa.array(rel, pa.string()))
                 pq.write_table(t, target / f["path"], row_group_size=1024, compression="zstd")
+            manifest["input"] = f"pcam-real/{split} (see ../README.md)"  # not the temporary folder
+            (target / "_SUCCESS").write_text(json.dumps(manifest, indent=1))
             counts[name] = manifest["rows"]
     log.info("sample written to %s: %s", out, counts)
     return counts

@@ -1,4 +1,4 @@
-"""Scoring benchmark job; see hcdlib/benchmark.py for what it measures.
+"""Scoring benchmark job; see hcdlib/benchmark_score.py for what it measures.
 
     ray job submit --working-dir . -- python jobs/bench_score.py --help
 

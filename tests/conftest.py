@@ -5,22 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from hcdlib.s3local import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PCAM_REAL = REPO.parent / "shared" / "data" / "pcam-real"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +40,7 @@ class TcpRelay:
     """
 
     def __init__(self, target_port: int):
-        self.target, self.port = target_port, _free_port()
+        self.target, self.port = target_port, free_port()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.start()
@@ -97,35 +90,15 @@ def s3_server():
     Clients reach it through a :class:`TcpRelay` (the ``s3_relay`` fixture), so an outage can
     be staged without losing moto's in-memory buckets.
     """
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto S3 server did not start")
-    relay = TcpRelay(port)
-    endpoint = f"http://127.0.0.1:{relay.port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # Ray workers started after this inherit it too
-    _RELAYS[endpoint] = relay
-    yield endpoint
-    relay.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(10)
+    from hcdlib.s3local import aws_env, moto_server
+
+    with moto_server() as port:
+        relay = TcpRelay(port)
+        endpoint = f"http://127.0.0.1:{relay.port}"
+        with aws_env(endpoint):  # Ray workers started after this inherit it too
+            _RELAYS[endpoint] = relay
+            yield endpoint
+        relay.stop()
 
 
 _RELAYS: dict[str, TcpRelay] = {}

@@ -154,3 +154,32 @@ def test_real_pcam_jpeg_class_folders(tmp_path):
         csv_rows = {r["id"]: int(r["label"]) for r in csv.DictReader(f)}
     assert all(csv_rows[i] == lab for i, lab in picked)
     assert np.mean([lab for _, lab in picked]) == 0.5
+
+
+def test_a_patch_run_lists_its_input_once(model_dir, synth_small, tmp_path, monkeypatch):
+    import hcdlib.listing
+    import hcdlib.rayutil
+    import hcdlib.score
+    import hcdlib.sources
+    from hcdlib.score import ScoreConfig, score
+
+    calls = []
+    real = hcdlib.listing.list_files
+
+    def counting(uri):
+        calls.append(uri)
+        return real(uri)
+
+    for module in (hcdlib.listing, hcdlib.sources, hcdlib.score):
+        monkeypatch.setattr(module, "list_files", counting)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_a, **_k):  # everything up to the start of Ray: listing, labels, chunks, run spec
+        raise Stop
+
+    monkeypatch.setattr(hcdlib.rayutil, "init_ray", stop)
+    with pytest.raises(Stop):
+        score(ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(tmp_path / "o")))
+    assert calls == [str(synth_small)]

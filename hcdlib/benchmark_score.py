@@ -16,11 +16,10 @@ plus the peak memory of (d) for N and ``--mem-factor`` x N patches (streaming mu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -247,65 +246,61 @@ def _ensure_slides(cfg: BenchScoreConfig) -> tuple[str, int]:
     return folder, 4 * side * side
 
 
-def _local_s3(shards: str) -> tuple[subprocess.Popen, str]:
-    """Start moto's S3 server on 127.0.0.1 and upload the shards; returns (process, s3 uri)."""
-    import socket
-
+def _upload(shards: str, uri: str = "s3://hcd-bench/shards") -> str:
+    """Copy the shards to a fresh bucket on the S3 server the environment points at; returns their URI."""
     import boto3
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1"})
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    for _ in range(100):
-        try:
-            boto3.client("s3").create_bucket(Bucket="hcd-bench")
-            break
-        except Exception:
-            time.sleep(0.2)
     import pyarrow.fs as pafs
 
-    fs, path = urimod.resolve("s3://hcd-bench/shards")
+    boto3.client("s3").create_bucket(Bucket=uri[len("s3://"):].split("/")[0])
+    fs, path = urimod.resolve(uri)
     pafs.copy_files(shards, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return proc, "s3://hcd-bench/shards"
+    return uri
 
 
 def run(cfg: BenchScoreConfig) -> dict:
     """Run every measurement and return the table (also logged)."""
     from hcdlib.artifact import export_model
     from hcdlib.models import build_model
-    from hcdlib.rayutil import init_ray
 
     os.makedirs(cfg.work, exist_ok=True)
     tif, shards = _ensure_data(cfg, cfg.n, f"n{cfg.n}")
     model_dir = os.path.join(cfg.work, f"model-{cfg.arch}")
     model, pre = build_model(cfg.arch)  # random weights: throughput does not depend on them
     export_model(model, model_dir, arch=cfg.arch, preprocess=pre)
-    s3_proc, s3_uri = None, cfg.s3_uri
-    if not cfg.skip_s3 and cfg.s3_uri is None and not cfg.memory_only:
-        try:
-            s3_proc, s3_uri = _local_s3(shards)  # before Ray starts, so its workers inherit the endpoint
-        except ImportError:
-            log.warning("moto is not installed (pip install 'hcd[test]'): leaving out (e)")
+    with contextlib.ExitStack() as stack:
+        s3_uri = cfg.s3_uri
+        if not cfg.skip_s3 and cfg.s3_uri is None and not cfg.memory_only:
+            try:  # before Ray starts, so its workers inherit the endpoint; the environment is restored after
+                from hcdlib.s3local import aws_env, moto_server
+
+                port = stack.enter_context(moto_server())
+                stack.enter_context(aws_env(f"http://127.0.0.1:{port}"))
+                s3_uri = _upload(shards)
+            except (ImportError, RuntimeError) as exc:
+                log.warning("no local S3 server (%s; pip install 'hcd[test]'): leaving out (e)", exc)
+                s3_uri = None
+        return _run_rows(cfg, _base_row(cfg), model_dir, tif, shards, s3_uri)
+
+
+def _base_row(cfg: BenchScoreConfig) -> dict:
+    """The settings every row shares, printed above the table."""
+    return {"n": cfg.n, "arch": cfg.arch, "batch_size": cfg.batch_size, "tta": cfg.tta, "cpus": os.cpu_count()}
+
+
+def _run_rows(cfg: BenchScoreConfig, r: dict, model_dir: str, tif: str, shards: str, s3_uri: str | None) -> dict:
+    """Every measurement, one after another in this process (side by side in one run)."""
+    from hcdlib.rayutil import init_ray
+
     init_ray()
-    r: dict = {"n": cfg.n, "arch": cfg.arch, "batch_size": cfg.batch_size, "tta": cfg.tta, "cpus": os.cpu_count()}
     if cfg.memory_only:
         return _memory_rows(cfg, model_dir, shards, r)
-    try:
-        r["a_model_only"] = model_only(model_dir, tif, cfg)
-        r["a_star_actors"], r["actor_layout"] = model_only_actors(model_dir, tif, cfg)
-        r["b_dataloader"] = dataloader_baseline(model_dir, tif, cfg)
-        r["c_score_tif"], _ = hcd_score(model_dir, tif, os.path.join(cfg.work, "out-c"), cfg)
-        r["d_score_parquet"], r["peak_rss_n"] = hcd_score(model_dir, shards, os.path.join(cfg.work, "out-d"), cfg)
-        if s3_uri:
-            r["e_score_s3"], _ = hcd_score(model_dir, s3_uri, s3_uri.rstrip("/") + "-preds", cfg)
-    finally:
-        if s3_proc:
-            s3_proc.terminate()
+    r["a_model_only"] = model_only(model_dir, tif, cfg)
+    r["a_star_actors"], r["actor_layout"] = model_only_actors(model_dir, tif, cfg)
+    r["b_dataloader"] = dataloader_baseline(model_dir, tif, cfg)
+    r["c_score_tif"], _ = hcd_score(model_dir, tif, os.path.join(cfg.work, "out-c"), cfg)
+    r["d_score_parquet"], r["peak_rss_n"] = hcd_score(model_dir, shards, os.path.join(cfg.work, "out-d"), cfg)
+    if s3_uri:
+        r["e_score_s3"], _ = hcd_score(model_dir, s3_uri, s3_uri.rstrip("/") + "-preds", cfg)
     if not cfg.skip_memory:
         _, big = _ensure_data(cfg, cfg.n * cfg.mem_factor, f"n{cfg.n * cfg.mem_factor}")
         _, r["peak_rss_kn"] = hcd_score(model_dir, big, os.path.join(cfg.work, "out-big"), cfg)
