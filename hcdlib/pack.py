@@ -70,7 +70,8 @@ def _existing_shard(cfg: PackConfig, name: str, chunk: dict) -> dict | None:
     except (OSError, pa.ArrowInvalid, KeyError) as exc:
         raise UserError(f"{target} exists and is not a readable shard ({exc}); hcd pack does not overwrite "
                         "files it did not write: choose another --out") from exc
-    if ids != chunk["id"]:
+    # A chunk of files knows its ids; a row group of shards being repacked, only its size.
+    if ids != chunk["id"] if "id" in chunk else len(ids) != chunk["num_rows"]:
         raise UserError(f"{target} exists and holds other patches than this input's shard {name} "
                         "(another input, labels or --rows-per-file); choose another --out")
     return {"path": name, "rows": len(ids)}

@@ -75,3 +75,18 @@ def test_reader_takes_only_manifest_listed_shards(synth_small, tmp_path):
     assert src.num_patches == 300
     rows = sum(read_chunk(c).num_rows for c in plan_chunks(src))
     assert rows == 300
+
+
+def test_repacking_shards_reruns_and_refuses_foreign_files(synth_small, tmp_path):
+    from hcdlib.errors import UserError
+
+    pack(PackConfig(input=str(synth_small), out=str(tmp_path / "a"), rows_per_file=100))
+    first = pack(PackConfig(input=str(tmp_path / "a"), out=str(tmp_path / "b")))  # shards -> shards
+    again = pack(PackConfig(input=str(tmp_path / "a"), out=str(tmp_path / "b")))  # a rerun keeps them
+    assert first["rows"] == again["rows"] == 300 and first["files"] == again["files"]
+    foreign = tmp_path / "c"
+    foreign.mkdir()
+    (foreign / "part-00000.parquet").write_bytes(b"not ours")  # somebody else's file: never overwritten
+    with pytest.raises(UserError, match=r"part-00000\.parquet exists and is not a readable shard"):
+        pack(PackConfig(input=str(synth_small), out=str(foreign), rows_per_file=100))
+    assert (foreign / "part-00000.parquet").read_bytes() == b"not ours"
