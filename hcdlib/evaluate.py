@@ -46,19 +46,13 @@ class EvalConfig:
 
 def load_labels(uri: str) -> pd.DataFrame:
     """Labels by id from a CSV (``id,label[,slide_id]``) or from any patch source (class folders)."""
-    from hcdlib.sources import PARQUET, check_labelled, open_source, plan_chunks, read_chunk, read_labels
+    from hcdlib.sources import check_labelled, open_source, read_labels
 
     if uri.lower().endswith(".csv"):
         t = read_labels(uri)  # the same rules as training: labels exactly 0/1, one row per id
         cols = [c for c in ("id", "label", "slide_id") if c in t.column_names]
         return t.select(cols).to_pandas()
-    src = open_source(uri)
-    check_labelled(src, "labelled")
-    if src.layout == PARQUET:  # labels live in the shards beside the images
-        import pyarrow as pa
-
-        return pa.concat_tables(read_chunk(c).select(["id", "label", "slide_id"]) for c in plan_chunks(src)).to_pandas()
-    return src.items.select(["id", "label", "slide_id"]).to_pandas()
+    return check_labelled(open_source(uri), "labelled").to_pandas()  # Parquet: the label columns alone
 
 
 def join(preds: pd.DataFrame, labels: pd.DataFrame, *, allow_missing: bool) -> tuple[pd.DataFrame, dict]:

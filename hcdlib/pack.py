@@ -102,10 +102,12 @@ def pack(cfg: PackConfig) -> dict:
         raise UserError(f"--out {cfg.out} and --input {cfg.input} overlap: shards would be read as input (or "
                         "input as shards) on the next run; choose an --out outside the input")
     src = open_source(cfg.input, cfg.labels)
-    labelled = cfg.labels or src.layout == CLASS_FOLDERS or (
+    # A labelled archive (class folders, or labels for some patches): every patch 0 or 1, none forgotten.
+    # A labels CSV with slide ids only (a test set) packs unlabelled.
+    labelled = src.layout == CLASS_FOLDERS or (
         "label" in src.items.column_names and src.items["label"].null_count < src.items.num_rows)
     if labelled:
-        check_labelled(src, "input")  # a labelled archive: every patch 0 or 1, none forgotten
+        check_labelled(src, "input")
     chunks = plan_chunks(src, cfg.rows_per_file)
     with ThreadPoolExecutor(cfg.threads) as pool:
         files = list(pool.map(lambda ic: _write_shard(cfg, *ic), enumerate(chunks)))

@@ -56,7 +56,10 @@ def build_sample(pcam_real: str, out: str | os.PathLike = SAMPLE_DIR, *, seed: i
                     (Path(tmp) / str(label)).mkdir(exist_ok=True)
                     shutil.copy(p, Path(tmp) / str(label) / p.name)
             target = Path(out) / name
-            shutil.rmtree(target, ignore_errors=True)
+            if target.exists() and not (target / "_SUCCESS").exists():
+                raise FileExistsError(f"{target} exists and is not a sample this function wrote; choose another out")
+            for old in [*target.glob("part-*.parquet"), target / "_SUCCESS"]:  # only what a build wrote
+                old.unlink(missing_ok=True)
             manifest = pack(PackConfig(input=tmp, out=str(target), rows_per_file=n))
             # Provenance instead of the temporary folder: the path inside the PCam release.
             for f in manifest["files"]:

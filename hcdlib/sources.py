@@ -131,28 +131,33 @@ def _first(mask: pa.ChunkedArray | pa.Array) -> int:
     return pc.indices_nonzero(mask)[0].as_py()
 
 
-def check_labelled(src: PatchSource, what: str) -> None:
-    """Refuse a source whose patches are not all labelled 0 or 1 (training, packing labelled data).
+LABEL_COLUMNS = pa.schema([("id", pa.string()), ("label", pa.int64()), ("slide_id", pa.string())])
+
+
+def check_labelled(src: PatchSource, what: str) -> pa.Table:
+    """Refuse a source whose patches are not all labelled 0 or 1; return its ``id, label, slide_id``.
 
     A patch without a label would be dropped from training without a word, and a label of 2
     would train a wrong model; both are stopped here, before any work starts.
     """
-    label = src.items["label"] if src.layout != PARQUET else _parquet_labels(src)
+    t = label_table(src)
+    label = t["label"]
     if label.null_count:
         i = _first(label.is_null())
-        example = src.items["id"][i].as_py() if src.layout != PARQUET else f"row {i}"
         raise SourceError(f"{src.uri}: {label.null_count} of {len(label)} {what} patches have no label "
-                          f"(e.g. {example}); give a labels CSV (--labels) that lists every patch")
+                          f"(e.g. {t['id'][i].as_py()}); give a labels CSV (--labels) that lists every patch")
     bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int64())))
     if pc.any(bad).as_py():
         i = _first(bad)
-        example = src.items["source"][i].as_py() if src.layout != PARQUET else f"row {i}"
-        raise SourceError(f"{src.uri}: label {label[i].as_py()} ({example}) is not 0 or 1; "
+        raise SourceError(f"{src.uri}: label {label[i].as_py()} (patch {t['id'][i].as_py()}) is not 0 or 1; "
                           "labels are exactly 0 (normal) or 1 (tumour)")
+    return t
 
 
-def _parquet_labels(src: PatchSource) -> pa.ChunkedArray:
-    """The label column of every listed row group (a few bytes per patch, read on the driver)."""
+def label_table(src: PatchSource) -> pa.Table:
+    """``id, label, slide_id`` of every patch: from the listing, or (Parquet) those columns alone."""
+    if src.layout != PARQUET:
+        return src.items.select(LABEL_COLUMNS.names)
     out = []
     for shard, rg in zip(src.items["shard"].to_pylist(), src.items["row_group"].to_pylist(), strict=True):
         fs, path = urimod.resolve(shard)
@@ -160,8 +165,11 @@ def _parquet_labels(src: PatchSource) -> pa.ChunkedArray:
             pf = pq.ParquetFile(f)
             if "label" not in pf.schema_arrow.names:
                 raise SourceError(f"{shard}: Parquet shard has no 'label' column; pack it with --labels")
-            out.append(pf.read_row_group(rg, columns=["label"])["label"].cast(pa.int64()))
-    return pa.chunked_array([c for t in out for c in t.chunks], pa.int64())
+            cols = [c for c in LABEL_COLUMNS.names if c in pf.schema_arrow.names]
+            t = pf.read_row_group(rg, columns=cols)
+        out.append(pa.table([t[c] if c in cols else pa.nulls(t.num_rows, f.type) for c, f in
+                             zip(LABEL_COLUMNS.names, LABEL_COLUMNS, strict=True)], schema=LABEL_COLUMNS))
+    return pa.concat_tables(out) if out else LABEL_COLUMNS.empty_table()
 
 
 def _stem(path: str) -> str:
@@ -228,8 +236,12 @@ def _parquet_items(listing: Listing, root_uri: str) -> pa.Table:
                                             ("num_rows", pa.int64())]))
 
 
-def open_source(uri: str, labels: str | None = None, *, listing: Listing | None = None) -> PatchSource:
-    """List the patch source at ``uri`` (or take ``listing``, already made) and detect its layout."""
+def open_source(uri: str, labels: str | None = None, *, listing: Listing | None = None,
+                require_label: bool = False) -> PatchSource:
+    """List the patch source at ``uri`` (or take ``listing``, already made) and detect its layout.
+
+    ``require_label``: a ``--labels`` CSV must have a label column (training), not only slide ids.
+    """
     t0 = time.perf_counter()
     listing = listing or list_files(uri)
     files = listing.files
@@ -242,7 +254,7 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
     elif images or refused:
         if labels is None and f"{listing.root}/labels.csv" in files:
             labels = urimod.to_uri(listing.fs, f"{listing.root}/labels.csv")
-        table = read_labels(labels, require_label=False) if labels else None
+        table = read_labels(labels, require_label=require_label) if labels else None
         layout, items = _file_items(listing, images, refused, table)
     else:
         raise SourceError(f"{uri}: no patch images ({', '.join(IMAGE_EXTS)}) or Parquet shards found")

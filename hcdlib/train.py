@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 
 from hcdlib import uri as urimod
 from hcdlib.errors import UserError, check_range
-from hcdlib.sources import PARQUET, PatchSource, check_labelled, open_source, plan_chunks, read_labels
+from hcdlib.sources import PARQUET, PatchSource, check_labelled, open_source, plan_chunks
 from hcdlib.train_loop import TRAIN, VAL
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,10 @@ def _shuffled_chunks(src: PatchSource, chunk_size: int, seed: int) -> list[dict]
 
 def open_sources(cfg: TrainConfig) -> tuple[PatchSource, PatchSource]:
     """The training and validation sources, listed and checked (every patch labelled 0 or 1)."""
-    for labels in (cfg.labels, cfg.val_labels):
-        if labels:
-            read_labels(labels)  # refuses a file without a label column, labels not 0/1, repeated ids
-    src = open_source(cfg.data, cfg.labels)
+    # require_label: a labels CSV without a label column is refused (labels not 0/1, repeated ids always are)
+    src = open_source(cfg.data, cfg.labels, require_label=True)
     if cfg.val_data:
-        train_src, val_src = src, open_source(cfg.val_data, cfg.val_labels)
+        train_src, val_src = src, open_source(cfg.val_data, cfg.val_labels, require_label=True)
     else:
         train_src, val_src = split_by_group(src, cfg.val_fraction)
     check_labelled(train_src, "training")
