@@ -53,7 +53,7 @@ def export_model(model: nn.Module, out: str, *, arch: str, preprocess: Preproces
 
 def read_meta(uri: str) -> dict:
     """The artifact's ``model.json``, checked for what loading needs; :class:`ArtifactError` if not."""
-    from hcdlib.models import ARCHES
+    from hcdlib.config import ARCHES
 
     target = urimod.join(uri, META)
     try:

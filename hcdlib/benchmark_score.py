@@ -22,31 +22,14 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hcdlib import uri as urimod
+from hcdlib.config import BenchScoreConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BenchScoreConfig:
-    """One benchmark run."""
-
-    n: int = 20_000
-    arch: str = "resnet18"
-    batch_size: int = 256
-    tta: int = 1
-    work: str = "bench-out"
-    mem_factor: int = 5
-    s3_uri: str | None = None
-    skip_s3: bool = False
-    skip_memory: bool = False
-    slide_tiles: int = 6400  # (f): tiles in the synthetic slide archive (4 square slides); 0 leaves it out
-    memory_only: bool = False  # only (d) at N and mem_factor x N: does peak memory stay flat?
 
 
 def _tree_rss_bytes() -> int:

@@ -14,26 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hcdlib import uri as urimod
+from hcdlib.config import BenchTrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BenchTrainConfig:
-    """One training benchmark run."""
-
-    train: str
-    valid: str
-    out: str = "bench-out/train"
-    minutes: float = 30.0
-    throughput: bool = False
-    throughput_n: int = 4096
 
 
 def accuracy(cfg: BenchTrainConfig) -> dict:

@@ -16,24 +16,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 from hcdlib import uri as urimod
+from hcdlib.config import DemoConfig
 
 log = logging.getLogger(__name__)
 
 TILE = 96
 SLIDE_COLS = 14  # tissue columns of the demo slide; one tile of glass is added all round
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What the demo does."""
-
-    out: str = "hcd-demo"
-    minutes: float = 2.0
 
 
 def layout_slide(labels: list[int], *, cols: int = SLIDE_COLS, tumour=None) -> list[tuple[int, int, int]]:

@@ -8,6 +8,8 @@ other exception is a bug (or a fault of the machine) and keeps its traceback and
 
 from __future__ import annotations
 
+import traceback
+
 
 class UserError(Exception):
     """A problem the user can fix; the message names the thing and the fix, on one line."""
@@ -21,10 +23,13 @@ def check_range(name: str, value: float | None, lo: float | None = None, hi: flo
     low_bad = lo is not None and (value <= lo if lo_open else value < lo)
     high_bad = hi is not None and value > hi
     if low_bad or high_bad or value != value:  # NaN compares false everywhere
-        left = "(" if lo_open else "["
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        raise UserError(f"{name} must be in {left}{lo_s}, {hi_s}], got {value!r}")
+        if hi is None:
+            bound = f"{'>' if lo_open else '>='} {lo:g}"
+        elif lo is None:
+            bound = f"<= {hi:g}"
+        else:
+            bound = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise UserError(f"{name} must be {bound}, got {value!r}")
 
 
 class RunStopped(RuntimeError):
@@ -48,6 +53,28 @@ def outside_cause(exc: BaseException) -> BaseException | None:
             continue
         seen.add(id(e))
         if isinstance(e, faults) and not isinstance(e, UserError):
-            return e
+            # A task's error re-raised on the driver carries the worker's traceback in its text;
+            # the original exception says what went wrong in one line.
+            original = getattr(e, "cause", None) if isinstance(e, rex.RayTaskError) else None
+            return original if isinstance(original, BaseException) else e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     return None
+
+
+def release_frames(exc: BaseException) -> None:
+    """Drop the local variables of the finished frames behind ``exc`` and its causes.
+
+    A failed Ray Data pipeline's model actors stay alive as long as anything references the
+    frames its exception passed through, and a logging handler that keeps records (pytest, a
+    notebook's ``sys.last_traceback``) does. Left alone, the next run in the same process finds
+    every CPU held by the dead run's actors and waits forever. The traceback text survives.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += [e.__cause__, e.__context__]

@@ -11,37 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 
 from hcdlib import uri as urimod
-from hcdlib.errors import UserError, check_range
+from hcdlib.config import EvalConfig
+from hcdlib.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """One evaluation."""
-
-    predictions: str
-    labels: str
-    out: str
-    allow_missing: bool = False
-    target_sensitivity: float = 0.95
-    threshold: float | None = None  # default: the model's, from its artifact, else 0.5
-    bootstrap: int = 1000
-    top_k: int = 3
-    grid: int = 8
-    seed: int = 0
-
-    def __post_init__(self):
-        check_range("--target-sensitivity", self.target_sensitivity, 0, 1, lo_open=True)
-        check_range("--threshold", self.threshold, 0, 1)
-        check_range("--bootstrap", self.bootstrap, 0)
-        check_range("top_k", self.top_k, 1)
 
 
 def load_labels(uri: str) -> pd.DataFrame:

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hcdlib.config import TTA_CHOICES
 from hcdlib.transforms import Preprocess, dihedral, eval_preset, to_input
-
-TTA_CHOICES = (1, 4, 8)
 
 
 def pick_device() -> torch.device:

@@ -12,10 +12,9 @@ import pickle
 import torch
 from torch import nn
 
+from hcdlib.config import ARCHES
 from hcdlib.errors import UserError
 from hcdlib.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-
-ARCHES = ("hcdnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

@@ -18,13 +18,13 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
-from hcdlib.errors import UserError, check_range
+from hcdlib.config import PackConfig
+from hcdlib.errors import UserError
 from hcdlib.sources import (
     CLASS_FOLDERS,
     PACK_MANIFEST,
@@ -36,22 +36,6 @@ from hcdlib.sources import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PackConfig:
-    """What ``hcd pack`` does."""
-
-    input: str
-    out: str
-    labels: str | None = None
-    rows_per_file: int = 10_000
-    row_group_size: int = 1024  # the unit of scoring work and resume
-    threads: int = 4
-
-    def __post_init__(self):
-        for name in ("rows_per_file", "row_group_size", "threads"):
-            check_range(name.replace("_", "-"), getattr(self, name), 1)
 
 
 def _shard_name(i: int) -> str:

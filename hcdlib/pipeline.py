@@ -9,6 +9,7 @@ import numpy as np
 from hcdlib.decode import decode_batch
 from hcdlib.rayutil import READ_TASK_CPUS
 from hcdlib.sources import read_chunk
+from hcdlib.uri import TRANSIENT_ERRORS
 
 # What one read task holds at once besides its chunk: the worker process itself.
 _TASK_BASE_BYTES = 256 * 2**20
@@ -38,7 +39,7 @@ def read_decode(batch: dict, *, resize: bool = False) -> dict:
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def decoded_dataset(chunks: list[dict], *, chunk_size: int, resize: bool = False):
+def decoded_dataset(chunks: list[dict], *, resize: bool = False):
     """A Ray Dataset of decoded patches, one read task per chunk."""
     import ray
 
@@ -46,27 +47,41 @@ def decoded_dataset(chunks: list[dict], *, chunk_size: int, resize: bool = False
     # Reads declare the memory a decoded chunk needs. Besides being true, it keeps Ray Data
     # from fusing decoding into a downstream model actor, so decoding runs in parallel tasks,
     # never in the (GPU) actor's critical path.
-    memory = _TASK_BASE_BYTES + 4 * _chunk_bytes(chunk_size)
+    memory = _TASK_BASE_BYTES + 4 * _patch_bytes(largest_chunk(chunks))
+    # A read that fails keeps its own exception class (an OSError stays an OSError, not a
+    # UserCodeException without a cause), so the driver tells a storage fault from a bug; a
+    # transient storage error is retried a few times before it stops the run.
+    ds.context.raise_original_map_exception = True
+    ds.context.retried_map_errors = TRANSIENT_ERRORS
+    ds.context.max_map_retries = 3
     return ds.map_batches(read_decode, batch_size=1, fn_kwargs={"resize": resize},
                           num_cpus=READ_TASK_CPUS, memory=memory)
 
 
-def limit_read_ahead(ds, *, chunk_size: int, consumers: int, per_consumer: int = 4):
+def limit_read_ahead(ds, *, unit_rows: int, consumers: int, per_consumer: int = 4):
     """Cap the decoded patches Ray Data may buffer ahead of ``consumers`` model actors.
 
     Left alone, reads run ahead into half the object store (3.4 GiB on this 24 GiB machine):
     far more than the actors need, and a memory peak that grows with the archive until it
-    hits that ceiling. A few chunks per actor keep every actor fed; memory then stays flat.
+    hits that ceiling. A few units per actor keep every actor fed; memory then stays flat.
+    ``unit_rows`` must cover both the largest chunk and the actors' batch: a cap below one
+    model batch stalls the pipeline (the actor waits for rows the cap keeps unread), which
+    with 16-row chunks and 256-patch batches cost ~7 s per chunk.
     """
     from ray.data import ExecutionResources
 
-    cap = _chunk_bytes(chunk_size) * max(8, per_consumer * consumers)
+    cap = _patch_bytes(unit_rows) * max(8, per_consumer * consumers)
     ds.context.execution_options.resource_limits = ExecutionResources.for_limits(object_store_memory=cap)
     return ds
 
 
-def _chunk_bytes(chunk_size: int) -> int:
-    return chunk_size * 96 * 96 * 3
+def largest_chunk(chunks: list[dict]) -> int:
+    """Rows in the largest chunk (Parquet row groups may exceed --chunk-size)."""
+    return max((c["num_rows"] for c in chunks), default=1)
+
+
+def _patch_bytes(rows: int) -> int:
+    return rows * 96 * 96 * 3
 
 
 def labelled_ok(batch: dict) -> dict:

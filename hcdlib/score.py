@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -27,52 +27,14 @@ import pyarrow.compute as pc
 
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
+from hcdlib.config import ScoreConfig
 from hcdlib.console import progress
-from hcdlib.errors import RunStopped, UserError, outside_cause
-from hcdlib.infer import TTA_CHOICES
+from hcdlib.errors import RunStopped, UserError, outside_cause, release_frames
 from hcdlib.listing import list_files
-from hcdlib.pipeline import decoded_dataset, limit_read_ahead
+from hcdlib.pipeline import decoded_dataset, largest_chunk, limit_read_ahead
 from hcdlib.sources import open_source, plan_chunks
 
-# Plausible scanner resolutions in microns per pixel (a 100x oil objective is ~0.1; a 1x overview ~10).
-MPP_RANGE = (0.05, 20.0)
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """One scoring job."""
-
-    model: str
-    input: str
-    out: str
-    labels: str | None = None
-    tta: int = 1
-    batch_size: int = 256
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float | None = None
-    chunk_size: int = 1024
-    compile: bool = False
-    resize: bool = False
-    slides: bool = False  # tile whole-slide images (automatic for slide-only formats such as .svs)
-    mpp: float | None = None  # override the slides' microns per pixel
-    tissue_threshold: float = 0.5  # fraction of a tile that must be tissue for it to be scored
-    overwrite: bool = False
-    address: str | None = None
-
-    def __post_init__(self):
-        from hcdlib.errors import check_range
-
-        if self.tta not in TTA_CHOICES:
-            raise UserError(f"--tta must be one of {', '.join(map(str, TTA_CHOICES))}, got {self.tta}")
-        for name in ("batch_size", "chunk_size", "actors"):
-            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
-        check_range("--gpus-per-actor", self.gpus_per_actor, 0)
-        check_range("--cpus-per-actor", self.cpus_per_actor, 0)
-        check_range("--mpp", self.mpp, *MPP_RANGE)
-        check_range("--tissue-threshold", self.tissue_threshold, 0, 1)
 
 
 class Scorer:
@@ -200,10 +162,11 @@ def score(cfg: ScoreConfig) -> dict:
                 raise
             log.debug("scoring stopped", exc_info=exc)
             stopped = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+            release_frames(exc)
         if stopped:
-            # Raised here, not from the except block: the failed pipeline's frames (and through them
-            # its model actors, which Ray Data only un-references on failure) are freed first, so a
-            # notebook or a retry loop does not find every CPU still held by the dead run's actors.
+            # Raised here, not from the except block, and after release_frames: the failed
+            # pipeline's model actors (which Ray Data only un-references on failure) are freed
+            # first, so a notebook or a retry loop does not find every CPU held by the dead run.
             gc.collect()
             kept = len(chunks) - len(todo) + len(written)
             raise RunStopped(f"scoring stopped: {stopped}; {kept} of {len(chunks)} chunks are committed and kept: "
@@ -235,7 +198,7 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
     import ray
 
     expected = {c["key"]: c["num_rows"] for c in todo}
-    ds = decoded_dataset(todo, chunk_size=cfg.chunk_size, resize=cfg.resize)
+    ds = decoded_dataset(todo, resize=cfg.resize)
     ds = ds.map_batches(
         Scorer,
         fn_constructor_kwargs={"model_uri": cfg.model, "sha256": sha256, "tta": cfg.tta,
@@ -244,7 +207,7 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
         batch_size=cfg.batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
     # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
-    ds = limit_read_ahead(ds, chunk_size=cfg.chunk_size, consumers=plan.actors,
+    ds = limit_read_ahead(ds, unit_rows=max(largest_chunk(todo), cfg.batch_size), consumers=plan.actors,
                           per_consumer=16 if plan.gpus_per_actor else 4)
     assembler = preds.ChunkAssembler(expected)
     todo_rows = sum(expected.values())

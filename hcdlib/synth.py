@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +25,7 @@ import pyarrow.csv as pacsv
 from PIL import Image
 
 from hcdlib import uri as urimod
+from hcdlib.config import SynthConfig
 from hcdlib.decode import PATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -34,18 +34,6 @@ log = logging.getLogger(__name__)
 _H = np.array([0.65, 0.70, 0.29])
 _E = np.array([0.07, 0.99, 0.11])
 _CENTRE = (32, 64)  # the PCam label region: pixels [32, 64) on both axes
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """What ``hcd synth`` writes."""
-
-    out: str
-    n: int = 2000
-    slides: int = 8
-    seed: int = 0
-    format: str = "tif"
-    positive_fraction: float = 0.4
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:

@@ -19,65 +19,21 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from hcdlib import uri as urimod
-from hcdlib.errors import UserError, check_range
+from hcdlib.config import TrainConfig
+from hcdlib.errors import UserError
 from hcdlib.sources import PARQUET, PatchSource, check_labelled, open_source, plan_chunks
 from hcdlib.train_loop import TRAIN, VAL
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "ray_train"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training job. Defaults are the settings that reach the PCam target on a 2-core CPU."""
-
-    data: str
-    out: str
-    labels: str | None = None
-    val_data: str | None = None
-    val_labels: str | None = None
-    val_fraction: float = 0.15
-    arch: str = "hcdnet"
-    weights: str = "none"
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    patience: int = 6
-    workers: int | None = None
-    gpus_per_worker: float | None = None
-    cpus_per_worker: float | None = None
-    time_budget_min: float | None = None
-    seed: int = 0
-    resume: bool = False
-    max_failures: int = 2
-    chunk_size: int = 512
-    address: str | None = None
-
-    def __post_init__(self):
-        from hcdlib.models import ARCHES
-
-        if self.arch not in ARCHES:
-            raise UserError(f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHES)}")
-        if self.weights == "imagenet" and self.arch == "hcdnet":
-            raise UserError("hcdnet has no ImageNet weights; use --weights none or a torchvision --arch")
-        for name in ("epochs", "batch_size", "patience", "workers", "chunk_size"):
-            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
-        check_range("--lr", self.lr, 0, 10, lo_open=True)
-        check_range("--weight-decay", self.weight_decay, 0)
-        check_range("--gpus-per-worker", self.gpus_per_worker, 0)
-        check_range("--cpus-per-worker", self.cpus_per_worker, 0)
-        check_range("--time-budget-min", self.time_budget_min, 0, lo_open=True)
-        check_range("--val-fraction", self.val_fraction, 0, 1, lo_open=True)
-        check_range("--max-failures", self.max_failures, 0)
 
 
 def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, PatchSource]:
@@ -132,7 +88,7 @@ def build_datasets(cfg: TrainConfig, train_src: PatchSource, val_src: PatchSourc
     datasets = {}
     for key, s in ((TRAIN, train_src), (VAL, val_src)):
         chunks = _shuffled_chunks(s, cfg.chunk_size, cfg.seed) if key == TRAIN else plan_chunks(s, cfg.chunk_size)
-        datasets[key] = decoded_dataset(chunks, chunk_size=cfg.chunk_size).map_batches(labelled_ok)
+        datasets[key] = decoded_dataset(chunks).map_batches(labelled_ok)
     return datasets
 
 
@@ -183,7 +139,7 @@ def train(cfg: TrainConfig) -> dict:
     fs.create_dir(path, recursive=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": asdict(cfg), "n_train": n_train, "threads": threads,
+        train_loop_config={"cfg": cfg, "n_train": n_train, "threads": threads,
                            "started_at": started_at},
         scaling_config=scaling,
         datasets=datasets,

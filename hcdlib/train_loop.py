@@ -71,7 +71,11 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 class TrainLoop:
-    """One worker's training run; ``config`` is the dict :mod:`hcdlib.train` passes."""
+    """One worker's training run.
+
+    ``config`` is what :mod:`hcdlib.train` passes: the frozen ``TrainConfig`` itself under
+    ``cfg`` (a misspelt setting fails on the driver), plus sizes the driver measured.
+    """
 
     def __init__(self, config: dict):
         import ray.train
@@ -82,20 +86,20 @@ class TrainLoop:
         self.ctx = ray.train.get_context()
         self.rank, self.world = self.ctx.get_world_rank(), self.ctx.get_world_size()
         torch.set_num_threads(config["threads"])
-        torch.manual_seed(self.cfg["seed"] + self.rank)
+        torch.manual_seed(self.cfg.seed + self.rank)
         self.device = ray.train.torch.get_device()
 
         from hcdlib.models import build_model
 
-        model, self.pre = build_model(self.cfg["arch"], weights=self.cfg["weights"])
+        model, self.pre = build_model(self.cfg.arch, weights=self.cfg.weights)
         self.model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.steps_per_epoch = max(1, math.ceil(self.n_train / (self.cfg["batch_size"] * self.world)))
-        self.total_steps = self.steps_per_epoch * self.cfg["epochs"]
+        self.steps_per_epoch = max(1, math.ceil(self.n_train / (self.cfg.batch_size * self.world)))
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
         # The budget is the run's wall time: start-up, validation and checkpoints count, and
         # the loop stops a little early so that the last report and the export fit in it.
-        budget = (self.cfg["time_budget_min"] or 0) * 60
+        budget = (self.cfg.time_budget_min or 0) * 60
         self.budget_s = budget - min(END_RESERVE_S, 0.1 * budget)
         # Resumable state: everything below goes into each checkpoint.
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
@@ -151,13 +155,13 @@ class TrainLoop:
         self.model.train()
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
         start_elapsed = self.elapsed
-        for batch in shard.iter_torch_batches(batch_size=self.cfg["batch_size"], drop_last=self.world > 1,
-                                              local_shuffle_buffer_size=4 * self.cfg["batch_size"]):
+        for batch in shard.iter_torch_batches(batch_size=self.cfg.batch_size, drop_last=self.world > 1,
+                                              local_shuffle_buffer_size=4 * self.cfg.batch_size):
             self.elapsed = agreed_max(start_elapsed + time.perf_counter() - t0, self.device)
             if self.budget_s and self.elapsed >= self.budget_s:
                 break
             for g in self.opt.param_groups:
-                g["lr"] = self.cfg["lr"] * one_cycle(self._progress())
+                g["lr"] = self.cfg.lr * one_cycle(self._progress())
             x = train_preset(to_input(batch["pixels"].to(self.device, non_blocking=True), self.pre))
             y = batch["label"].to(self.device).float().view(-1, 1)
             with self._autocast():
@@ -203,7 +207,7 @@ class TrainLoop:
             if self.rank == 0:  # rerun of a finished run: nothing to do but export again
                 log.info("run already stopped (%s) after epoch %d", self.history[-1]["stopped"], self.epoch)
             return
-        while self.epoch < self.cfg["epochs"]:
+        while self.epoch < self.cfg.epochs:
             stats = self.train_epoch(train_shard)
             t_val = time.perf_counter()
             stats.update(self.validate(val_shard))
@@ -214,7 +218,7 @@ class TrainLoop:
                 self.best = {"auc": auc, "epoch": self.epoch, "metrics": stats}
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self._unwrapped().state_dict().items()}
             out_of_time = bool(self.budget_s) and self.elapsed >= self.budget_s
-            stale = self.epoch - self.best["epoch"] >= self.cfg["patience"]
+            stale = self.epoch - self.best["epoch"] >= self.cfg.patience
             stats.update(epoch=self.epoch, elapsed_s=self.elapsed, lr=self.opt.param_groups[0]["lr"],
                          best_auc=self.best["auc"], best_epoch=self.best["epoch"],
                          stopped=("time budget" if out_of_time else "early stopping" if stale else ""))
@@ -229,11 +233,11 @@ class TrainLoop:
         import ray.train
 
         if self.rank == 0:
-            left = (self.cfg["epochs"] - self.epoch) * stats["epoch_seconds"]
+            left = (self.cfg.epochs - self.epoch) * stats["epoch_seconds"]
             if self.budget_s:
                 left = min(left, max(self.budget_s - self.elapsed, 0))
             log.info("epoch %d/%d  loss %.4f  val_loss %.4f  val_acc %.4f  val_auc %.4f  %.0f img/s  ETA %.0fs%s",
-                     self.epoch, self.cfg["epochs"], stats["train_loss"], stats["val_loss"], stats["val_acc"],
+                     self.epoch, self.cfg.epochs, stats["train_loss"], stats["val_loss"], stats["val_acc"],
                      stats["val_auc"], stats["images_per_s"], left,
                      f"  (stopping: {stats['stopped']})" if stats["stopped"] else "")
         with tempfile.TemporaryDirectory() as d:
@@ -245,7 +249,7 @@ class TrainLoop:
         if self.rank == 0:  # after report: a metrics file means its epoch's checkpoint exists
             from hcdlib import uri as urimod
 
-            urimod.write_bytes_atomic(urimod.join(self.cfg["out"], "metrics", f"epoch_{self.epoch:03d}.json"),
+            urimod.write_bytes_atomic(urimod.join(self.cfg.out, "metrics", f"epoch_{self.epoch:03d}.json"),
                                       json.dumps(stats, indent=1).encode())
 
 

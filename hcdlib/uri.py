@@ -20,6 +20,11 @@ import pyarrow.fs as pafs
 
 S3_PREFIX = "s3://"
 
+# Storage errors worth retrying (substrings of the message): an object store that blinks, a
+# connection dropped mid-read. Anything else (a missing object, a denied request) is final.
+TRANSIENT_ERRORS = ["NETWORK_CONNECTION", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+                    "Connection reset", "Connection refused", "timed out"]
+
 
 def is_s3(uri: str) -> bool:
     """Whether ``uri`` names an S3 location."""

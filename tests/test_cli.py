@@ -1,3 +1,5 @@
+import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -5,11 +7,12 @@ import sys
 import pytest
 from conftest import REPO
 
-from hcdlib.cli import COMMANDS, get_args_parser
+from hcdlib.cli import COMMANDS, command_parser, get_args_parser
+from hcdlib.config import ScoreConfig, flag_name
 
 
 def _flags(help_text: str) -> set[str]:
-    return set(re.findall(r"--[a-z][a-z0-9-]+", help_text))
+    return set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
 
 
 def test_hcd_help_lists_every_command(capsys):
@@ -28,8 +31,34 @@ def test_job_script_has_the_same_flags_as_the_console_script(command):
     via_job = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True, check=True)
     via_hcd = subprocess.run([sys.executable, "-m", "hcdlib.cli", command, "--help"],
                              capture_output=True, text=True, check=True)
-    assert _flags(via_job.stdout) == _flags(via_hcd.stdout)
-    assert len(_flags(via_job.stdout)) >= 2
+    config = COMMANDS[command][0]
+    expected = {flag_name(f.name) for f in dataclasses.fields(config)} | {"--help", "--verbose"}
+    assert _flags(via_job.stdout) == _flags(via_hcd.stdout) == expected
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_default_comes_from_the_config_dataclass(command):
+    """Each setting is defined once: the parser's defaults are the dataclass's, field by field."""
+    config = COMMANDS[command][0]
+    actions = {a.dest: a for a in command_parser(command)._actions}
+    for f in dataclasses.fields(config):
+        action = actions[f.name]
+        if f.default is dataclasses.MISSING:
+            assert action.required and action.default is argparse.SUPPRESS, f.name
+        else:
+            assert not action.required and action.default == f.default, f.name
+            assert type(action.default) is type(f.default), f.name
+        assert action.help == f.metadata["help"] and action.help, f.name
+
+
+def test_flags_build_the_config_with_types_and_checks():
+    args = vars(command_parser("score").parse_args(
+        ["--model", "m", "--input", "i", "--out", "o", "--tta", "8", "--mpp", "0.5", "--slides"]))
+    args.pop("verbose")
+    cfg = ScoreConfig(**args)
+    assert (cfg.tta, cfg.mpp, cfg.slides, cfg.batch_size) == (8, 0.5, True, 256)
+    with pytest.raises(SystemExit):  # argparse refuses what is not a number
+        command_parser("score").parse_args(["--model", "m", "--input", "i", "--out", "o", "--batch-size", "x"])
 
 
 def test_bad_input_gives_a_clear_error_and_exit_code(tmp_path):

@@ -129,3 +129,40 @@ def test_overwrite_keeps_the_users_files_end_to_end(ray_session, model_dir, synt
     assert m["rows"] == 300 and all(p.read_text() == "mine" for p in mine)
     assert np.isfinite(preds.read_predictions(str(out))["prob"].to_numpy()).all()
     assert Path(out / preds.RUN_SPEC).exists()
+
+
+def test_a_stopped_run_frees_its_actors_for_the_next(ray_session, model_dir, synth_small, tmp_path, monkeypatch,
+                                                     caplog):
+    """A shard that vanishes mid-run stops it (exit 3, naming the file); its model actors are freed.
+
+    caplog keeps every record's traceback, as a notebook keeps the last exception: the dead
+    run's actors must not stay alive through those frames and hold the CPUs the rerun needs
+    (in CI that hung the rerun of the S3 outage test for 30 minutes).
+    """
+    import logging
+
+    from hcdlib import score as score_mod
+    from hcdlib.errors import RunStopped
+
+    caplog.set_level(logging.DEBUG)
+    shards = tmp_path / "shards"
+    pack(PackConfig(input=str(synth_small), out=str(shards), rows_per_file=100, row_group_size=50))
+    planned = score_mod.plan_chunks
+
+    def one_chunk_gone(src, chunk_size):
+        chunks = planned(src, chunk_size)
+        return [*chunks, {**chunks[-1], "key": "rg-gone", "shard": str(tmp_path / "gone.parquet")}]
+
+    monkeypatch.setattr(score_mod, "plan_chunks", one_chunk_gone)
+    cfg = ScoreConfig(model=str(model_dir), input=str(shards), out=str(tmp_path / "out"), chunk_size=50)
+    with pytest.raises(RunStopped) as stopped:
+        score(cfg)
+    msg = str(stopped.value)
+    assert "FileNotFoundError" in msg and "gone.parquet" in msg and "\n" not in msg and "pid=" not in msg, msg
+    cpus = ray_session.cluster_resources()["CPU"]
+    deadline = time.time() + 20
+    while ray_session.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) == cpus, "the stopped run's actors still hold CPUs"
+    monkeypatch.setattr(score_mod, "plan_chunks", planned)
+    assert score(cfg)["rows"] == 300

@@ -386,10 +386,10 @@ def test_pickle_as_weights_is_one_line_before_ray(ten_patches, tmp_path, capsys,
     (["--mpp", "500"], "--mpp must be in [0.05, 20]"),
     (["--mpp", "nan"], "--mpp must be in"),
     (["--tissue-threshold", "1.5"], "--tissue-threshold must be in [0, 1]"),
-    (["--batch-size", "0"], "--batch-size: must be > 0"),
-    (["--chunk-size", "-5"], "--chunk-size: must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--chunk-size", "-5"], "--chunk-size must be >= 1, got -5"),
     (["--tta", "3"], "--tta: invalid choice"),
-    (["--cpus-per-actor", "-1"], "--cpus-per-actor must be in [0, inf]"),
+    (["--cpus-per-actor", "-1"], "--cpus-per-actor must be >= 0, got -1.0"),
 ])
 def test_bad_score_flags_are_one_line(flags, expect, model_dir, synth_small, tmp_path, capsys, no_ray):
     _one_line_exit_2(capsys, ["score", "--model", str(model_dir), "--input", str(synth_small),
@@ -402,7 +402,7 @@ def test_bad_score_flags_are_one_line(flags, expect, model_dir, synth_small, tmp
      "--target-sensitivity must be"),
     (["train", "--data", "d", "--out", "o", "--lr", "0"], "--lr must be in (0, 10]"),
     (["train", "--data", "d", "--out", "o", "--time-budget-min", "-3"], "--time-budget-min must be"),
-    (["train", "--data", "d", "--out", "o", "--arch", "vgg11"], "unknown --arch 'vgg11'"),
+    (["train", "--data", "d", "--out", "o", "--arch", "vgg11"], "--arch: invalid choice: 'vgg11'"),
 ])
 def test_bad_flags_of_other_commands_are_one_line(argv, expect, capsys, no_ray):
     _one_line_exit_2(capsys, argv, expect=expect)
@@ -412,7 +412,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     def broken(_args):
         raise KeyError("a bug, not the user's fault")
 
-    monkeypatch.setitem(cli.COMMANDS, "submission", (cli.submission_parser, broken))
+    monkeypatch.setitem(cli.COMMANDS, "submission", (cli.SubmissionConfig, broken))
     with pytest.raises(KeyError):  # not swallowed into exit code 2: Python prints it and exits 1
         cli.main(["submission", "--predictions", "p", "--out", "o.csv"])
 

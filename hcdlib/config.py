@@ -1,0 +1,216 @@
+"""Every command's settings, each defined once: its default, type, help and allowed values.
+
+    hcd score --help        # flags generated from ScoreConfig below
+    python -c "from hcdlib.config import ScoreConfig; print(ScoreConfig(model='m', input='i', out='o'))"
+
+The ``hcd`` command line is derived from these dataclasses (:func:`hcdlib.cli.add_flags`): a
+field becomes ``--field-name`` with the field's type, default and ``help``, so a default is
+written here and nowhere else. Library callers build the same objects directly. Every value
+is checked when the object is built (``range``, ``choices``), so a bad flag is one line on the
+driver, before Ray starts. The objects are frozen: a Ray Train worker gets the object itself,
+and a typo in a field name is an error on the driver, not a ``KeyError`` on a worker.
+
+This module imports nothing heavy (no torch, pyarrow or Ray), so ``hcd --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import MISSING, dataclass, field, fields
+
+from hcdlib.errors import UserError, check_range
+
+# Architectures hcd can build (hcdlib.models holds the builders).
+ARCHES = ("hcdnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
+# Test-time augmentation: 1 none, 4 rotations, 8 the dihedral group.
+TTA_CHOICES = (1, 4, 8)
+# Plausible scanner resolutions in microns per pixel (a 100x oil objective is ~0.1; a 1x overview ~10).
+MPP_RANGE = (0.05, 20.0)
+
+
+def setting(default=MISSING, help: str = "", *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, choices: tuple | None = None):
+    """A config field with its help text and allowed values (a field without default is required)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    """``batch_size`` -> ``--batch-size``: how a field is spelled on the command line."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Base of every command's config: checks each field against its ``setting`` on construction."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or not f.metadata:
+                continue
+            choices = f.metadata["choices"]
+            if choices is not None and value not in choices:
+                raise UserError(f"{flag_name(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            check_range(flag_name(f.name), value, f.metadata["lo"], f.metadata["hi"], lo_open=f.metadata["lo_open"])
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve more than one field (none by default)."""
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SynthConfig(Settings):
+    """Write synthetic H&E patches (Kaggle layout + labels.csv)."""
+
+    out: str = setting(help="output folder URI (local path or s3://)")
+    n: int = setting(2000, "number of patches", lo=1)
+    slides: int = setting(8, "number of simulated slides", lo=1)
+    seed: int = setting(0, "random seed (output is deterministic)")
+    format: str = setting("tif", "tif (lossless) or jpg (q75)", choices=("tif", "jpg"))
+    positive_fraction: float = setting(0.4, "fraction of tumour patches", lo=0, hi=1)
+
+
+@dataclass(frozen=True)
+class PackConfig(Settings):
+    """Pack any patch source into Parquet shards (few large objects instead of millions)."""
+
+    input: str = setting(help="patch source URI (folder, class folders, shards)")
+    out: str = setting(help="output folder URI for the shards")
+    labels: str | None = setting(None, "labels CSV URI (id,label[,slide_id])")
+    rows_per_file: int = setting(10_000, "patches per shard", lo=1)
+    row_group_size: int = setting(1024, "patches per row group: the unit of scoring work and resume", lo=1)
+    threads: int = setting(4, "parallel reads (object stores answer small GETs slowly)", lo=1)
+
+
+@dataclass(frozen=True)
+class ScoreConfig(Settings):
+    """Batch-score patches or whole slides with Ray Data; writes committed Parquet predictions."""
+
+    model: str = setting(help="model artifact URI (the <train-out>/model folder)")
+    input: str = setting(help="patch source or slide folder URI")
+    out: str = setting(help="output URI for predictions")
+    labels: str | None = setting(None, "labels CSV URI (optional; carried for slide ids)")
+    tta: int = setting(1, "test-time augmentation: 1 none, 4 rotations, 8 dihedral group", choices=TTA_CHOICES)
+    batch_size: int = setting(256, "patches per model call", lo=1)
+    actors: int | None = setting(None, "model actors (default: from the cluster)", lo=1)
+    gpus_per_actor: float | None = setting(None, "GPUs per actor (default 1 where GPUs exist)", lo=0)
+    cpus_per_actor: float | None = setting(None, "CPUs per actor (default: what leaves the readers a share)", lo=0)
+    chunk_size: int = setting(1024, "patches per work unit (the granularity of resume)", lo=1)
+    compile: bool = setting(False, "torch.compile the model in each actor")
+    resize: bool = setting(False, "resize patches of another size to 96x96")
+    slides: bool = setting(False, "the input holds whole-slide images (automatic for .svs/.ndpi/.mrxs/...; "
+                                  "needed for .tif)")
+    mpp: float | None = setting(None, "slides: microns per pixel, overriding (or replacing) the metadata",
+                                lo=MPP_RANGE[0], hi=MPP_RANGE[1])
+    tissue_threshold: float = setting(0.5, "slides: fraction of a tile that must be tissue for it to be scored",
+                                      lo=0, hi=1)
+    overwrite: bool = setting(False, "replace an earlier hcd run in --out (only files hcd wrote)")
+    address: str | None = setting(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Settings):
+    """Train a patch classifier with Ray Train; exports the best epoch to <out>/model.
+
+    Defaults are the settings that reach the PCam target on a 2-core CPU.
+    """
+
+    data: str = setting(help="training patch source URI")
+    out: str = setting(help="run folder URI: checkpoints, metrics, model/")
+    labels: str | None = setting(None, "labels CSV URI for --data")
+    val_data: str | None = setting(None, "validation source URI (default: hold out groups of --data)")
+    val_labels: str | None = setting(None, "labels CSV URI for --val-data")
+    val_fraction: float = setting(0.15, "share of --data's slide groups held out when there is no --val-data",
+                                  lo=0, hi=1, lo_open=True)
+    arch: str = setting("hcdnet", "hcdnet is small and fast on CPU; the others are torchvision CNNs", choices=ARCHES)
+    weights: str = setting("none", "none | imagenet | URI of a state dict (safetensors or a tensors-only .pt)")
+    epochs: int = setting(40, "maximum epochs", lo=1)
+    batch_size: int = setting(128, "per-worker batch size", lo=1)
+    lr: float = setting(3e-3, "peak learning rate of the one-cycle schedule", lo=0, hi=10, lo_open=True)
+    weight_decay: float = setting(1e-4, "AdamW weight decay", lo=0)
+    patience: int = setting(6, "early stopping: epochs without AUC gain", lo=1)
+    workers: int | None = setting(None, "Ray Train workers (default: one per GPU, else 1)", lo=1)
+    gpus_per_worker: float | None = setting(None, "GPUs per worker (default 1 where GPUs exist)", lo=0)
+    cpus_per_worker: float | None = setting(None, "CPUs Ray reserves per worker", lo=0)
+    time_budget_min: float | None = setting(None, "stop cleanly (with a checkpoint) after M minutes",
+                                            lo=0, lo_open=True)
+    seed: int = setting(0, "random seed")
+    resume: bool = setting(False, "require an existing run in --out to resume")
+    max_failures: int = setting(2, "worker failures Ray Train recovers from (from the last checkpoint)", lo=0)
+    chunk_size: int = setting(512, "patches per read task", lo=1)
+    address: str | None = setting(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+    def check(self) -> None:
+        """ImageNet weights exist only for the torchvision architectures."""
+        if self.weights == "imagenet" and self.arch == "hcdnet":
+            raise UserError("hcdnet has no ImageNet weights; use --weights none or a torchvision --arch")
+
+
+@dataclass(frozen=True)
+class EvalConfig(Settings):
+    """Metrics, figures and an HTML report for committed predictions against labels."""
+
+    predictions: str = setting(help="output URI of hcd score")
+    labels: str = setting(help="labels CSV (id,label[,slide_id]) or a labelled patch source")
+    out: str = setting(help="report folder URI")
+    allow_missing: bool = setting(False, "evaluate over a partial join (counted)")
+    target_sensitivity: float = setting(0.95, "operating point to report", lo=0, hi=1, lo_open=True)
+    threshold: float | None = setting(None, "decision threshold (default: the model's, else 0.5)", lo=0, hi=1)
+    bootstrap: int = setting(1000, "bootstrap resamples for the AUC interval", lo=0)
+    top_k: int = setting(3, "most confident errors shown per kind", lo=1)
+    grid: int = setting(8, "patches per row in the report's patch grids", lo=1)
+    seed: int = setting(0, "random seed of the bootstrap")
+
+
+@dataclass(frozen=True)
+class SubmissionConfig(Settings):
+    """Write a Kaggle submission CSV (id,label) from committed predictions."""
+
+    predictions: str = setting(help="output URI of hcd score")
+    out: str = setting(help="CSV URI to write")
+
+
+@dataclass(frozen=True)
+class DemoConfig(Settings):
+    """Run the whole product on real PatchCamelyon patches that ship with hcd.
+
+    Trains, scores, evaluates, and scores a slide assembled from held-out patches.
+    """
+
+    out: str = setting("hcd-demo", "folder for everything the demo writes")
+    minutes: float = setting(2.0, "training time budget", lo=0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class BenchScoreConfig(Settings):
+    """Scoring benchmark: model only vs DataLoader vs hcd score (tif, Parquet, S3, slides), one run."""
+
+    n: int = setting(20_000, "synthetic patches", lo=1)
+    arch: str = setting("resnet18", "architecture", choices=ARCHES)
+    batch_size: int = setting(256, "patches per model call", lo=1)
+    tta: int = setting(1, "test-time augmentation", choices=TTA_CHOICES)
+    work: str = setting("bench-out", "local folder for data and outputs")
+    mem_factor: int = setting(5, "memory check at this many times N", lo=1)
+    s3_uri: str | None = setting(None, "score shards already at this S3 URI for (e) (default: a local moto server)")
+    skip_s3: bool = setting(False, "leave out (e)")
+    skip_memory: bool = setting(False, "leave out the N vs k*N memory check")
+    slide_tiles: int = setting(6400, "(f) tiles in a synthetic slide archive vs as many Parquet patches; "
+                                     "0 leaves it out", lo=0)
+    memory_only: bool = setting(False, "only (d) at N and --mem-factor x N: throughput and peak memory side by side")
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig(Settings):
+    """Training benchmark on real patches: AUC under a time budget, or Ray Train vs plain loop."""
+
+    train: str = setting(help="training patch source (e.g. pcam-real/train)")
+    valid: str = setting(help="validation patch source (e.g. pcam-real/valid)")
+    out: str = setting("bench-out/train", "output folder")
+    minutes: float = setting(30.0, "training time budget", lo=0, lo_open=True)
+    throughput: bool = setting(False, "images/s of Ray Train vs a plain PyTorch loop")
+    throughput_n: int = setting(4096, "patches for the throughput epoch", lo=1)
