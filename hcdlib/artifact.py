@@ -10,16 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import nn
+from typing import TYPE_CHECKING
 
 from hcdlib import uri as urimod
 from hcdlib.errors import UserError
-from hcdlib.models import build_model
 from hcdlib.transforms import Preprocess
+
+if TYPE_CHECKING:  # torch is imported where a model is built: check_artifact needs none of it
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,8 @@ class ArtifactError(UserError, ValueError):
 def export_model(model: nn.Module, out: str, *, arch: str, preprocess: Preprocess,
                  threshold: float = 0.5, metrics: dict | None = None, config: dict | None = None) -> dict:
     """Write ``model`` to the artifact directory ``out``; return the metadata."""
+    from safetensors.torch import save as save_safetensors
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save_safetensors(state)
     meta = {
@@ -79,12 +80,11 @@ def read_meta(uri: str) -> dict:
     return meta
 
 
-def load_model(uri: str, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load an exported model: returns the ``nn.Module`` in eval mode and its metadata dict.
+def check_artifact(uri: str) -> tuple[dict, bytes]:
+    """``(metadata, weights)`` of an artifact whose weights match its hash; :class:`ArtifactError` if not.
 
-    Checks the weights against the hash in the metadata, so a half-copied artifact fails
-    loudly instead of scoring with wrong weights; every problem is one :class:`ArtifactError`
-    naming the file, so ``hcd score`` refuses a bad model on the driver before Ray starts.
+    Needs no torch (a fraction of a second), so ``hcd score`` runs it before anything else: a
+    missing, half-copied, tampered or mixed artifact is refused before Ray starts.
     """
     meta = read_meta(uri)
     target = urimod.join(uri, WEIGHTS)
@@ -96,6 +96,23 @@ def load_model(uri: str, *, device: str | torch.device = "cpu") -> tuple[nn.Modu
     if digest != meta.get("sha256"):
         raise ArtifactError(f"{target}: weights hash {digest[:12]} does not match {META} "
                             f"({str(meta.get('sha256'))[:12]}); the artifact is corrupt or mixed")
+    return meta, blob
+
+
+def load_model(uri: str, *, device: str | torch.device = "cpu",
+               checked: tuple[dict, bytes] | None = None) -> tuple[nn.Module, dict]:
+    """Load an exported model: returns the ``nn.Module`` in eval mode and its metadata dict.
+
+    Checks the weights against the hash in the metadata (:func:`check_artifact`, or pass its
+    result as ``checked``), so a half-copied artifact fails loudly instead of scoring with
+    wrong weights; every problem is one :class:`ArtifactError` naming the file.
+    """
+    from safetensors.torch import load as load_safetensors
+
+    from hcdlib.models import build_model
+
+    meta, blob = checked or check_artifact(uri)
+    target = urimod.join(uri, WEIGHTS)
     model, _ = build_model(meta["arch"], weights="none")
     try:
         model.load_state_dict(load_safetensors(blob))

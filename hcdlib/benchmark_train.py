@@ -115,5 +115,5 @@ def run(cfg: BenchTrainConfig) -> dict:
     """The accuracy benchmark, or the throughput one with ``throughput``."""
     from hcdlib.rayutil import init_ray
 
-    init_ray()
+    init_ray(dashboard=True)
     return throughput(cfg) if cfg.throughput else accuracy(cfg)

@@ -202,6 +202,8 @@ class BenchScoreConfig(Settings):
     slide_tiles: int = setting(6400, "(f) tiles in a synthetic slide archive vs as many Parquet patches; "
                                      "0 leaves it out", lo=0)
     memory_only: bool = setting(False, "only (d) at N and --mem-factor x N: throughput and peak memory side by side")
+    pipeline_only: bool = setting(False, "only the (g) rows: the pipeline alone (a constant instead of the model), "
+                                         "steady state from N and 5N, and the start-up of a fresh hcd score")
 
 
 @dataclass(frozen=True)

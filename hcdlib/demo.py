@@ -90,7 +90,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from hcdlib.train import TrainConfig, train
 
     paths = {k: urimod.join(cfg.out, k) for k in ("run", "predictions", "report", "slide", "slide_predictions")}
-    init_ray()
+    init_ray(dashboard=True)  # the demo trains (Ray Train needs the dashboard), then scores
     log.info("[1/4] training hcdnet for up to %.1f minutes on %d real PCam patches", cfg.minutes, 900)
     meta = train(TrainConfig(data=sample_uri("train"), val_data=sample_uri("val"), out=paths["run"],
                              batch_size=64, time_budget_min=cfg.minutes))

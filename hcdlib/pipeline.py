@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import numpy as np
 
-from hcdlib.decode import decode_batch
+from hcdlib.decode import decode_table
 from hcdlib.rayutil import READ_TASK_CPUS
 from hcdlib.sources import read_chunk
 from hcdlib.uri import TRANSIENT_ERRORS
@@ -15,14 +16,17 @@ from hcdlib.uri import TRANSIENT_ERRORS
 _TASK_BASE_BYTES = 256 * 2**20
 
 
-def read_decode(batch: dict, *, resize: bool = False) -> dict:
+def read_decode(batch: dict, *, resize: bool = False, block_rows: int | None = None) -> Iterator[dict]:
     """Read and decode the chunks named in ``batch["chunk"]`` (JSON descriptors).
 
     Output columns: those of :func:`hcdlib.sources.read_chunk` without the bytes, plus
     ``pixels``, ``status``, ``error``, ``note``, ``chunk`` (the chunk key) and ``row`` (the
     row's index in its chunk, which makes retried rows recognisable).
+
+    The rows leave in blocks of ``block_rows`` (one model batch): Ray Data gives each block to
+    the next free model actor, so one chunk is scored by every actor at once. As one block, a
+    1024-row chunk went to one actor, and the first committed part waited for it alone.
     """
-    outs = []
     for spec in batch["chunk"]:
         chunk = json.loads(spec)
         if chunk["kind"] in ("tiles", "slide_error"):  # whole-slide tiles arrive decoded
@@ -30,17 +34,17 @@ def read_decode(batch: dict, *, resize: bool = False) -> dict:
 
             out = read_tiles(chunk)
         else:
-            rows = {k: np.array(v, dtype=object) for k, v in read_chunk(chunk).to_pydict().items()}
-            out = decode_batch(rows, resize=resize)
+            out = decode_table(read_chunk(chunk), resize=resize)
         n = len(out["id"])
         out["chunk"] = np.full(n, chunk["key"], dtype=object)
         out["row"] = np.arange(n, dtype=np.int64)
-        outs.append(out)
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        step = block_rows or n
+        for start in range(0, n, step):
+            yield {k: v[start:start + step] for k, v in out.items()}
 
 
-def decoded_dataset(chunks: list[dict], *, resize: bool = False):
-    """A Ray Dataset of decoded patches, one read task per chunk."""
+def decoded_dataset(chunks: list[dict], *, resize: bool = False, block_rows: int | None = None):
+    """A Ray Dataset of decoded patches, one read task per chunk, blocks of ``block_rows``."""
     import ray
 
     ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
@@ -54,7 +58,9 @@ def decoded_dataset(chunks: list[dict], *, resize: bool = False):
     ds.context.raise_original_map_exception = True
     ds.context.retried_map_errors = TRANSIENT_ERRORS
     ds.context.max_map_retries = 3
-    return ds.map_batches(read_decode, batch_size=1, fn_kwargs={"resize": resize},
+    if block_rows:  # Ray Data would otherwise merge a task's output into blocks of up to 128 MiB
+        ds.context.target_max_block_size = _patch_bytes(block_rows) + 2**20
+    return ds.map_batches(read_decode, batch_size=1, fn_kwargs={"resize": resize, "block_rows": block_rows},
                           num_cpus=READ_TASK_CPUS, memory=memory)
 
 

@@ -14,8 +14,11 @@ log = logging.getLogger(__name__)
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Join the cluster at ``address`` / ``RAY_ADDRESS``, else start a local Ray on 127.0.0.1.
+
+    ``dashboard``: start Ray's dashboard with a local Ray. Ray Train needs it (its controller
+    polls the state API the dashboard hosts); scoring does not, and it costs ~1.8 s of start-up.
 
     A local Ray must not listen on the machine's public interfaces: Ray's services run any
     code sent to them. In Ray 2.x the single-node "local cluster" mode is the one that keeps
@@ -46,8 +49,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(address=address, **quiet)
         quiet_ray_data()
         return
-    # The dashboard hosts the state API that Ray Train's controller polls; it binds to loopback.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+    # When started, the dashboard binds to loopback like everything else.
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
     quiet_ray_data()
     res = ray.cluster_resources()
     log.info("started a local Ray on 127.0.0.1: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
@@ -33,6 +34,7 @@ from hcdlib.errors import RunStopped, UserError, outside_cause, release_frames
 from hcdlib.listing import list_files
 from hcdlib.pipeline import decoded_dataset, largest_chunk, limit_read_ahead
 from hcdlib.sources import open_source, plan_chunks
+from hcdlib.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +61,18 @@ class Scorer:
         self.model_id = model_id(meta)
         self.tta = tta
 
-    def __call__(self, batch: dict) -> dict:
-        """Add ``prob`` and ``model`` to a decoded batch; drop the pixels."""
+    def forward(self, pixels: np.ndarray) -> np.ndarray:
+        """P(tumour) of decoded patches (N x 96 x 96 x 3 uint8)."""
         from hcdlib.infer import infer_batch
 
+        return infer_batch(self.model, pixels, device=self.device, preprocess=self.pre, tta=self.tta)
+
+    def __call__(self, batch: dict) -> dict:
+        """Add ``prob`` and ``model`` to a decoded batch; drop the pixels."""
         ok = batch["status"] == "ok"
         prob = np.full(len(ok), np.nan, dtype=np.float32)
         if ok.any():
-            prob[ok] = infer_batch(self.model, batch["pixels"][ok], device=self.device,
-                                   preprocess=self.pre, tta=self.tta)
+            prob[ok] = self.forward(batch["pixels"][ok])
         out = {k: v for k, v in batch.items() if k not in ("pixels", "label")}
         out["prob"] = prob
         out["model"] = np.full(len(ok), self.model_id, dtype=object)
@@ -106,22 +111,28 @@ def _check_locations(cfg: ScoreConfig) -> None:
                             "its outputs; choose another --out")
 
 
-def score(cfg: ScoreConfig) -> dict:
+def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     """Run one scoring job to completion (resuming if ``cfg.out`` holds a partial run).
 
     Everything the user gave is checked here, on the driver, before Ray starts: the model
-    artifact is loaded once (hash, format, arch), --out is checked against --input, and the
-    input is listed.
+    artifact (metadata, hash, arch), --out against --input, and the input, which is listed
+    once. Only building the model from the checked weights (which imports torch, ~1.5 s)
+    overlaps Ray's start. ``actor`` is the model actor's class; only benchmarks pass another
+    (one whose forward pass is a constant, to time the pipeline alone).
     """
     import ray
 
-    from hcdlib.artifact import load_model
+    from hcdlib.artifact import check_artifact, load_model
     from hcdlib.rayutil import init_ray, plan_actors
     from hcdlib.slides import is_slide_source, plan_slides, slide_inputs, tile_chunks, write_slide_outputs
 
     t0 = time.perf_counter()
-    _, meta = load_model(cfg.model)
+    checked = check_artifact(cfg.model)
+    meta = checked[0]
     _check_locations(cfg)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hcd-load-model")
+    weights_fit = pool.submit(load_model, cfg.model, checked=checked)  # result() raises if they do not
+    pool.shutdown(wait=False)
     listing = list_files(cfg.input)
     planned = None
     if cfg.slides or is_slide_source(listing.files):
@@ -130,7 +141,9 @@ def score(cfg: ScoreConfig) -> dict:
         spec = _run_spec(cfg, meta, fingerprint)
         preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
         init_ray(cfg.address)
-        planned = plan_slides(slides, out=cfg.out, mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold) + refused
+        pre = Preprocess.from_dict(meta["preprocess"])  # the resolution and patch size the model takes
+        planned = plan_slides(slides, out=cfg.out, mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold,
+                              target_mpp=pre.mpp, patch=pre.size) + refused
         chunks = [c for p in planned for c in tile_chunks(p, cfg.chunk_size)]
         total = sum(c["num_rows"] for c in chunks)
         log.info("%s: %d slides, %d tissue tiles", cfg.input, len(planned), total)
@@ -149,13 +162,14 @@ def score(cfg: ScoreConfig) -> dict:
         # A manifest from an earlier commit must not list parts this run is about to rewrite.
         urimod.delete(urimod.join(cfg.out, preds.MANIFEST))
         init_ray(cfg.address)
+        weights_fit.result()
         plan = plan_actors(ray.cluster_resources(), actors=cfg.actors,
                            cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)
         log.debug("model actors: %s", plan)
         written: set[str] = set()
         stopped = None
         try:
-            _run_pipeline(cfg, todo, plan, meta["sha256"], total=total, written=written)
+            _run_pipeline(cfg, todo, plan, meta["sha256"], total=total, written=written, actor=actor)
         except Exception as exc:
             cause = outside_cause(exc)
             if cause is None:  # a bug: its own traceback
@@ -190,7 +204,8 @@ def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
     return spec
 
 
-def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, total: int, written: set[str]) -> None:
+def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, total: int, written: set[str],
+                  actor: type) -> None:
     """Stream ``todo`` through the model actors.
 
     Each chunk's part is written once all its rows are in, and its key added to ``written``.
@@ -198,9 +213,9 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
     import ray
 
     expected = {c["key"]: c["num_rows"] for c in todo}
-    ds = decoded_dataset(todo, resize=cfg.resize)
+    ds = decoded_dataset(todo, resize=cfg.resize, block_rows=cfg.batch_size)
     ds = ds.map_batches(
-        Scorer,
+        actor,
         fn_constructor_kwargs={"model_uri": cfg.model, "sha256": sha256, "tta": cfg.tta,
                                "threads": plan.torch_threads, "compile": cfg.compile},
         compute=ray.data.ActorPoolStrategy(size=plan.actors),

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
+from hcdlib.decode import PIXEL_BYTES
 from hcdlib.listing import Listing, SourceError, list_files
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,14 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 KAGGLE, CLASS_FOLDERS, PARQUET = "kaggle", "class_folders", "parquet"
 PACK_MANIFEST = "_SUCCESS"
-# Schema of the rows every source yields (and of pack shards).
+# Schema of the rows every source yields (and of pack shards). A row holds its patch either
+# encoded (``image``: the file's bytes) or decoded (``pixels``: 96x96x3 uint8, as hcd pack
+# stores lossless patches, with decoding's ``note``); shards from before pixels read as image-only.
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("image", pa.binary()),
+    ("pixels", pa.binary(PIXEL_BYTES)),
+    ("note", pa.string()),
     ("label", pa.int64()),
     ("slide_id", pa.string()),
     ("source", pa.string()),
@@ -344,9 +349,12 @@ def read_chunk(chunk: dict) -> pa.Table:
         read = [_read_one(fs, p) for _, p in todo]
     for (i, _), r in zip(todo, read, strict=True):
         results[i] = r
+    n = len(sources)
     return pa.table({
         "id": pa.array(chunk["id"], pa.string()),
         "image": pa.array([r[0] for r in results], pa.binary()),
+        "pixels": pa.nulls(n, pa.binary(PIXEL_BYTES)),
+        "note": pa.nulls(n, pa.string()),
         "label": pa.array(chunk["label"], pa.int64()),
         "slide_id": pa.array(chunk["slide_id"], pa.string()),
         "source": pa.array(sources, pa.string()),

@@ -131,7 +131,7 @@ def train(cfg: TrainConfig) -> dict:
     train_src, val_src = open_sources(cfg)
     if urimod.exists(run_dir):
         log.info("resuming the training run in %s from its latest checkpoint", run_dir)
-    init_ray(cfg.address)
+    init_ray(cfg.address, dashboard=True)
     datasets, n_train = build_datasets(cfg, train_src, val_src), train_src.num_patches
     scaling, threads = _scaling(cfg, ray.cluster_resources())
     log.debug("Ray Train: %s, %d torch threads per worker", scaling, threads)

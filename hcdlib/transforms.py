@@ -10,9 +10,13 @@ when there is one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: checking a model artifact needs only Preprocess
+    import torch
 
+# PatchCamelyon's resolution: 10x, about 0.97 um/px (96 px patches cover 93 um of tissue).
+PCAM_MPP = 0.972
 # PatchCamelyon channel statistics (RGB, 0..1); ImageNet's for ImageNet-pretrained weights.
 PCAM_MEAN, PCAM_STD = (0.70, 0.54, 0.69), (0.24, 0.28, 0.22)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -20,11 +24,17 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Input normalisation of a model; saved in its artifact."""
+    """What a model takes as input, saved in its artifact (as TIAToolbox's IO config is).
+
+    Normalisation, and the resolution a patch is cut at: ``size`` px at ``mpp`` microns per
+    pixel. Slide scoring cuts tiles to this, so a model trained at another magnification needs
+    no code change, only its artifact.
+    """
 
     mean: tuple[float, float, float] = PCAM_MEAN
     std: tuple[float, float, float] = PCAM_STD
     size: int = 96
+    mpp: float = PCAM_MPP
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -33,11 +43,14 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         """Inverse of :meth:`to_dict`."""
-        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), size=int(d["size"]))
+        # Artifacts from before mpp was recorded were all trained at PatchCamelyon's resolution.
+        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), size=int(d["size"]), mpp=float(d.get("mpp", PCAM_MPP)))
 
 
 def to_input(pixels: torch.Tensor, pre: Preprocess, *, channels_last: bool = True) -> torch.Tensor:
     """uint8 NHWC -> normalised float32 NCHW (channels_last memory format on request)."""
+    import torch
+
     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
@@ -47,6 +60,8 @@ def to_input(pixels: torch.Tensor, pre: Preprocess, *, channels_last: bool = Tru
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th (0..7) element of the dihedral group D4 applied to NCHW images."""
+    import torch
+
     if k >= 4:
         x = x.flip(-1)
     return torch.rot90(x, k % 4, dims=(-2, -1))
@@ -59,6 +74,8 @@ def train_preset(x: torch.Tensor, *, generator: torch.Generator | None = None,
     Tissue has no orientation, so every dihedral transform is a valid sample; mild per-image
     colour jitter mimics stain and scanner variation between slides.
     """
+    import torch
+
     n = x.shape[0]
     dev = x.device
     ks = torch.randint(0, 8, (n,), generator=generator).to(dev)

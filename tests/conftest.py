@@ -27,7 +27,7 @@ def ray_session(s3_server):
     from hcdlib.rayutil import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2, dashboard=True)  # the training tests need it
     yield ray
     ray.shutdown()
 

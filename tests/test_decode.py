@@ -92,3 +92,94 @@ def test_decode_batch_never_raises_and_names_the_patch():
     np.testing.assert_array_equal(out["pixels"][0], RGB)
     assert not out["pixels"][1:].any()
     assert "image" not in out
+
+
+def _mixed_rows() -> dict:
+    """Encoded patches of every kind pack meets: lossless, RGBA, JPEG, junk, empty, unreadable."""
+    rgba = np.dstack([RGB, np.full((96, 96), 255, np.uint8)])
+    return {
+        "id": ["tif", "rgba", "jpg", "junk", "empty", "gone"],
+        "image": [_encode(RGB), _encode(rgba, "PNG"), _encode(RGB, "JPEG", quality=75), b"junk", b"", None],
+        "error": [None, None, None, None, None, "cannot read /x/gone.tif: denied"],
+    }
+
+
+def test_pack_stores_decodable_patches_as_their_pixels_and_keeps_the_rest_encoded():
+    from hcdlib.decode import store_pixels
+
+    rows = _mixed_rows()
+    image, pixels, note = store_pixels(rows["image"])
+    assert [p is not None for p in pixels] == [True, True, False, False, False, False]
+    assert image[:2] == [None, None] and image[2:] == rows["image"][2:]  # JPEG, junk, empty, missing stay as they were
+    np.testing.assert_array_equal(np.frombuffer(pixels[0], np.uint8).reshape(96, 96, 3), RGB)
+    assert note[:2] == [None, "converted RGBA to RGB"]
+
+
+def test_stored_pixels_decode_exactly_as_the_encoded_patches_did():
+    """A chunk read from a pack (pixels for some rows, bytes for others) gives what decoding the files gave."""
+    import pyarrow as pa
+
+    from hcdlib.decode import PIXEL_BYTES, decode_table, store_pixels
+
+    rows = _mixed_rows()
+    direct = decode_batch({k: np.array(v, dtype=object) for k, v in rows.items()})
+    image, pixels, note = store_pixels(rows["image"])
+    table = pa.table({"id": rows["id"], "image": pa.array(image, pa.binary()),
+                      "pixels": pa.array(pixels, pa.binary(PIXEL_BYTES)), "note": pa.array(note, pa.string()),
+                      "label": pa.array([1, 0, None, 1, 0, 1], pa.int64()), "error": rows["error"]})
+    for t in (table, table.slice(1), pa.concat_tables([table.slice(0, 2), table.slice(2)])):  # offsets, chunks
+        k = 6 - t.num_rows
+        out = decode_table(t)
+        np.testing.assert_array_equal(out["pixels"], direct["pixels"][k:])
+        assert list(out["status"]) == list(direct["status"][k:])
+        assert list(out["error"]) == list(direct["error"][k:])
+        assert list(out["note"]) == list(direct["note"][k:])
+        assert list(out["label"]) == [1, 0, None, 1, 0, 1][k:] and "image" not in out
+
+
+@pytest.mark.parametrize("writer", ["pil", "pil-strips", "tifffile", "tifffile-bigendian"])
+def test_uncompressed_rgb_tiff_is_read_as_its_pixels_exactly_as_pil_decodes_it(writer, tmp_path):
+    import tifffile
+
+    from hcdlib.decode import raw_tiff_pixels
+
+    path = tmp_path / "p.tif"
+    if writer.startswith("pil"):
+        Image.fromarray(RGB).save(path, format="TIFF", **({"rowsperstrip": 7} if writer == "pil-strips" else {}))
+    else:
+        tifffile.imwrite(path, RGB, byteorder=">" if writer.endswith("bigendian") else "<", photometric="rgb")
+    data = path.read_bytes()
+    fast = raw_tiff_pixels(data)
+    assert fast is not None  # the fast path took it
+    with Image.open(io.BytesIO(data)) as im:
+        np.testing.assert_array_equal(fast, np.asarray(im.convert("RGB")))
+    np.testing.assert_array_equal(decode_patch(data).pixels, RGB)
+
+
+@pytest.mark.parametrize("variant", ["lzw", "gray", "rgba", "size", "truncated", "planar"])
+def test_other_tiffs_go_through_pil(variant, tmp_path):
+    import tifffile
+
+    from hcdlib.decode import raw_tiff_pixels
+
+    path = tmp_path / "p.tif"
+    if variant == "lzw":
+        Image.fromarray(RGB).save(path, format="TIFF", compression="tiff_lzw")
+    elif variant == "gray":
+        Image.fromarray(RGB[..., 0]).save(path, format="TIFF")
+    elif variant == "rgba":
+        Image.fromarray(np.dstack([RGB, RGB[..., :1]])).save(path, format="TIFF")
+    elif variant == "size":
+        Image.fromarray(RGB[:64]).save(path, format="TIFF")
+    elif variant == "planar":
+        tifffile.imwrite(path, np.moveaxis(RGB, -1, 0), photometric="rgb", planarconfig="separate")
+    else:
+        Image.fromarray(RGB).save(path, format="TIFF")
+        path.write_bytes(path.read_bytes()[:5000])
+    data = path.read_bytes()
+    assert raw_tiff_pixels(data) is None
+    res = decode_patch(data)
+    if variant in ("lzw", "planar"):  # PIL decodes them, to the same pixels
+        np.testing.assert_array_equal(res.pixels, RGB)
+    else:
+        assert res.pixels is None or res.note  # an error row, or converted with a note

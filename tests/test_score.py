@@ -228,3 +228,27 @@ def test_manifest_is_json_with_the_effective_config(ray_session, model_dir, synt
     m = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert m["config"]["tta"] == 4 and m["run"]["tta"] == 4
     assert sum(f["rows"] for f in m["files"]) == m["rows"] == 300
+
+
+def test_packed_pixels_score_exactly_as_the_files(ray_session, model_dir, corrupt_set, tmp_path):
+    """Packing stores decodable patches as pixels: predictions do not change, bad files stay error rows."""
+    import pyarrow.parquet as pq
+
+    from hcdlib.transforms import Preprocess
+
+    folder, info = corrupt_set
+    pack(PackConfig(input=str(folder), out=str(tmp_path / "shards"), rows_per_file=200, row_group_size=64))
+    stored = pq.read_table(next((tmp_path / "shards").glob("part-*.parquet")), columns=["pixels", "image"])
+    assert stored["pixels"].null_count < stored.num_rows  # pixels really are stored, not just bytes
+    files = score(_cfg(model_dir, folder, tmp_path / "from-files")).get("manifest_uri")
+    packed = score(_cfg(model_dir, tmp_path / "shards", tmp_path / "from-pack"))
+    a = read_predictions(str(tmp_path / "from-files")).to_pandas().sort_values(["id", "source"]).reset_index()
+    b = read_predictions(str(tmp_path / "from-pack")).to_pandas().sort_values(["id", "source"]).reset_index()
+    assert files and packed["rows"] == info["n"] and list(a.id) == list(b.id)
+    assert list(a.status) == list(b.status) and list(a.error.fillna("")) == list(b.error.fillna(""))
+    np.testing.assert_allclose(a.prob.to_numpy(), b.prob.to_numpy(), atol=1e-6, equal_nan=True)
+    model, meta = load_model(str(model_dir))
+    ok = a[a.status == "ok"]
+    pixels = np.stack([decode_patch(Path(s).read_bytes()).pixels for s in ok.source])
+    direct = infer_batch(model, pixels, device=torch.device("cpu"), preprocess=Preprocess.from_dict(meta["preprocess"]))
+    np.testing.assert_allclose(b.prob[a.status == "ok"].to_numpy(), direct, atol=1e-5)

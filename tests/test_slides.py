@@ -49,6 +49,23 @@ def test_level_choice_from_mpp():
     assert (p.tile_size, p.level, p.read_size) == (187, 0, 187)
 
 
+def test_the_model_artifact_sets_the_resolution_tiles_are_cut_at(tmp_path):
+    """A model trained at 0.5 um/px (20x) gets 96 px tiles of 48 um, with no code change; old artifacts stay 10x."""
+    import torch
+
+    from hcdlib.artifact import export_model, read_meta
+    from hcdlib.transforms import Preprocess
+
+    pre20x = Preprocess(mpp=0.5)
+    export_model(torch.nn.Linear(1, 1), str(tmp_path / "m"), arch="hcdnet", preprocess=pre20x)
+    saved = Preprocess.from_dict(read_meta(str(tmp_path / "m"))["preprocess"])
+    assert saved == pre20x
+    p = plan_level(0.25, [1.0, 2.0, 4.0], target_mpp=saved.mpp)  # a 40x scan: level 1 is exactly 20x
+    assert (p.tile_size, p.level, p.read_size) == (192, 1, 96)
+    old = {k: v for k, v in pre20x.to_dict().items() if k != "mpp"}  # model.json written before mpp existed
+    assert Preprocess.from_dict(old).mpp == PCAM_MPP
+
+
 def test_tissue_mask_finds_tissue_not_glass():
     img = _canvas()
     mask = tissue_mask(img)
@@ -159,3 +176,35 @@ def test_slides_on_s3_are_staged_and_scored(ray_session, model_dir, slide_dir, b
     t = read_predictions(f"{bucket}/out")
     assert set(t["source"].to_pylist()) == {f"{bucket}/slides/s1_pcam_res.tif"}
     assert not list(Path("/tmp").glob("hcd-slide-*"))  # staged copies are removed
+
+
+@pytest.mark.parametrize(("scale", "level"), [(1, 0), (2, 1)])
+def test_tiles_read_in_runs_equal_tiles_read_one_by_one(tmp_path, scale, level):
+    """Reading a row of tiles with one call and cutting it gives each tile's own read_region, at level 0 and 1."""
+    import openslide
+
+    from hcdlib.slides import plan_slide, read_tiles, tile_chunks
+    from hcdlib.synth import synth_slide_pixels, write_slide_tiff
+
+    img = synth_slide_pixels(7, 3, seed=5, blank_cols=2)
+    img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    write_slide_tiff(str(tmp_path / "s.tif"), img, mpp=PCAM_MPP / scale)
+    planned = plan_slide(str(tmp_path / "s.tif"), slide_id="s", out=str(tmp_path / "out"), mpp=None,
+                         tissue_threshold=0.5)
+    chunk = tile_chunks(planned, 1000)[0]
+    assert chunk["level"] == level and chunk["num_rows"] >= 10
+    got = read_tiles(chunk)
+    assert (got["status"] == "ok").all()
+    with openslide.OpenSlide(str(tmp_path / "s.tif")) as s:
+        for i, (x, y) in enumerate(zip(got["x"], got["y"], strict=True)):
+            one = np.asarray(s.read_region((int(x), int(y)), level, (96, 96)).convert("RGB"))
+            np.testing.assert_array_equal(got["pixels"][i], one)
+
+
+def test_tile_runs_break_at_gaps_rows_and_length():
+    from hcdlib.slides import tile_runs
+
+    xs = np.array([0, 96, 192, 384, 0, 96, 192, 288, 384])
+    ys = np.array([0, 0, 0, 0, 96, 96, 96, 96, 96])
+    assert tile_runs(xs, ys, 96) == [(0, 3), (3, 4), (4, 9)]
+    assert tile_runs(xs, ys, 96, max_tiles=2) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 9)]

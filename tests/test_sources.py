@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from conftest import PCAM_REAL, upload_dir
 
-from hcdlib.decode import decode_patch
+from hcdlib.decode import decode_patch, decode_table
 from hcdlib.pack import PackConfig, pack
 from hcdlib.sources import (
     CLASS_FOLDERS,
@@ -47,8 +47,11 @@ def _check_rows(rows: pa.Table, synth: Path, *, with_slides: bool) -> None:
         assert r["slide_id"] == (labels[r["id"]][1] if with_slides else None)
         assert r["source"].endswith(f"{r['id']}.tif")
         assert r["error"] is None
-    first = rows.slice(0, 1).to_pylist()[0]
-    assert decode_patch(first["image"]).pixels.shape == (96, 96, 3)
+    # Whether a row holds the file's bytes or (packed) its pixels, it decodes to the file's pixels.
+    first = decode_table(rows.slice(0, 3))
+    for i, pid in enumerate(first["id"]):
+        assert first["status"][i] == "ok"
+        np.testing.assert_array_equal(first["pixels"][i], decode_patch((synth / f"{pid}.tif").read_bytes()).pixels)
 
 
 def test_kaggle_layout_local(synth_small):
