@@ -87,10 +87,11 @@ class ConstantScorer(Scorer):
     by ``hcd score`` itself (``score(cfg, actor=ConstantScorer)`` is how the benchmark asks).
     """
 
-    def __init__(self, model_uri: str, *, sha256: str, tta: int, threads: int, compile: bool = False):
+    def __init__(self, model_uri: str, *, sha256: str, tta: int, threads: int, batch_size: int,
+                 compile: bool = False):
         from hcdlib.artifact import model_id, read_meta
 
-        self.model_id = model_id(read_meta(model_uri))
+        self.model_id, self.batch_size = model_id(read_meta(model_uri)), batch_size
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
         """0.5 for every patch, without touching the pixels."""
@@ -175,7 +176,8 @@ def model_only_actors(model_dir: str, tif: str, cfg: BenchScoreConfig) -> tuple[
     pixels = ray.put(_decoded(tif, limit=max(4096, cfg.batch_size)))
     per_actor = max(2, -(-cfg.n // cfg.batch_size // plan.actors) + 1)  # + 1 warm-up batch each
     actor_cls = ray.remote(ForwardLoop).options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
-    loops = [actor_cls.remote(model_uri=model_dir, sha256=meta["sha256"], tta=cfg.tta, threads=plan.torch_threads)
+    loops = [actor_cls.remote(model_uri=model_dir, sha256=meta["sha256"], tta=cfg.tta, threads=plan.torch_threads,
+                              batch_size=cfg.batch_size)
              for _ in range(plan.actors)]
     runs = ray.get([a.run.remote(pixels, per_actor, cfg.batch_size) for a in loops])
     for a in loops:

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 class Scorer:
     """Ray Data actor: loads the model once, then scores batches with :func:`infer_batch`."""
 
-    def __init__(self, model_uri: str, *, sha256: str, tta: int, threads: int, compile: bool = False):
+    def __init__(self, model_uri: str, *, sha256: str, tta: int, threads: int, batch_size: int,
+                 compile: bool = False):
         import torch
 
         from hcdlib.artifact import load_model, model_id
@@ -59,7 +60,7 @@ class Scorer:
             self.model = torch.compile(self.model)
         self.pre = Preprocess.from_dict(meta["preprocess"])
         self.model_id = model_id(meta)
-        self.tta = tta
+        self.tta, self.batch_size = tta, batch_size
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
         """P(tumour) of decoded patches (N x 96 x 96 x 3 uint8)."""
@@ -78,8 +79,11 @@ class Scorer:
         ok = pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False)
         prob = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            pixels = np.concatenate([c.to_numpy() for c in batch["pixels"].chunks]) if n else None
-            prob[ok] = self.forward(pixels[ok])
+            chunks = batch["pixels"].chunks  # one, as blocks arrive: a view of the object store, no copy
+            pixels = chunks[0].to_numpy() if len(chunks) == 1 else np.concatenate([c.to_numpy() for c in chunks])
+            todo = pixels if ok.all() else pixels[ok]
+            prob[ok] = np.concatenate([self.forward(todo[i:i + self.batch_size])
+                                       for i in range(0, len(todo), self.batch_size)])
         out = batch.drop_columns([c for c in ("pixels", "label") if c in batch.column_names])
         return out.append_column("prob", pa.array(prob)).append_column(
             "model", pa.array([self.model_id]).take(pa.array(np.zeros(n, dtype=np.int64))))
@@ -223,9 +227,11 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
     ds = ds.map_batches(
         actor,
         fn_constructor_kwargs={"model_uri": cfg.model, "sha256": sha256, "tta": cfg.tta,
-                               "threads": plan.torch_threads, "compile": cfg.compile},
+                               "threads": plan.torch_threads, "batch_size": cfg.batch_size, "compile": cfg.compile},
         compute=ray.data.ActorPoolStrategy(size=plan.actors), batch_format="pyarrow",
-        batch_size=cfg.batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+        # Each block (one model batch, cut by the read task) is one call: re-batching to an exact
+        # size would concatenate, i.e. copy, the pixels of neighbouring blocks.
+        batch_size=None, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
     # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
     ds = limit_read_ahead(ds, unit_rows=max(largest_chunk(todo), cfg.batch_size), consumers=plan.actors,
