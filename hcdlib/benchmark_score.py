@@ -374,24 +374,27 @@ def _linked_copies(src: str, k: int, out: str, pattern: str) -> str:
     return out
 
 
-def _timed(model_dir: str, source: str, out: str, *, slides: bool = False) -> tuple[float, int]:
-    """Seconds and rows of one in-process ``hcd score`` with the forward pass replaced by a constant."""
+def _timed(model_dir: str, source: str, out: str, *, slides: bool = False) -> tuple[float, int, int]:
+    """Seconds, rows and peak RSS of one in-process ``hcd score`` with a constant for the forward pass."""
     from hcdlib.score import ScoreConfig, score
 
     t0 = time.perf_counter()
-    m = score(ScoreConfig(model=model_dir, input=source, out=out, overwrite=True, slides=slides), actor=ConstantScorer)
+    with PeakMemory() as mem:
+        m = score(ScoreConfig(model=model_dir, input=source, out=out, overwrite=True, slides=slides),
+                  actor=ConstantScorer)
     if m["errors"]:
         raise RuntimeError(f"benchmark input {source}: {m['errors']} rows failed; the numbers would be wrong")
-    return time.perf_counter() - t0, m["rows"]
+    return time.perf_counter() - t0, m["rows"], mem.peak
 
 
 def _steady(model_dir: str, small: str, big: str, out: str, *, slides: bool = False) -> dict:
     """Steady-state rows/s (from the difference of two sizes) and the start-up it implies."""
-    t1, n1 = _timed(model_dir, small, out + "-n", slides=slides)
-    t5, n5 = _timed(model_dir, big, out + "-5n", slides=slides)
+    t1, n1, m1 = _timed(model_dir, small, out + "-n", slides=slides)
+    t5, n5, m5 = _timed(model_dir, big, out + "-5n", slides=slides)
     rate = (n5 - n1) / (t5 - t1)
     log.info("%s: %d rows in %.1fs, %d in %.1fs: %.0f rows/s steady", small, n1, t1, n5, t5, rate)
-    return {"rows": (n1, n5), "seconds": (t1, t5), "steady": rate, "startup_in_process": t1 - n1 / rate}
+    return {"rows": (n1, n5), "seconds": (t1, t5), "steady": rate, "startup_in_process": t1 - n1 / rate,
+            "peak_rss": (m1, m5)}
 
 
 def first_part_seconds(model_dir: str, source: str, out: str) -> float:
@@ -451,15 +454,16 @@ def format_pipeline(r: dict, cfg: BenchScoreConfig) -> str:
     """The (g) rows as a Markdown table (pasted into the README)."""
     cpus = os.cpu_count() or 1
     lines = [f"pipeline alone (forward pass = a constant), {cpus} CPUs, steady state = 4N / (T(5N) - T(N))", "",
-             "| row | N, 5N | T(N), T(5N) s | steady rows/s | per core | start-up in process |",
-             "|---|---|---|---:|---:|---:|"]
+             "| row | N, 5N | T(N), T(5N) s | steady rows/s | per core | start-up in process | peak RSS N, 5N |",
+             "|---|---|---|---:|---:|---:|---|"]
     names = {"g": "(g) Parquet shards, local disk", "g-tif": "(g-tif) folder of .tif files",
              "g-slides": "(g-slides) tiles of pyramidal TIFF slides (tiles/s)"}
     for key, name in names.items():
         if key in r:
             x = r[key]
             lines.append(f"| {name} | {x['rows'][0]}, {x['rows'][1]} | {x['seconds'][0]:.1f}, {x['seconds'][1]:.1f} "
-                         f"| {x['steady']:.0f} | {x['steady'] / cpus:.0f} | {x['startup_in_process']:.1f} s |")
+                         f"| {x['steady']:.0f} | {x['steady'] / cpus:.0f} | {x['startup_in_process']:.1f} s "
+                         f"| {x['peak_rss'][0] / 2**30:.2f}, {x['peak_rss'][1] / 2**30:.2f} GiB |")
     s = r["startup"]
     lines += ["", f"start-up of a fresh `hcd score` (real {cfg.arch} model, Ray started by the command), start to "
                   f"first committed part: {', '.join(f'{v:.1f}' for v in s)} s (median {sorted(s)[len(s) // 2]:.1f} s)"]
