@@ -199,8 +199,9 @@ def decode_table(t: pa.Table, *, resize: bool = False) -> dict:
     rest = np.flatnonzero(~present)
     if len(rest):
         idx = pa.array(rest)
+        read_errors = _objects(t["error"].take(idx)) if "error" in names else np.full(len(rest), None, object)
         decoded = decode_batch({"id": out["id"][rest], "image": _objects(t["image"].take(idx)),
-                                "error": _objects(t["error"].take(idx))}, resize=resize)
+                                "error": read_errors}, resize=resize)
         for name, dst in (("pixels", pixels), ("status", status), ("error", errors), ("note", notes)):
             dst[rest] = decoded[name]
     out.update(pixels=pixels, status=status, error=errors, note=notes)
