@@ -39,25 +39,31 @@ class RunStopped(RuntimeError):
     """
 
 
+def _chain(exc: BaseException):
+    """``exc`` and every exception behind it (causes, contexts, a Ray task error's ``cause``), once each."""
+    seen: set[int] = set()
+    todo: list = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+
+
 def outside_cause(exc: BaseException) -> BaseException | None:
     """The fault of the environment behind ``exc`` (I/O, a lost node or worker), or None for a bug."""
     import ray.exceptions as rex
 
     faults = (OSError, rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError, rex.WorkerCrashedError,
               rex.ActorUnavailableError)
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         if isinstance(e, faults) and not isinstance(e, UserError):
             # A task's error re-raised on the driver carries the worker's traceback in its text;
             # the original exception says what went wrong in one line.
             original = getattr(e, "cause", None) if isinstance(e, rex.RayTaskError) else None
             return original if isinstance(original, BaseException) else e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     return None
 
 
@@ -69,12 +75,5 @@ def release_frames(exc: BaseException) -> None:
     notebook's ``sys.last_traceback``) does. Left alone, the next run in the same process finds
     every CPU held by the dead run's actors and waits forever. The traceback text survives.
     """
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         traceback.clear_frames(e.__traceback__)
-        todo += [e.__cause__, e.__context__]
