@@ -53,7 +53,9 @@ def raw_tiff_pixels(data: bytes, size: int = PATCH_SIZE) -> np.ndarray | None:
 
     if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
         return None
+    expected = size * size * 3
     end = "<" if data[:2] == b"II" else ">"
+    view = memoryview(data)  # tag values are read in place: a hostile header costs no copies
     try:
         (ifd,) = struct.unpack_from(end + "I", data, 4)
         (count,) = struct.unpack_from(end + "H", data, ifd)
@@ -63,11 +65,12 @@ def raw_tiff_pixels(data: bytes, size: int = PATCH_SIZE) -> np.ndarray | None:
             if typ not in _TIFF_TYPES:
                 continue
             code, width = _TIFF_TYPES[typ]
-            where = value if n * width <= 4 else data[struct.unpack(end + "I", value)[0]:][:n * width]
+            if n > 4 * expected:  # no tag of a patch holds more values than it has bytes
+                return None
+            where = value if n * width <= 4 else view[struct.unpack(end + "I", value)[0]:][:n * width]
             tags[tag] = list(struct.unpack_from(f"{end}{n}{code}", where))
     except struct.error:
         return None
-    expected = size * size * 3
     simple = (tags.get(_WIDTH) == [size] and tags.get(_HEIGHT) == [size] and tags.get(_BITS) == [8, 8, 8]
               and tags.get(_COMPRESSION) == [1] and tags.get(_PHOTOMETRIC) == [2] and tags.get(_SAMPLES) == [3]
               and tags.get(_PLANAR, [1]) == [1] and tags.get(_SAMPLE_FORMAT, [1, 1, 1]) == [1, 1, 1])

@@ -183,3 +183,17 @@ def test_other_tiffs_go_through_pil(variant, tmp_path):
         np.testing.assert_array_equal(res.pixels, RGB)
     else:
         assert res.pixels is None or res.note  # an error row, or converted with a note
+
+
+def test_a_tiff_header_that_lies_is_refused_cheaply():
+    """Tag counts of 2**31 or offsets past the end: the fast path says no, PIL gives the error row."""
+    import struct
+    import time
+
+    from hcdlib.decode import raw_tiff_pixels
+
+    ifd = struct.pack("<H", 3) + b"".join(struct.pack("<HHII", tag, 4, 2**31, 8) for tag in (256, 273, 279))
+    data = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 64
+    t0 = time.perf_counter()
+    assert raw_tiff_pixels(data) is None and decode_patch(data).pixels is None
+    assert time.perf_counter() - t0 < 1
