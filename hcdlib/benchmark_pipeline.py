@@ -1,0 +1,153 @@
+"""The (g) rows of the scoring benchmark: the pipeline alone, measured side by side in one run.
+
+    python jobs/bench_score.py --n 40000 --pipeline-only      # the (g) rows alone
+
+(g) rows time the pipeline alone: the model actors' forward pass is a constant
+(:class:`ConstantScorer`, benchmark only), everything else is ``hcd score``. Each is run at N
+and 5N inputs (copies with new ids or names, not re-rendered); steady state is 4N / (T(5N) -
+T(N)), so start-up does not count, and start-up is its own row: a fresh ``hcd score`` process
+with the real model, from its start to its first committed part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hcdlib.benchmark_score import PeakMemory, _replicated
+from hcdlib.config import BenchScoreConfig
+from hcdlib.score import Scorer
+
+log = logging.getLogger(__name__)
+
+
+class ConstantScorer(Scorer):
+    """Benchmark only: ``hcd score``'s model actor with the forward pass replaced by a constant.
+
+    Everything else an actor does (receive the decoded batch, build the output rows) stays, so
+    a run with it measures the pipeline alone: read, decode, move, collect, write. Never used
+    by ``hcd score`` itself (``score(cfg, actor=ConstantScorer)`` is how the benchmark asks).
+    """
+
+    def __init__(self, model_uri: str, *, sha256: str, tta: int, threads: int, batch_size: int,
+                 compile: bool = False):
+        from hcdlib.artifact import model_id, read_meta
+
+        self.model_id, self.batch_size = model_id(read_meta(model_uri)), batch_size
+
+    def forward(self, pixels: np.ndarray) -> np.ndarray:
+        """0.5 for every patch, without touching the pixels."""
+        return np.full(len(pixels), 0.5, dtype=np.float32)
+
+
+def _linked_copies(src: str, k: int, out: str, pattern: str) -> str:
+    """``k`` hard-linked copies of the files matching ``pattern`` in ``src``, under new names."""
+    if os.path.isdir(out):
+        return out
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    for f in sorted(Path(src).glob(pattern)):
+        for j in range(k):
+            os.link(f, os.path.join(tmp, f"r{j}-{f.name}"))
+    os.rename(tmp, out)
+    return out
+
+
+def _timed(model_dir: str, source: str, out: str, *, slides: bool = False) -> tuple[float, int, int]:
+    """Seconds, rows and peak RSS of one in-process ``hcd score`` with a constant for the forward pass."""
+    from hcdlib.score import ScoreConfig, score
+
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        m = score(ScoreConfig(model=model_dir, input=source, out=out, overwrite=True, slides=slides),
+                  actor=ConstantScorer)
+    if m["errors"]:
+        raise RuntimeError(f"benchmark input {source}: {m['errors']} rows failed; the numbers would be wrong")
+    return time.perf_counter() - t0, m["rows"], mem.peak
+
+
+def _steady(model_dir: str, small: str, big: str, out: str, *, slides: bool = False) -> dict:
+    """Steady-state rows/s (from the difference of two sizes) and the start-up it implies."""
+    t1, n1, m1 = _timed(model_dir, small, out + "-n", slides=slides)
+    t5, n5, m5 = _timed(model_dir, big, out + "-5n", slides=slides)
+    rate = (n5 - n1) / (t5 - t1)
+    log.info("%s: %d rows in %.1fs, %d in %.1fs: %.0f rows/s steady", small, n1, t1, n5, t5, rate)
+    return {"rows": (n1, n5), "seconds": (t1, t5), "steady": rate, "startup_in_process": t1 - n1 / rate,
+            "peak_rss": (m1, m5)}
+
+
+def first_part_seconds(model_dir: str, source: str, out: str) -> float:
+    """A fresh ``hcd score`` process (real model, Ray started by the command): start to first committed part."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(out, ignore_errors=True)
+    parts = Path(out, "parts")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "hcdlib.cli", "score", "--model", model_dir, "--input", source,
+                             "--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (parts.is_dir() and any(parts.iterdir())):
+            if proc.poll() is not None:
+                raise RuntimeError(f"hcd score exited with {proc.returncode} before its first part")
+            time.sleep(0.05)
+        return time.perf_counter() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def pipeline_rows(cfg: BenchScoreConfig, model_dir: str, tif: str, shards: str) -> dict:
+    """(g): the pipeline alone on Parquet shards, .tif files and slides; start-up of a fresh command."""
+    from hcdlib.slides import PCAM_MPP
+    from hcdlib.synth import synth_slide_pixels, write_slide_tiff
+
+    w = cfg.work
+    r: dict = {}
+    big = _replicated(shards, 5, os.path.join(w, f"n{cfg.n * 5}-replicated-shards"))
+    r["g"] = _steady(model_dir, shards, big, os.path.join(w, "out-g"))
+    r["g-tif"] = _steady(model_dir, _linked_copies(tif, 1, os.path.join(w, f"n{cfg.n}-tif-linked"), "*.tif"),
+                         _linked_copies(tif, 5, os.path.join(w, f"n{cfg.n * 5}-tif-linked"), "*.tif"),
+                         os.path.join(w, "out-g-tif"))
+    side = 70  # one 6720 px square slide, 4900 tiles; hard links make 8 and 40 slides of it
+    base = os.path.join(w, f"slide-{side}.tif")
+    if not os.path.exists(base):
+        write_slide_tiff(base, synth_slide_pixels(side, side, seed=300), mpp=PCAM_MPP)
+    one = os.path.join(w, "slide-one")
+    os.makedirs(one, exist_ok=True)
+    if not os.path.exists(os.path.join(one, "s.tif")):
+        os.link(base, os.path.join(one, "s.tif"))
+    r["g-slides"] = _steady(model_dir, _linked_copies(one, 8, os.path.join(w, "slides-8"), "*.tif"),
+                            _linked_copies(one, 40, os.path.join(w, "slides-40"), "*.tif"),
+                            os.path.join(w, "out-g-slides"), slides=True)
+    import ray
+
+    ray.shutdown()  # the command starts its own Ray, as a user's does; two Rays on these cores would not be
+    r["startup"] = [first_part_seconds(model_dir, shards, os.path.join(w, "out-startup")) for _ in range(3)]
+    log.info("\n%s", format_pipeline(r, cfg))
+    return r
+
+
+def format_pipeline(r: dict, cfg: BenchScoreConfig) -> str:
+    """The (g) rows as a Markdown table (pasted into the README)."""
+    cpus = os.cpu_count() or 1
+    lines = [f"pipeline alone (forward pass = a constant), {cpus} CPUs, steady state = 4N / (T(5N) - T(N))", "",
+             "| row | N, 5N | T(N), T(5N) s | steady rows/s | per core | start-up in process | peak RSS N, 5N |",
+             "|---|---|---|---:|---:|---:|---|"]
+    names = {"g": "(g) Parquet shards, local disk", "g-tif": "(g-tif) folder of .tif files",
+             "g-slides": "(g-slides) tiles of pyramidal TIFF slides (tiles/s)"}
+    for key, name in names.items():
+        if key in r:
+            x = r[key]
+            lines.append(f"| {name} | {x['rows'][0]}, {x['rows'][1]} | {x['seconds'][0]:.1f}, {x['seconds'][1]:.1f} "
+                         f"| {x['steady']:.0f} | {x['steady'] / cpus:.0f} | {x['startup_in_process']:.1f} s "
+                         f"| {x['peak_rss'][0] / 2**30:.2f}, {x['peak_rss'][1] / 2**30:.2f} GiB |")
+    s = r["startup"]
+    lines += ["", f"start-up of a fresh `hcd score` (real {cfg.arch} model, Ray started by the command), start to "
+                  f"first committed part: {', '.join(f'{v:.1f}' for v in s)} s (median {sorted(s)[len(s) // 2]:.1f} s)"]
+    return "\n".join(lines)
