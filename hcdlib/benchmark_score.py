@@ -330,7 +330,7 @@ def _replicated(shards: str, k: int, out: str) -> str:
         t = pq.read_table(os.path.join(shards, f["path"]))
         for j in range(k):
             ids = pc.binary_join_element_wise(t["id"], pa.scalar(f"r{j}"), "-")
-            name = f"r{j}-{f['path']}"
+            name = f"r{j}-{os.path.basename(f['path'])}"
             pq.write_table(t.set_column(0, "id", ids), os.path.join(out, name), row_group_size=1024)
             files.append({"path": name, "rows": t.num_rows})
     Path(out, PACK_MANIFEST).write_text(json.dumps({"files": files, "rows": sum(f["rows"] for f in files)}))

@@ -85,6 +85,7 @@ class PackConfig(Settings):
     rows_per_file: int = setting(10_000, "patches per shard", lo=1)
     row_group_size: int = setting(1024, "patches per row group: the unit of scoring work and resume", lo=1)
     threads: int = setting(4, "parallel reads (object stores answer small GETs slowly)", lo=1)
+    overwrite: bool = setting(False, "replace an earlier, different hcd pack run in --out (only files hcd wrote)")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,10 @@ class TrainConfig(Settings):
     lr: float = setting(3e-3, "peak learning rate of the one-cycle schedule", lo=0, hi=10, lo_open=True)
     weight_decay: float = setting(1e-4, "AdamW weight decay", lo=0)
     patience: int = setting(6, "early stopping: epochs without AUC gain", lo=1)
+    crop: int = setting(64, "the model sees the centre CROP px of each 96 px patch (the label is about the "
+                            "centre 32 px); recorded in the model, so scoring crops the same", lo=32, hi=96)
+    ema: float = setting(0.997, "decay of the exponential moving average of the weights that is validated "
+                                "and exported (0: the raw weights)", lo=0, hi=0.9999)
     workers: int | None = setting(None, "Ray Train workers (default: one per GPU, else 1)", lo=1)
     gpus_per_worker: float | None = setting(None, "GPUs per worker (default 1 where GPUs exist)", lo=0)
     cpus_per_worker: float | None = setting(None, "CPUs Ray reserves per worker", lo=0)
@@ -216,3 +221,5 @@ class BenchTrainConfig(Settings):
     minutes: float = setting(30.0, "training time budget", lo=0, lo_open=True)
     throughput: bool = setting(False, "images/s of Ray Train vs a plain PyTorch loop")
     throughput_n: int = setting(4096, "patches for the throughput epoch", lo=1)
+    test: str | None = setting(None, "a labelled test source never used in training or epoch choice: also "
+                                     "scored (dihedral TTA 8) and its AUC reported")

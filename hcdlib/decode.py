@@ -183,7 +183,7 @@ def stored_pixels(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_table(t: pa.Table, *, resize: bool = False) -> dict:
-    """Decode a chunk as :func:`hcdlib.sources.read_chunk` returns it (batch format of :func:`decode_batch`).
+    """Decode a chunk as :meth:`hcdlib.chunks.PatchChunk.rows` returns it (batch format of :func:`decode_batch`).
 
     Rows ``hcd pack`` stored as pixels cost a reshape, for the whole chunk at once; only rows
     that hold encoded images (JPEG, or anything not packed) are decoded one by one.

@@ -86,7 +86,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from hcdlib.rayutil import init_ray
     from hcdlib.sample import sample_uri
     from hcdlib.score import ScoreConfig, score
-    from hcdlib.slides import heatmap_png, slide_key, tumour_regions
+    from hcdlib.slide_maps import heatmap_png, tumour_regions
+    from hcdlib.slides import slide_key
     from hcdlib.train import TrainConfig, train
 
     paths = {k: urimod.join(cfg.out, k) for k in ("run", "predictions", "report", "slide", "slide_predictions")}

@@ -63,19 +63,21 @@ def _torchvision(arch: str, pretrained: bool) -> nn.Module:
     return model
 
 
-def preprocess_for(weights: str) -> Preprocess:
-    """Input normalisation that goes with ``weights``: ImageNet's for ImageNet weights, else PCam's."""
-    return Preprocess(IMAGENET_MEAN, IMAGENET_STD) if weights == "imagenet" else Preprocess()
+def preprocess_for(weights: str, *, crop: int = 96) -> Preprocess:
+    """The input for ``weights`` (ImageNet's normalisation, else PCam's) through a centre ``crop``."""
+    if weights == "imagenet":
+        return Preprocess(IMAGENET_MEAN, IMAGENET_STD, crop=crop)
+    return Preprocess(crop=crop)
 
 
-def build_model(arch: str, *, weights: str = "none") -> tuple[nn.Module, Preprocess]:
+def build_model(arch: str, *, weights: str = "none", crop: int = 96) -> tuple[nn.Module, Preprocess]:
     """Build ``arch`` with ``weights`` (none | imagenet | URI of a state dict) and its preprocessing."""
     if arch not in ARCHES:
         raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHES)}")
     if weights == "imagenet" and arch == "hcdnet":
         raise UserError("hcdnet has no ImageNet weights; use --weights none or a torchvision arch")
     model = HcdNet() if arch == "hcdnet" else _torchvision(arch, weights == "imagenet")
-    pre = preprocess_for(weights)
+    pre = preprocess_for(weights, crop=crop)
     if weights not in ("none", "imagenet"):
         try:
             model.load_state_dict(read_state_dict(weights))

@@ -9,60 +9,29 @@ with one reshape instead of decoding every patch again; JPEGs keep their encoded
 smaller than pixels) and anything that does not decode keeps its bytes and becomes the same
 error row it would be unpacked. Packing loses nothing: pixels are what decoding gives.
 
-Each shard is written atomically (temp + rename locally, one PUT on S3) and ``_SUCCESS`` is
-written last, listing the shards: readers of a partial run never take a half-written shard,
-and a rerun skips shards that are already complete.
+The output is committed as ``hcd score`` commits predictions (:mod:`hcdlib.predictions`): the
+run spec first, each shard atomically under ``parts/``, ``_SUCCESS`` last listing the shards.
+Readers of a partial run never take a half-written shard, a rerun skips shards that are
+complete, and a folder hcd did not write is refused.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from hcdlib import predictions as preds
 from hcdlib import uri as urimod
+from hcdlib.chunks import ROW_SCHEMA, PatchChunk
 from hcdlib.config import PackConfig
 from hcdlib.decode import store_pixels
 from hcdlib.errors import UserError
-from hcdlib.sources import (
-    CLASS_FOLDERS,
-    PACK_MANIFEST,
-    ROW_SCHEMA,
-    check_labelled,
-    open_source,
-    plan_chunks,
-    read_chunk,
-)
+from hcdlib.sources import check_labelled, open_source
 
 log = logging.getLogger(__name__)
-
-
-def _shard_name(i: int) -> str:
-    return f"part-{i:05d}.parquet"
-
-
-def _existing_shard(cfg: PackConfig, name: str, chunk: dict) -> dict | None:
-    """A shard an earlier run of this pack wrote (atomic, so complete): kept. Anything else is refused."""
-    target = urimod.join(cfg.out, name)
-    fs, path = urimod.resolve(target)
-    try:
-        with fs.open_input_file(path) as f:
-            ids = pq.ParquetFile(f).read(columns=["id"])["id"].to_pylist()
-    except FileNotFoundError:
-        return None
-    except (OSError, pa.ArrowInvalid, KeyError) as exc:
-        raise UserError(f"{target} exists and is not a readable shard ({exc}); hcd pack does not overwrite "
-                        "files it did not write: choose another --out") from exc
-    # A chunk of files knows its ids; a row group of shards being repacked, only its size.
-    if ids != chunk["id"] if "id" in chunk else len(ids) != chunk["num_rows"]:
-        raise UserError(f"{target} exists and holds other patches than this input's shard {name} "
-                        "(another input, labels or --rows-per-file); choose another --out")
-    return {"path": name, "rows": len(ids)}
 
 
 def _decoded_once(table: pa.Table) -> pa.Table:
@@ -79,24 +48,20 @@ def _decoded_once(table: pa.Table) -> pa.Table:
     return table
 
 
-def _write_shard(cfg: PackConfig, index: int, chunk: dict) -> dict:
-    name = _shard_name(index)
-    kept = _existing_shard(cfg, name, chunk)  # a rerun keeps what the first run finished
-    if kept:
-        return kept
-    target = urimod.join(cfg.out, name)
-    table = read_chunk(chunk)
+def _write_shard(cfg: PackConfig, chunk: PatchChunk) -> dict:
+    """Read, decode once and write one chunk as a shard; its manifest entry."""
+    table = chunk.rows()
     bad = [e for e in table["error"].to_pylist() if e]
     if bad:
         # A file we cannot even read is an input problem to fix first, not something to pack.
         raise UserError(f"pack {cfg.input}: {len(bad)} unreadable files, first: {bad[0]}; fix or remove them")
     table = _decoded_once(table.drop_columns(["error"]).cast(ROW_SCHEMA))
-    buf = io.BytesIO()
+    path = f"{preds.PARTS}/{preds.part_name(chunk.key)}"
     # zstd level 1: cheap to decompress at read time; what it saves depends on the tissue (the
     # synthetic benchmark patches barely shrink: 881 MB of shards for 886 MB of .tif files).
-    pq.write_table(table, buf, row_group_size=cfg.row_group_size, compression="zstd", compression_level=1)
-    urimod.write_bytes_atomic(target, buf.getvalue())
-    return {"path": name, "rows": table.num_rows}
+    size = preds.write_table_atomic(urimod.join(cfg.out, path), table, row_group_size=cfg.row_group_size,
+                                    compression="zstd", compression_level=1)
+    return {"path": path, "rows": table.num_rows, "bytes": size}
 
 
 def pack(cfg: PackConfig) -> dict:
@@ -108,28 +73,32 @@ def pack(cfg: PackConfig) -> dict:
     src = open_source(cfg.input, cfg.labels)
     # A labelled archive (class folders, or labels for some patches): every patch 0 or 1, none forgotten.
     # A labels CSV with slide ids only (a test set) packs unlabelled.
-    labelled = src.layout == CLASS_FOLDERS or (
-        "label" in src.items.column_names and src.items["label"].null_count < src.items.num_rows)
-    if labelled:
+    if src.has_labels():
         check_labelled(src, "input")
-    chunks = plan_chunks(src, cfg.rows_per_file)
+    chunks = src.chunks(cfg.rows_per_file)
+    spec = {"job": "pack", "input": cfg.input, "input_fingerprint": src.fingerprint(), "labels": cfg.labels,
+            "rows_per_file": cfg.rows_per_file, "row_group_size": cfg.row_group_size}
+    preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
+    expected = {c.key: c.num_rows for c in chunks}
+    done = preds.done_parts(cfg.out, expected)  # complete shards of an earlier run of this pack: kept
+    todo = [c for c in chunks if c.key not in done]
+    if todo:
+        urimod.delete(urimod.join(cfg.out, preds.MANIFEST))  # must not list shards about to be rewritten
     with ThreadPoolExecutor(cfg.threads) as pool:
-        files = list(pool.map(lambda ic: _write_shard(cfg, *ic), enumerate(chunks)))
-    manifest = {
-        "input": cfg.input,
-        "layout": src.layout,
-        "files": files,
-        "rows": sum(f["rows"] for f in files),
-        "schema": [f.name for f in ROW_SCHEMA],
-    }
-    urimod.write_bytes_atomic(urimod.join(cfg.out, PACK_MANIFEST),
-                              json.dumps(manifest, indent=1).encode())
-    log.info("packed %d patches from %s into %d shards at %s in %.1fs",
-             manifest["rows"], cfg.input, len(files), cfg.out, time.perf_counter() - t0)
+        written = {e["path"]: e for e in pool.map(lambda c: _write_shard(cfg, c), todo)}
+    files = []
+    for c in chunks:
+        path = f"{preds.PARTS}/{preds.part_name(c.key)}"
+        files.append(written.get(path) or {"path": path, "rows": c.num_rows, "bytes": done[c.key]})
+    manifest = {"input": cfg.input, "layout": src.layout, "files": files, "rows": sum(f["rows"] for f in files),
+                "schema": [f.name for f in ROW_SCHEMA], "run": spec}
+    preds.write_manifest(cfg.out, manifest)
+    log.info("packed %d patches from %s into %d shards at %s in %.1fs (%d kept from an earlier run)",
+             manifest["rows"], cfg.input, len(files), cfg.out, time.perf_counter() - t0, len(done))
     return manifest
 
 
 def read_packed(out: str) -> pa.Table:
     """Read back every row of a finished pack (small data, tests and notebooks)."""
     src = open_source(out)
-    return pa.concat_tables(read_chunk(c) for c in plan_chunks(src)).drop_columns(["error"])
+    return pa.concat_tables(c.rows() for c in src.chunks()).drop_columns(["error"])

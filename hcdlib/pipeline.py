@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import numpy as np
 
-from hcdlib.decode import decode_table
+from hcdlib.chunks import Chunk, largest_chunk
 from hcdlib.rayutil import READ_TASK_CPUS
-from hcdlib.sources import read_chunk
 from hcdlib.uri import TRANSIENT_ERRORS
 
 # What one read task holds at once besides its chunk: the worker process itself.
@@ -17,37 +15,32 @@ _TASK_BASE_BYTES = 256 * 2**20
 
 
 def read_decode(batch: dict, *, resize: bool = False, block_rows: int | None = None) -> Iterator[dict]:
-    """Read and decode the chunks named in ``batch["chunk"]`` (JSON descriptors).
+    """Read and decode the chunks in ``batch["chunk"]`` (:class:`hcdlib.chunks.Chunk` objects).
 
-    Output columns: those of :func:`hcdlib.sources.read_chunk` without the bytes, plus
-    ``pixels``, ``status``, ``error``, ``note``, ``chunk`` (the chunk key) and ``row`` (the
-    row's index in its chunk, which makes retried rows recognisable).
+    Output columns: what :meth:`Chunk.read` returns (``id``, ``pixels``, ``status``, ``error``,
+    ``note``, ...), plus ``chunk`` (the chunk key) and ``row`` (the row's index in its chunk,
+    which makes retried rows recognisable).
 
     The rows leave in blocks of ``block_rows`` (one model batch): Ray Data gives each block to
     the next free model actor, so one chunk is scored by every actor at once. As one block, a
     1024-row chunk went to one actor, and the first committed part waited for it alone.
     """
-    for spec in batch["chunk"]:
-        chunk = json.loads(spec)
-        if chunk["kind"] in ("tiles", "slide_error"):  # whole-slide tiles arrive decoded
-            from hcdlib.slides import read_tiles
-
-            out = read_tiles(chunk)
-        else:
-            out = decode_table(read_chunk(chunk), resize=resize)
+    for chunk in batch["chunk"]:
+        out = chunk.read(resize=resize)
         n = len(out["id"])
-        out["chunk"] = np.full(n, chunk["key"], dtype=object)
+        out["chunk"] = np.full(n, chunk.key, dtype=object)
         out["row"] = np.arange(n, dtype=np.int64)
         step = block_rows or n
         for start in range(0, n, step):
             yield {k: v[start:start + step] for k, v in out.items()}
 
 
-def decoded_dataset(chunks: list[dict], *, resize: bool = False, block_rows: int | None = None):
+def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: int | None = None):
     """A Ray Dataset of decoded patches, one read task per chunk, blocks of ``block_rows``."""
     import ray
 
-    ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
+    # Each chunk travels as the (small, frozen) object itself: the read task calls its read().
+    ds = ray.data.from_items([{"chunk": c} for c in chunks], override_num_blocks=len(chunks))
     # Reads declare the memory a decoded chunk needs. Besides being true, it keeps Ray Data
     # from fusing decoding into a downstream model actor, so decoding runs in parallel tasks,
     # never in the (GPU) actor's critical path.
@@ -82,11 +75,6 @@ def limit_read_ahead(ds, *, unit_rows: int, consumers: int, per_consumer: int = 
     cap = _patch_bytes(unit_rows) * max(8, per_consumer * consumers)
     ds.context.execution_options.resource_limits = ExecutionResources.for_limits(object_store_memory=cap)
     return ds
-
-
-def largest_chunk(chunks: list[dict]) -> int:
-    """Rows in the largest chunk (Parquet row groups may exceed --chunk-size)."""
-    return max((c["num_rows"] for c in chunks), default=1)
 
 
 def _patch_bytes(rows: int) -> int:

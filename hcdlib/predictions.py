@@ -1,8 +1,13 @@
-"""The committed-output protocol shared by every job that writes predictions.
+"""The commit protocol of every job that writes an output folder (``hcd score``, ``hcd pack``).
 
-Parts are written atomically under ``<out>/parts/``; ``<out>/_SUCCESS`` (JSON) is written
-last and lists them. Readers take only what the manifest lists, so a crashed or running job
-is never read half-done. With pandas: ``hcdlib.read_predictions(out).to_pandas()``.
+1. :func:`claim_output` writes the run spec (``_RUN.json``) first: a rerun with the same spec
+   resumes, another is refused, and ``--overwrite`` clears only files hcd wrote.
+2. Parts are written atomically under ``<out>/parts/`` (:func:`write_table_atomic`), one per
+   chunk; :func:`done_parts` tells a rerun which chunks are complete.
+3. ``<out>/_SUCCESS`` (JSON) is written last and lists the parts (:func:`write_manifest`).
+   Readers take only what it lists, so a crashed or running job is never read half-done.
+
+With pandas: ``hcdlib.read_predictions(out).to_pandas()``.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ def read_part(part_uri: str, columns: list[str] | None = None, *, expect_rows: i
     return table
 
 
-# Everything hcd score writes in --out, and how to recognise its files there: --overwrite
+# Everything hcd score and hcd pack write in --out, and how to recognise its files there: --overwrite
 # deletes these and nothing else (--out may hold the user's own files, even their input).
 OWNED = (MANIFEST, RUN_SPEC, PARTS, "slides")
 _PART_RE = re.compile(r"^part-.+\.parquet(\.tmp-[0-9a-f]{32})?$")
@@ -138,7 +143,7 @@ def claim_output(out: str, spec: dict, *, overwrite: bool) -> None:
     else:
         foreign = [n for n in (MANIFEST, PARTS) if urimod.exists(urimod.join(out, n))]
         if foreign:
-            raise UserError(f"{out} holds {' and '.join(foreign)} that hcd score did not write (no {RUN_SPEC}); "
+            raise UserError(f"{out} holds {' and '.join(foreign)} that hcd did not write (no {RUN_SPEC}); "
                             "choose another --out")
     urimod.write_bytes_atomic(target, json.dumps(spec, indent=1).encode())
 
@@ -227,11 +232,24 @@ class ChunkAssembler:
 
 
 def write_part(part_uri: str, table: pa.Table) -> None:
-    """Write one part file atomically (columns in :data:`SCHEMA` order; absent ones null)."""
+    """Write one prediction part atomically (columns in :data:`SCHEMA` order; absent ones null)."""
     cols = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
+    write_table_atomic(part_uri, pa.table(cols, names=SCHEMA.names).cast(SCHEMA), compression="zstd")
+
+
+def write_table_atomic(uri: str, table: pa.Table, **parquet_options) -> int:
+    """Write a Parquet file in one piece (temp + rename locally, one PUT on S3); return its bytes."""
     buf = io.BytesIO()
-    pq.write_table(pa.table(cols, names=SCHEMA.names).cast(SCHEMA), buf, compression="zstd")
-    urimod.write_bytes_atomic(part_uri, buf.getvalue())
+    pq.write_table(table, buf, **parquet_options)
+    urimod.write_bytes_atomic(uri, buf.getvalue())
+    return buf.tell()
+
+
+def write_manifest(out: str, manifest: dict) -> str:
+    """Write ``_SUCCESS`` last, atomically: from then on readers see exactly the parts it lists."""
+    target = urimod.join(out, MANIFEST)
+    urimod.write_bytes_atomic(target, json.dumps(manifest, indent=1).encode())
+    return target
 
 
 def write_submission(predictions: str, out_csv: str) -> int:

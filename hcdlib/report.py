@@ -167,7 +167,7 @@ def _rows(pairs) -> str:
 
 def _slides_html(slides: list[tuple[dict, bytes]]) -> str:
     """Per slide: the heatmap and its summary row (predictions made on whole-slide images)."""
-    from hcdlib.slides import HEATMAP_CAPTION
+    from hcdlib.slide_maps import HEATMAP_CAPTION
 
     keys = ("tiles_scored", "tumour_tiles", "tumour_area_mm2", "max_prob", "topk_mean_prob", "mpp", "error")
     parts = []

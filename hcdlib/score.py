@@ -15,8 +15,6 @@ part file once all its rows are in. A part is written atomically and only once, 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,12 +26,12 @@ import pyarrow.compute as pc
 
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
+from hcdlib.chunks import Chunk, largest_chunk
 from hcdlib.config import ScoreConfig
 from hcdlib.console import progress
 from hcdlib.errors import RunStopped, UserError, outside_cause, release_frames
-from hcdlib.listing import list_files
-from hcdlib.pipeline import decoded_dataset, largest_chunk, limit_read_ahead
-from hcdlib.sources import open_source, plan_chunks
+from hcdlib.pipeline import decoded_dataset, limit_read_ahead
+from hcdlib.sources import open_source
 from hcdlib.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -134,7 +132,7 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
 
     from hcdlib.artifact import check_artifact, load_model
     from hcdlib.rayutil import init_ray, plan_actors
-    from hcdlib.slides import is_slide_source, plan_slides, slide_inputs, tile_chunks, write_slide_outputs
+    from hcdlib.slides import SlideTiling
 
     t0 = time.perf_counter()
     checked = check_artifact(cfg.model)
@@ -143,35 +141,23 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     pool = ThreadPoolExecutor(1, thread_name_prefix="hcd-load-model")
     weights_fit = pool.submit(load_model, cfg.model, checked=checked)  # result() raises if they do not
     pool.shutdown(wait=False)
-    listing = list_files(cfg.input)
-    planned = None
-    if cfg.slides or is_slide_source(listing.files):
-        slides, refused = slide_inputs(listing)
-        fingerprint = hashlib.sha256("\n".join(s["slide"] for s in slides + refused).encode()).hexdigest()[:16]
-        spec = _run_spec(cfg, meta, fingerprint)
-        preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
-        init_ray(cfg.address)
-        pre = Preprocess.from_dict(meta["preprocess"])  # the resolution and patch size the model takes
-        planned = plan_slides(slides, out=cfg.out, mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold,
-                              target_mpp=pre.mpp, patch=pre.size) + refused
-        chunks = [c for p in planned for c in tile_chunks(p, cfg.chunk_size)]
-        total = sum(c["num_rows"] for c in chunks)
-        log.info("%s: %d slides, %d tissue tiles", cfg.input, len(planned), total)
-    else:
-        src = open_source(cfg.input, cfg.labels, listing=listing)
-        chunks = plan_chunks(src, cfg.chunk_size)
-        spec = _run_spec(cfg, meta, src.fingerprint())
-        preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
-        total = src.num_patches
-        log.info("%s: %d patches (%s)", cfg.input, total, src.layout.replace("_", " "))
-    done = preds.done_parts(cfg.out, {c["key"]: c["num_rows"] for c in chunks})
-    todo = [c for c in chunks if c["key"] not in done]
+    pre = Preprocess.from_dict(meta["preprocess"])  # slides are cut at the model's resolution and patch
+    tiling = SlideTiling(out=cfg.out, target_mpp=pre.mpp, patch=pre.size, mpp=cfg.mpp,
+                         tissue_threshold=cfg.tissue_threshold, force=cfg.slides)
+    src = open_source(cfg.input, cfg.labels, tiling=tiling)  # the one listing of the input
+    spec = _run_spec(cfg, meta, src.fingerprint())
+    preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
+    init_ray(cfg.address)  # slides are planned in Ray tasks; patch runs need it next anyway
+    chunks = src.chunks(cfg.chunk_size)
+    total = src.num_patches
+    log.info("%s: %s", cfg.input, src.describe())
+    done = preds.done_parts(cfg.out, {c.key: c.num_rows for c in chunks})
+    todo = [c for c in chunks if c.key not in done]
     if len(todo) < len(chunks):
         log.info("resuming: %d of %d chunks were already committed", len(chunks) - len(todo), len(chunks))
     if todo:
         # A manifest from an earlier commit must not list parts this run is about to rewrite.
         urimod.delete(urimod.join(cfg.out, preds.MANIFEST))
-        init_ray(cfg.address)
         weights_fit.result()
         plan = plan_actors(ray.cluster_resources(), actors=cfg.actors,
                            cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)
@@ -195,12 +181,8 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
             kept = len(chunks) - len(todo) + len(written)
             raise RunStopped(f"scoring stopped: {stopped}; {kept} of {len(chunks)} chunks are committed and kept: "
                              "rerun the same command to finish the rest")
-    slides_out = None
-    if planned is not None:
-        rows = preds.read_parts(cfg.out, [c["key"] for c in chunks],
-                                ["slide_id", "x", "y", "tile_size", "prob", "status"]).to_pandas()
-        slides_out = write_slide_outputs(cfg.out, planned, rows, threshold=float(meta.get("threshold", 0.5)))
-    return _commit(cfg, chunks, spec, time.perf_counter() - t0, slides=slides_out)
+    extra = src.finish(cfg.out, threshold=float(meta.get("threshold", 0.5)))  # slides: heatmaps, GeoJSON
+    return _commit(cfg, chunks, spec, time.perf_counter() - t0, slides=extra)
 
 
 def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
@@ -214,7 +196,7 @@ def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
     return spec
 
 
-def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, total: int, written: set[str],
+def _run_pipeline(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, total: int, written: set[str],
                   actor: type) -> None:
     """Stream ``todo`` through the model actors.
 
@@ -222,7 +204,7 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[dict], plan, sha256: str, *, tota
     """
     import ray
 
-    expected = {c["key"]: c["num_rows"] for c in todo}
+    expected = {c.key: c.num_rows for c in todo}
     ds = decoded_dataset(todo, resize=cfg.resize, block_rows=cfg.batch_size)
     ds = ds.map_batches(
         actor,
@@ -290,9 +272,9 @@ def _log_progress(bar, rows_done: int, todo_rows: int, total: int, t0: float, la
     return now
 
 
-def _commit(cfg: ScoreConfig, chunks: list[dict], spec: dict, wall: float, *, slides: list | None = None) -> dict:
+def _commit(cfg: ScoreConfig, chunks: list[Chunk], spec: dict, wall: float, *, slides: dict | None = None) -> dict:
     """Check every chunk has its part, then write the manifest that makes them visible."""
-    expected = {c["key"]: c["num_rows"] for c in chunks}
+    expected = {c.key: c.num_rows for c in chunks}
     done = preds.done_parts(cfg.out, expected, verify=False)  # read_part below checks every part's rows
     missing = [k for k in expected if k not in done]
     if missing:
@@ -318,8 +300,6 @@ def _commit(cfg: ScoreConfig, chunks: list[dict], spec: dict, wall: float, *, sl
         "model": spec["model"], "run": spec, "config": asdict(cfg), "wall_seconds": round(wall, 2),
     }
     if slides is not None:
-        manifest["slides"] = {"summary": "slides/summary.csv", "per_slide": slides}
-    manifest_uri = urimod.join(cfg.out, preds.MANIFEST)
-    urimod.write_bytes_atomic(manifest_uri, json.dumps(manifest, indent=1).encode())
-    manifest["manifest_uri"] = manifest_uri
+        manifest["slides"] = slides
+    manifest["manifest_uri"] = preds.write_manifest(cfg.out, manifest)
     return manifest

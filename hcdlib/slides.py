@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import posixpath
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hcdlib import uri as urimod
+from hcdlib.chunks import Chunk
 from hcdlib.decode import PATCH_SIZE
 from hcdlib.transforms import PCAM_MPP
 
@@ -167,15 +167,45 @@ def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, ti
     return {**base, "error": None, "plan": plan.__dict__, "width": w, "height": h, "xs": xs, "ys": ys}
 
 
-def tile_chunks(planned: dict, chunk_size: int) -> list[dict]:
+@dataclass(frozen=True)
+class TilesChunk(Chunk):
+    """Tissue tiles of one slide, cut as ``plan`` says, at level-0 positions ``xs, ys``."""
+
+    slide: str
+    slide_id: str
+    plan: TilePlan
+    xs: tuple[int, ...]
+    ys: tuple[int, ...]
+
+    def read(self, *, resize: bool = False) -> dict[str, np.ndarray]:
+        """The tiles, read in runs and resized to the model's patch (``resize`` has no say here)."""
+        return read_tiles(self)
+
+
+@dataclass(frozen=True)
+class SlideErrorChunk(Chunk):
+    """A slide that could not be planned (unreadable, no resolution, refused): one error row."""
+
+    slide: str
+    slide_id: str
+    error: str
+
+    def read(self, *, resize: bool = False) -> dict[str, np.ndarray]:
+        """One row with the slide's id, status error and the reason."""
+        out = _tile_rows(self.slide, self.slide_id, np.full(1, -1, np.int64), np.full(1, -1, np.int64), 0, PATCH_SIZE)
+        out["id"][:] = self.slide_id
+        out["status"][:] = "error"
+        out["error"][:] = self.error
+        return out
+
+
+def tile_chunks(planned: dict, chunk_size: int) -> list[Chunk]:
     """Work units for one planned slide: runs of tiles, or one error unit for a bad slide."""
-    common = {"slide": planned["slide"], "slide_id": planned["slide_id"]}
     if planned["error"]:
-        return [{**common, "key": f"{planned['key']}-error", "kind": "slide_error", "error": planned["error"],
-                 "num_rows": 1}]
-    xs, ys = planned["xs"], planned["ys"]
-    return [{**common, "key": f"{planned['key']}-{i:05d}", "kind": "tiles", **planned["plan"],
-             "xs": xs[a:a + chunk_size], "ys": ys[a:a + chunk_size], "num_rows": len(xs[a:a + chunk_size])}
+        return [SlideErrorChunk(f"{planned['key']}-error", 1, planned["slide"], planned["slide_id"], planned["error"])]
+    xs, ys, plan = planned["xs"], planned["ys"], TilePlan(**planned["plan"])
+    return [TilesChunk(f"{planned['key']}-{i:05d}", len(xs[a:a + chunk_size]), planned["slide"], planned["slide_id"],
+                       plan, tuple(xs[a:a + chunk_size]), tuple(ys[a:a + chunk_size]))
             for i, a in enumerate(range(0, len(xs), chunk_size))]
 
 
@@ -193,40 +223,37 @@ def tile_runs(xs: np.ndarray, ys: np.ndarray, step: int, *, max_tiles: int = RUN
     return runs
 
 
-def read_tiles(chunk: dict) -> dict:
-    """Decoded tiles of one chunk (the batch format of :func:`hcdlib.decode.decode_batch`)."""
-    from PIL import Image
-
-    n = chunk["num_rows"]
-    xs, ys = np.asarray(chunk.get("xs", [0] * n), np.int64), np.asarray(chunk.get("ys", [0] * n), np.int64)
-    slide_id = chunk["slide_id"]
-    out = {
+def _tile_rows(slide: str, slide_id: str, xs: np.ndarray, ys: np.ndarray, tile_size: int, patch: int) -> dict:
+    """Rows for tiles at ``xs, ys`` (the batch format of :func:`hcdlib.decode.decode_batch`), pixels zero."""
+    n = len(xs)
+    return {
         "id": np.array([f"{slide_id}_{x}_{y}" for x, y in zip(xs, ys, strict=True)], dtype=object),
         "label": np.full(n, None, dtype=object),
         "slide_id": np.full(n, slide_id, dtype=object),
-        "source": np.full(n, chunk["slide"], dtype=object),
-        "x": xs, "y": ys, "tile_size": np.full(n, chunk.get("tile_size", 0), np.int64),
-        "pixels": np.zeros((n, chunk.get("patch", PATCH_SIZE), chunk.get("patch", PATCH_SIZE), 3), np.uint8),
+        "source": np.full(n, slide, dtype=object),
+        "x": xs, "y": ys, "tile_size": np.full(n, tile_size, np.int64),
+        "pixels": np.zeros((n, patch, patch, 3), np.uint8),
         "status": np.full(n, "ok", dtype=object),
         "error": np.full(n, None, dtype=object), "note": np.full(n, None, dtype=object),
     }
-    if chunk["kind"] == "slide_error":
-        out["id"][:] = slide_id
-        out["x"][:] = -1
-        out["y"][:] = -1
-        out["status"][:] = "error"
-        out["error"][:] = chunk["error"]
-        return out
-    import openslide
 
-    size, level, patch = chunk["read_size"], chunk["level"], chunk["patch"]
+
+def read_tiles(chunk: TilesChunk) -> dict:
+    """Decoded tiles of one chunk (the batch format of :func:`hcdlib.decode.decode_batch`)."""
+    import openslide
+    from PIL import Image
+
+    xs, ys = np.asarray(chunk.xs, np.int64), np.asarray(chunk.ys, np.int64)
+    plan = chunk.plan
+    out = _tile_rows(chunk.slide, chunk.slide_id, xs, ys, plan.tile_size, plan.patch)
+    size, level, patch = plan.read_size, plan.level, plan.patch
     try:
-        with local_copy(chunk["slide"]) as path, openslide.OpenSlide(path) as s:
+        with local_copy(chunk.slide) as path, openslide.OpenSlide(path) as s:
             # A run of tiles side by side is one read_region call, cut in memory: one call per
             # tile cost more than decoding (2,245 tiles/s on 2 cores). Exact only where a tile is
             # a whole number of pixels at the level; elsewhere each tile is read alone.
-            exact = abs(size * s.level_downsamples[level] - chunk["tile_size"]) < 1e-6
-            for a, b in tile_runs(xs, ys, chunk["tile_size"], max_tiles=RUN_TILES if exact else 1):
+            exact = abs(size * s.level_downsamples[level] - plan.tile_size) < 1e-6
+            for a, b in tile_runs(xs, ys, plan.tile_size, max_tiles=RUN_TILES if exact else 1):
                 region = s.read_region((int(xs[a]), int(ys[a])), level, ((b - a) * size, size)).convert("RGB")
                 tiles = np.asarray(region).reshape(size, b - a, size, 3).swapaxes(0, 1)
                 for i, tile in enumerate(tiles, start=a):
@@ -234,56 +261,8 @@ def read_tiles(chunk: dict) -> dict:
                         Image.fromarray(tile).resize((patch, patch), Image.Resampling.BOX))
     except (openslide.OpenSlideError, OSError) as exc:  # the slide broke after planning
         out["status"][:] = "error"
-        out["error"][:] = f"slide {chunk['slide']}: cannot read tiles: {exc}"
+        out["error"][:] = f"slide {chunk.slide}: cannot read tiles: {exc}"
     return out
-
-
-def tumour_area_mm2(tiles: int, tile_size: int, mpp: float) -> float:
-    """Area covered by ``tiles`` tiles of ``tile_size`` level-0 px at ``mpp``."""
-    return tiles * (tile_size * mpp / 1000.0) ** 2
-
-
-def _tile_boxes(rows):
-    """Each row's tile as a square polygon in level-0 px (vectorised)."""
-    import shapely
-
-    t = np.asarray([r["tile_size"] for r in rows], float)
-    x0, y0 = np.asarray([r["x"] for r in rows], float), np.asarray([r["y"] for r in rows], float)
-    return shapely.box(x0, y0, x0 + t, y0 + t)
-
-
-def tumour_regions(slide_rows, *, threshold: float):
-    """Tiles at or above ``threshold`` merged into polygons (level-0 px): what a pathologist outlines."""
-    import shapely
-
-    hot = [r for r in slide_rows if r["status"] == "ok" and r["prob"] >= threshold]
-    merged = shapely.unary_union(_tile_boxes(hot)) if hot else shapely.MultiPolygon()
-    return list(getattr(merged, "geoms", [merged])) if not merged.is_empty else []
-
-
-def geojson(slide_rows, *, threshold: float) -> dict:
-    """QuPath-ready GeoJSON (level-0 px): tumour regions as annotations, every scored tile as a detection.
-
-    Regions are the tumour tiles merged into polygons (one per connected area, holes kept). Each
-    tile carries its probability as a measurement, so QuPath can colour tiles by it (Measure >
-    Show measurement maps) and a script can re-threshold without rescoring.
-    """
-    import shapely
-
-    tumour = {"name": "Tumor", "color": [200, 0, 0]}
-    features = [{"type": "Feature", "geometry": shapely.geometry.mapping(poly),
-                 "properties": {"objectType": "annotation", "name": f"tumour region {i + 1}",
-                                "classification": tumour, "measurements": {"area px^2": float(poly.area)}}}
-                for i, poly in enumerate(tumour_regions(slide_rows, threshold=threshold))]
-    ok = [r for r in slide_rows if r["status"] == "ok"]
-    for r, box in zip(ok, _tile_boxes(ok), strict=True):
-        p = float(r["prob"])
-        features.append({"type": "Feature", "geometry": shapely.geometry.mapping(box),
-                         "properties": {"objectType": "detection",
-                                        "classification": tumour if p >= threshold else
-                                        {"name": "Normal", "color": [0, 120, 200]},
-                                        "measurements": {"P(tumour)": round(p, 4)}}})
-    return {"type": "FeatureCollection", "features": features}
 
 
 def plan_slides(slides: list[dict], *, out: str, mpp: float | None, tissue_threshold: float,
@@ -301,84 +280,68 @@ def plan_slides(slides: list[dict], *, out: str, mpp: float | None, tissue_thres
                     for s in slides])
 
 
-HEATMAP_CAPTION = ("Left: the slide. Right: every scored tile coloured by the model's probability of tumour "
-                   "(colour bar); tiles with too little tissue are not scored and stay uncoloured.")
+@dataclass(frozen=True)
+class SlideTiling:
+    """How a scoring job cuts slides: the model's resolution and patch, the flags, where thumbnails go."""
+
+    out: str
+    target_mpp: float = PCAM_MPP
+    patch: int = PATCH_SIZE
+    mpp: float | None = None  # --mpp: the slides' resolution where their metadata has none
+    tissue_threshold: float = 0.5
+    force: bool = False  # --slides: .tif/.tiff files are slides, not patches
 
 
-def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int, title: str = "",
-                truth: list | None = None) -> bytes:
-    """The slide beside P(tumour) per tile over it, with a 0-1 colour bar (and ``truth`` outlined).
+class SlideSource:
+    """Whole-slide images at a URI, cut into tissue tiles; made by :func:`hcdlib.sources.open_source`.
 
-    ``truth``: polygons in level-0 px (shapely), drawn dashed where the real tumour is known.
+    Planning (open each slide, find tissue, grid it) runs in Ray tasks when :meth:`chunks` is
+    first called; :meth:`finish` turns the committed tile rows into heatmaps, GeoJSON and a summary.
     """
-    import matplotlib
 
-    matplotlib.use("Agg")  # headless: no display on a cluster node
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    layout = "slides"
 
-    thumb = np.asarray(Image.open(io.BytesIO(thumbnail_png)).convert("RGB"))
-    th, tw = thumb.shape[:2]
-    prob = np.full((th, tw), np.nan, np.float32)  # NaN: not scored, drawn transparent
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        x0, y0 = int(r["x"] * tw / width), int(r["y"] * th / height)
-        x1 = max(x0 + 1, int((r["x"] + r["tile_size"]) * tw / width))
-        y1 = max(y0 + 1, int((r["y"] + r["tile_size"]) * th / height))
-        prob[y0:y1, x0:x1] = r["prob"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.6), dpi=100, constrained_layout=True)
-    left.imshow(thumb)
-    left.set_title("slide")
-    right.imshow(thumb)
-    im = right.imshow(prob, cmap="inferno", vmin=0, vmax=1, alpha=0.65, interpolation="nearest")
-    right.set_title("P(tumour) per tile")
-    for poly in truth or []:
-        xs, ys = poly.exterior.xy
-        right.plot(np.asarray(xs) * tw / width, np.asarray(ys) * th / height, "--", color="cyan", lw=2,
-                   label="known tumour region")
-    if truth:
-        right.legend(loc="lower right", fontsize=8)
-    for ax in (left, right):
-        ax.set_axis_off()
-    fig.colorbar(im, ax=right, fraction=0.046, pad=0.02, label="P(tumour)")
-    fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    def __init__(self, uri: str, slides: list[dict], refused: list[dict], tiling: SlideTiling, list_seconds: float):
+        self.uri, self.slides, self.refused, self.tiling = uri, slides, refused, tiling
+        self.list_seconds = list_seconds
+        self.planned: list[dict] | None = None
+        self._chunks: list[Chunk] = []
 
+    @classmethod
+    def from_listing(cls, uri: str, listing, tiling: SlideTiling, *, list_seconds: float) -> SlideSource:
+        """The slides of a listing (refused entries become error rows)."""
+        slides, refused = slide_inputs(listing)
+        return cls(uri, slides, refused, tiling, list_seconds)
 
-def write_slide_outputs(out: str, planned: list[dict], rows, *, threshold: float, top_k: int = 5) -> list[dict]:
-    """Per slide: heatmap PNG, GeoJSON of tumour tiles; returns the summary rows (also written)."""
-    import pandas as pd
+    def fingerprint(self) -> str:
+        """A hash of the slides found, so a resumed run can tell the input has not changed."""
+        return hashlib.sha256("\n".join(s["slide"] for s in self.slides + self.refused).encode()).hexdigest()[:16]
 
-    by_slide = dict(list(rows.groupby("slide_id"))) if len(rows) else {}
-    summary = []
-    for p in planned:
-        g = by_slide.get(p["slide_id"])
-        if p["error"]:
-            summary.append({"slide_id": p["slide_id"], "source": p["slide"], "status": "error", "error": p["error"]})
-            continue
-        recs = g.to_dict("records") if g is not None else []
-        ok = [r for r in recs if r["status"] == "ok"]
-        probs = np.array([r["prob"] for r in ok], dtype=float)
-        tumour = int((probs >= threshold).sum())
-        plan = p["plan"]
-        summary.append({
-            "slide_id": p["slide_id"], "source": p["slide"], "status": "ok", "error": None,
-            "mpp": plan["mpp"], "tile_size": plan["tile_size"], "level": plan["level"],
-            "tiles_scored": len(ok), "tiles_failed": len(recs) - len(ok), "tumour_tiles": tumour,
-            "tumour_area_mm2": tumour_area_mm2(tumour, plan["tile_size"], plan["mpp"]),
-            "max_prob": float(probs.max()) if len(probs) else None,
-            "topk_mean_prob": float(np.sort(probs)[-top_k:].mean()) if len(probs) else None,
-        })
-        base = urimod.join(out, "slides", p["key"])
-        urimod.write_bytes_atomic(base + ".geojson", json.dumps(geojson(recs, threshold=threshold)).encode())
-        thumb = urimod.read_bytes(base + ".thumbnail.png")
-        heat = heatmap_png(thumb, ok, width=p["width"], height=p["height"], title=p["slide_id"])
-        urimod.write_bytes_atomic(base + ".heatmap.png", heat)
-    buf = io.StringIO()
-    pd.DataFrame(summary).to_csv(buf, index=False)
-    urimod.write_bytes_atomic(urimod.join(out, "slides", "summary.csv"), buf.getvalue().encode())
-    return summary
+    def chunks(self, chunk_size: int = 1024) -> list[Chunk]:
+        """Plan every slide (once; needs Ray), then cut its tissue tiles into chunks."""
+        if self.planned is None:
+            t = self.tiling
+            self.planned = plan_slides(self.slides, out=t.out, mpp=t.mpp, tissue_threshold=t.tissue_threshold,
+                                       target_mpp=t.target_mpp, patch=t.patch) + self.refused
+            self._chunks = [c for p in self.planned for c in tile_chunks(p, chunk_size)]
+        return self._chunks
+
+    @property
+    def num_patches(self) -> int:
+        """Tissue tiles (and one row per bad slide), once planned."""
+        return sum(c.num_rows for c in self._chunks)
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return f"{len(self.planned or [])} slides, {self.num_patches} tissue tiles"
+
+    def finish(self, out: str, *, threshold: float) -> dict:
+        """Per-slide heatmaps, GeoJSON and ``slides/summary.csv`` from the committed tile rows."""
+        from hcdlib import predictions as preds
+
+        rows = preds.read_parts(out, [c.key for c in self._chunks],
+                                ["slide_id", "x", "y", "tile_size", "prob", "status"]).to_pandas()
+        from hcdlib.slide_maps import write_slide_outputs
+
+        summary = write_slide_outputs(out, self.planned or [], rows, threshold=threshold)
+        return {"summary": "slides/summary.csv", "per_slide": summary}

@@ -6,68 +6,67 @@ Layouts (see README):
 - ``class_folders``: ``<root>/[split/]<label>/*.{tif,png,jpg}``, label = folder name;
 - ``parquet``: shards written by ``hcd pack`` (columns id, image, label, slide_id, source).
 
+- whole-slide images (``.svs``, ``.ndpi``, ..., or ``.tif`` with ``--slides``): scored as
+  tissue tiles, see :class:`hcdlib.slides.SlideSource`.
+
 A source is *listed* once on the driver (one recursive listing through the filesystem's own
-listing call, never a stat per file) and then cut into chunks. A chunk is the unit of work
-for reading, scoring and resuming: a slice of the file list or one Parquet row group.
+listing call, never a stat per file) and then cut into chunks (:mod:`hcdlib.chunks`): the
+units of reading, scoring and resuming, each of which reads itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
-import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
-from hcdlib.decode import PIXEL_BYTES
+from hcdlib.chunks import Chunk, FilesChunk, ShardChunk
 from hcdlib.listing import Listing, SourceError, list_files
+from hcdlib.predictions import MANIFEST
+
+if TYPE_CHECKING:
+    from hcdlib.slides import SlideSource, SlideTiling
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 KAGGLE, CLASS_FOLDERS, PARQUET = "kaggle", "class_folders", "parquet"
-PACK_MANIFEST = "_SUCCESS"
-# Schema of the rows every source yields (and of pack shards). A row holds its patch either
-# encoded (``image``: the file's bytes) or decoded (``pixels``: 96x96x3 uint8, as hcd pack
-# stores lossless patches, with decoding's ``note``); shards from before pixels read as image-only.
-ROW_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("image", pa.binary()),
-    ("pixels", pa.binary(PIXEL_BYTES)),
-    ("note", pa.string()),
-    ("label", pa.int64()),
-    ("slide_id", pa.string()),
-    ("source", pa.string()),
-])
+# hcd pack commits its shards as hcd score commits its parts: a manifest written last.
+PACK_MANIFEST = MANIFEST
 
 
 @dataclass(frozen=True)
 class PatchSource:
-    """A listed source: its layout and one row per patch file (or per Parquet row group)."""
+    """A listed source of patches; :func:`open_source` picks the subclass from what is at the URI.
+
+    Every source answers the same questions (how many patches, a fingerprint for resume, its
+    chunks, its labels), so a job handles each layout, slides included, the same way.
+    """
 
     uri: str
-    layout: str
-    # kaggle / class_folders: id, source, label, slide_id, group, error (set: listed, never read)
-    # parquet: shard, row_group, num_rows
-    items: pa.Table
+    items: pa.Table  # one row per listed file (FileSource) or per Parquet row group (ShardSource)
     list_seconds: float
+
+    @property
+    def layout(self) -> str:
+        """The layout's name, for messages and the pack manifest."""
+        raise NotImplementedError
 
     @property
     def num_patches(self) -> int:
         """Number of patches in the source."""
-        if self.layout == PARQUET:
-            return int(pc.sum(self.items["num_rows"]).as_py() or 0)
         return self.items.num_rows
 
     def fingerprint(self) -> str:
@@ -78,6 +77,99 @@ class PatchSource:
                 h.update(str(v).encode())
                 h.update(b"\0")
         return h.hexdigest()[:16]
+
+    def chunks(self, chunk_size: int = 1024) -> list[Chunk]:
+        """Cut the source into chunks, the units of reading, scoring and resume (keys stable per listing)."""
+        raise NotImplementedError
+
+    def label_table(self) -> pa.Table:
+        """``id, label, slide_id`` of every patch."""
+        raise NotImplementedError
+
+    def has_labels(self) -> bool:
+        """Whether any patch carries a label (then every one must: see :func:`check_labelled`)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for the log: what was found."""
+        return f"{self.num_patches} patches ({self.layout.replace('_', ' ')})"
+
+    def finish(self, out: str, *, threshold: float) -> dict | None:
+        """Outputs made from the committed rows after scoring (none for patches; see slides)."""
+        return None
+
+
+@dataclass(frozen=True)
+class FileSource(PatchSource):
+    """A folder of patch files: Kaggle-style (labels from a CSV) or class folders (``<label>/``).
+
+    ``items``: id, source, label, slide_id, group, error (set: listed, never read).
+    """
+
+    kind: str = KAGGLE  # KAGGLE or CLASS_FOLDERS
+
+    @property
+    def layout(self) -> str:
+        """``kaggle`` or ``class_folders``."""
+        return self.kind
+
+    def chunks(self, chunk_size: int = 1024) -> list[Chunk]:
+        """Slices of ``chunk_size`` files in listing order."""
+        cols = [self.items[c].to_pylist() for c in ("id", "source", "label", "slide_id", "error")]
+        return [FilesChunk(f"files-{i:06d}", min(chunk_size, self.items.num_rows - a),
+                           *(tuple(v[a:a + chunk_size]) for v in cols))
+                for i, a in enumerate(range(0, self.items.num_rows, chunk_size))]
+
+    def label_table(self) -> pa.Table:
+        """From the listing: no file is read."""
+        return self.items.select(LABEL_COLUMNS.names)
+
+    def has_labels(self) -> bool:
+        """Class folders always; a Kaggle folder where its labels CSV labels any patch."""
+        return self.kind == CLASS_FOLDERS or self.items["label"].null_count < self.items.num_rows
+
+    def with_items(self, items: pa.Table) -> FileSource:
+        """The same source over other rows of its listing (a split, a shuffled order)."""
+        return dataclasses.replace(self, items=items)
+
+
+@dataclass(frozen=True)
+class ShardSource(PatchSource):
+    """Parquet shards (``hcd pack``'s output). ``items``: shard, row_group, num_rows."""
+
+    @property
+    def layout(self) -> str:
+        """``parquet``."""
+        return PARQUET
+
+    @property
+    def num_patches(self) -> int:
+        """The row groups' rows, from the shards' footers."""
+        return int(pc.sum(self.items["num_rows"]).as_py() or 0)
+
+    def chunks(self, chunk_size: int = 1024) -> list[Chunk]:
+        """One chunk per row group (written at the packing's row-group size; ``chunk_size`` is not used)."""
+        return [ShardChunk(f"rg-{i:06d}", n, s, rg) for i, (s, rg, n) in enumerate(zip(
+            *(self.items[c].to_pylist() for c in ("shard", "row_group", "num_rows")), strict=True))]
+
+    def label_table(self) -> pa.Table:
+        """Those columns alone, read from every row group."""
+        out = []
+        for shard, rg in zip(self.items["shard"].to_pylist(), self.items["row_group"].to_pylist(), strict=True):
+            fs, path = urimod.resolve(shard)
+            with fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                if "label" not in pf.schema_arrow.names:
+                    raise SourceError(f"{shard}: Parquet shard has no 'label' column; pack it with --labels")
+                cols = [c for c in LABEL_COLUMNS.names if c in pf.schema_arrow.names]
+                t = pf.read_row_group(rg, columns=cols)
+            out.append(pa.table([t[c] if c in cols else pa.nulls(t.num_rows, f.type) for c, f in
+                                 zip(LABEL_COLUMNS.names, LABEL_COLUMNS, strict=True)], schema=LABEL_COLUMNS))
+        return pa.concat_tables(out) if out else LABEL_COLUMNS.empty_table()
+
+    def has_labels(self) -> bool:
+        """Not known without reading the shards; a repack copies whatever labels they hold."""
+        return False
 
 
 LABEL_VALUES = ("0", "1")
@@ -145,7 +237,7 @@ def check_labelled(src: PatchSource, what: str) -> pa.Table:
     A patch without a label would be dropped from training without a word, and a label of 2
     would train a wrong model; both are stopped here, before any work starts.
     """
-    t = label_table(src)
+    t = src.label_table()
     label = t["label"]
     if label.null_count:
         i = _first(label.is_null())
@@ -157,24 +249,6 @@ def check_labelled(src: PatchSource, what: str) -> pa.Table:
         raise SourceError(f"{src.uri}: label {label[i].as_py()} (patch {t['id'][i].as_py()}) is not 0 or 1; "
                           "labels are exactly 0 (normal) or 1 (tumour)")
     return t
-
-
-def label_table(src: PatchSource) -> pa.Table:
-    """``id, label, slide_id`` of every patch: from the listing, or (Parquet) those columns alone."""
-    if src.layout != PARQUET:
-        return src.items.select(LABEL_COLUMNS.names)
-    out = []
-    for shard, rg in zip(src.items["shard"].to_pylist(), src.items["row_group"].to_pylist(), strict=True):
-        fs, path = urimod.resolve(shard)
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            if "label" not in pf.schema_arrow.names:
-                raise SourceError(f"{shard}: Parquet shard has no 'label' column; pack it with --labels")
-            cols = [c for c in LABEL_COLUMNS.names if c in pf.schema_arrow.names]
-            t = pf.read_row_group(rg, columns=cols)
-        out.append(pa.table([t[c] if c in cols else pa.nulls(t.num_rows, f.type) for c, f in
-                             zip(LABEL_COLUMNS.names, LABEL_COLUMNS, strict=True)], schema=LABEL_COLUMNS))
-    return pa.concat_tables(out) if out else LABEL_COLUMNS.empty_table()
 
 
 def _stem(path: str) -> str:
@@ -242,121 +316,37 @@ def _parquet_items(listing: Listing, root_uri: str) -> pa.Table:
 
 
 def open_source(uri: str, labels: str | None = None, *, listing: Listing | None = None,
-                require_label: bool = False) -> PatchSource:
-    """List the patch source at ``uri`` (or take ``listing``, already made) and detect its layout.
+                require_label: bool = False, tiling: SlideTiling | None = None) -> PatchSource | SlideSource:
+    """List the source at ``uri`` (or take ``listing``, already made) and pick its layout.
 
     ``require_label``: a ``--labels`` CSV must have a label column (training), not only slide ids.
+    ``tiling``: how to cut whole-slide images (scoring); without it, slides are refused (patches
+    only: training, packing). Slide-only formats (.svs, .ndpi, ...) make a slide source, and so
+    does any .tif with ``tiling.force`` (``--slides``).
     """
+    from hcdlib.slides import SlideSource, is_slide_source
+
     t0 = time.perf_counter()
     listing = listing or list_files(uri)
     files = listing.files
+    if is_slide_source(files) or (tiling is not None and tiling.force):
+        if tiling is None:
+            raise SourceError(f"{uri}: holds whole-slide images; hcd score tiles and scores them, but this "
+                              "command takes patches (96x96 files or Parquet shards)")
+        return SlideSource.from_listing(uri, listing, tiling, list_seconds=time.perf_counter() - t0)
     images = [p for p in files if p.lower().endswith(IMAGE_EXTS)]
     refused = [(p, why) for p, why in listing.refused if p.lower().endswith(IMAGE_EXTS)]
     parquet = [p for p in files if p.endswith(".parquet")]
     if parquet and not images and not refused:
-        items = _parquet_items(listing, uri)
-        layout = PARQUET
+        src: PatchSource = ShardSource(uri, _parquet_items(listing, uri), 0.0)
     elif images or refused:
         if labels is None and f"{listing.root}/labels.csv" in files:
             labels = urimod.to_uri(listing.fs, f"{listing.root}/labels.csv")
         table = read_labels(labels, require_label=require_label) if labels else None
-        layout, items = _file_items(listing, images, refused, table)
+        kind, items = _file_items(listing, images, refused, table)
+        src = FileSource(uri, items, 0.0, kind=kind)
     else:
         raise SourceError(f"{uri}: no patch images ({', '.join(IMAGE_EXTS)}) or Parquet shards found")
-    secs = time.perf_counter() - t0
-    log.debug("listed %s: layout %s, %d entries in %.2fs", uri, layout, items.num_rows, secs)
-    return PatchSource(uri=uri, layout=layout, items=items, list_seconds=secs)
-
-
-def plan_chunks(src: PatchSource, chunk_size: int = 1024) -> list[dict]:
-    """Cut a source into chunks: the units of reading, scoring and resume.
-
-    Chunk keys are stable for the same listing, so a rerun finds the chunks already done.
-    """
-    if src.layout == PARQUET:
-        return [{"key": f"rg-{i:06d}", "kind": PARQUET, "shard": s, "row_group": rg, "num_rows": n}
-                for i, (s, rg, n) in enumerate(zip(*(src.items[c].to_pylist()
-                                                     for c in ("shard", "row_group", "num_rows")),
-                                                   strict=True))]
-    chunks = []
-    cols = {c: src.items[c].to_pylist() for c in ("id", "source", "label", "slide_id", "error")}
-    for i, start in enumerate(range(0, src.items.num_rows, chunk_size)):
-        part = {c: v[start:start + chunk_size] for c, v in cols.items()}
-        chunks.append({"key": f"files-{i:06d}", "kind": "files", "num_rows": len(part["id"]), **part})
-    return chunks
-
-
-# A patch file is read whole into memory; nothing a patch can be (even a 4096x4096 tile that
-# --resize accepts, uncompressed) is larger than this, and /dev/zero-like inputs stop here.
-MAX_PATCH_BYTES = 64 * 2**20
-
-
-def _read_one(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]:
-    too_big = f"file is larger than {MAX_PATCH_BYTES // 2**20} MiB: not a patch, not read"
-    if isinstance(fs, pafs.LocalFileSystem):
-        # Checked on the open descriptor: a file swapped for a pipe after listing is not read,
-        # and O_NONBLOCK keeps open() itself from waiting on one.
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            return None, f"cannot read {path}: {exc.strerror or exc}"
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None, f"{path} is not a regular file; not read"
-            if st.st_size > MAX_PATCH_BYTES:
-                return None, too_big
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read(), None
-        except OSError as exc:
-            return None, f"cannot read {path}: {exc.strerror or exc}"
-        finally:
-            os.close(fd)
-    try:
-        with fs.open_input_stream(path) as f:
-            data = f.read(MAX_PATCH_BYTES + 1)
-    except OSError as exc:
-        return None, f"cannot read {path}: {exc}"
-    return (None, too_big) if len(data) > MAX_PATCH_BYTES else (data, None)
-
-
-def read_chunk(chunk: dict) -> pa.Table:
-    """Read one chunk into rows ``id, image, label, slide_id, source`` (+ ``error``).
-
-    ``error`` is set where a file could not be read at all; decoding fills it in later for
-    bytes that are not a valid patch.
-    """
-    if chunk["kind"] == PARQUET:
-        fs, path = urimod.resolve(chunk["shard"])
-        with fs.open_input_file(path) as f:
-            t = pq.ParquetFile(f).read_row_group(chunk["row_group"])
-        t = t.select([c for c in ROW_SCHEMA.names if c in t.column_names])
-        for field in ROW_SCHEMA:
-            if field.name not in t.column_names:
-                t = t.append_column(field, pa.nulls(t.num_rows, field.type))
-        t = t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
-        return t.append_column("error", pa.nulls(t.num_rows, pa.string()))
-    sources = chunk["source"]
-    refused = chunk.get("error") or [None] * len(sources)
-    fs, _ = urimod.resolve(sources[0])
-    todo = [(i, urimod.resolve(s)[1]) for i, s in enumerate(sources) if refused[i] is None]
-    results: list[tuple[bytes | None, str | None]] = [(None, why) for why in refused]
-    # Object stores answer small GETs with high latency: overlap them. Local disks need none.
-    if isinstance(fs, pafs.S3FileSystem):
-        with ThreadPoolExecutor(16) as pool:
-            read = list(pool.map(lambda ip: _read_one(fs, ip[1]), todo))
-    else:
-        read = [_read_one(fs, p) for _, p in todo]
-    for (i, _), r in zip(todo, read, strict=True):
-        results[i] = r
-    n = len(sources)
-    return pa.table({
-        "id": pa.array(chunk["id"], pa.string()),
-        "image": pa.array([r[0] for r in results], pa.binary()),
-        "pixels": pa.nulls(n, pa.binary(PIXEL_BYTES)),
-        "note": pa.nulls(n, pa.string()),
-        "label": pa.array(chunk["label"], pa.int64()),
-        "slide_id": pa.array(chunk["slide_id"], pa.string()),
-        "source": pa.array(sources, pa.string()),
-        "error": pa.array([r[1] for r in results], pa.string()),
-    })
+    src = dataclasses.replace(src, list_seconds=time.perf_counter() - t0)
+    log.debug("listed %s: layout %s, %d entries in %.2fs", uri, src.layout, src.items.num_rows, src.list_seconds)
+    return src

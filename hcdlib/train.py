@@ -26,9 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from hcdlib import uri as urimod
+from hcdlib.chunks import Chunk
 from hcdlib.config import TrainConfig
 from hcdlib.errors import UserError
-from hcdlib.sources import PARQUET, PatchSource, check_labelled, open_source, plan_chunks
+from hcdlib.sources import FileSource, PatchSource, check_labelled, open_source
 from hcdlib.train_loop import TRAIN, VAL
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, Patc
     Patches of one slide (or pixel-identical duplicates) are never on both sides, so the
     validation AUC is not inflated by near-copies of training patches.
     """
-    if src.layout == PARQUET:
+    if not isinstance(src, FileSource):  # shards list row groups, not patches: nothing to split by
         raise UserError(f"{src.uri}: a validation split of Parquet shards needs --val-data "
                          "(pack the validation set separately)")
     groups = sorted(set(src.items["group"].to_pylist()),
@@ -52,17 +53,19 @@ def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, Patc
     n_val = min(len(groups) - 1, max(1, round(fraction * len(groups))))
     mask = pc.is_in(src.items["group"], value_set=pa.array(groups[:n_val], pa.string()))
     val, train = src.items.filter(mask), src.items.filter(pc.invert(mask))
-    return (PatchSource(src.uri, src.layout, train, src.list_seconds),
-            PatchSource(src.uri, src.layout, val, src.list_seconds))
+    return src.with_items(train), src.with_items(val)
 
 
-def _shuffled_chunks(src: PatchSource, chunk_size: int, seed: int) -> list[dict]:
-    """Training chunks with patches shuffled first: listings are sorted (class folders by label)."""
-    if src.layout != PARQUET:
+def _shuffled_chunks(src: PatchSource, chunk_size: int, seed: int) -> list[Chunk]:
+    """Training chunks with patches shuffled first: listings are sorted (class folders by label).
+
+    Shards keep their row groups whole (each is one chunk); only the chunks' order is shuffled.
+    """
+    if isinstance(src, FileSource):
         order = list(range(src.items.num_rows))
         random.Random(seed).shuffle(order)
-        src = PatchSource(src.uri, src.layout, src.items.take(pa.array(order)), src.list_seconds)
-    chunks = plan_chunks(src, chunk_size)
+        src = src.with_items(src.items.take(pa.array(order)))
+    chunks = src.chunks(chunk_size)
     random.Random(seed + 1).shuffle(chunks)
     return chunks
 
@@ -87,7 +90,7 @@ def build_datasets(cfg: TrainConfig, train_src: PatchSource, val_src: PatchSourc
 
     datasets = {}
     for key, s in ((TRAIN, train_src), (VAL, val_src)):
-        chunks = _shuffled_chunks(s, cfg.chunk_size, cfg.seed) if key == TRAIN else plan_chunks(s, cfg.chunk_size)
+        chunks = _shuffled_chunks(s, cfg.chunk_size, cfg.seed) if key == TRAIN else s.chunks(cfg.chunk_size)
         datasets[key] = decoded_dataset(chunks).map_batches(labelled_ok)
     return datasets
 
@@ -219,6 +222,6 @@ def export_best(cfg: TrainConfig, checkpoint) -> dict:
     model.load_state_dict(state["best_model"])
     metrics = dict(state["best"]["metrics"], best_epoch=state["best"]["epoch"], epochs_run=state["epoch"])
     meta = export_model(model, urimod.join(cfg.out, "model"), arch=cfg.arch,
-                        preprocess=preprocess_for(cfg.weights), metrics=metrics, config=asdict(cfg))
+                        preprocess=preprocess_for(cfg.weights, crop=cfg.crop), metrics=metrics, config=asdict(cfg))
     meta["history"] = state["history"]
     return meta

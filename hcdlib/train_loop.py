@@ -8,6 +8,7 @@ validation gathered across workers, checkpoints through ``ray.train.report``, re
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -91,8 +92,12 @@ class TrainLoop:
 
         from hcdlib.models import build_model
 
-        model, self.pre = build_model(self.cfg.arch, weights=self.cfg.weights)
-        self.model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+        model, self.pre = build_model(self.cfg.arch, weights=self.cfg.weights, crop=self.cfg.crop)
+        model = model.to(self.device, memory_format=torch.channels_last)
+        # The averaged weights are what is validated and exported: they need no extra epochs
+        # and smooth out the last steps' noise (measured in the README's training table).
+        self.ema = copy.deepcopy(model).eval() if self.cfg.ema else None
+        self.model = ray.train.torch.prepare_model(model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.steps_per_epoch = max(1, math.ceil(self.n_train / (self.cfg.batch_size * self.world)))
@@ -123,6 +128,8 @@ class TrainLoop:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         self._unwrapped().load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema") or state["model"])
         self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
         self.best, self.best_state = state["best"], state["best_model"]
         self.history = state["history"]
@@ -132,6 +139,7 @@ class TrainLoop:
 
     def _checkpoint_state(self) -> dict:
         return {"model": self._unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "best": self.best,
                 "best_model": self.best_state, "history": self.history}
 
@@ -143,6 +151,26 @@ class TrainLoop:
     def _progress(self) -> float:
         by_time = self.elapsed / self.budget_s if self.budget_s else 0.0
         return max(self.step / self.total_steps, by_time)
+
+    def _evaluated(self) -> nn.Module:
+        """The weights validation sees and export writes: the average when there is one."""
+        return self.ema if self.ema is not None else self._unwrapped()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """One step of the weight average (buffers too: BatchNorm statistics follow the weights).
+
+        The decay ramps up over the first steps so the average does not remember the random init.
+        """
+        if self.ema is None:
+            return
+        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        ema, live = self.ema.state_dict(), self._unwrapped().state_dict()
+        floats = [k for k, v in ema.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1 - decay)
+        for k, v in ema.items():
+            if not v.is_floating_point():
+                v.copy_(live[k])
 
     def _autocast(self):
         cuda = self.device.type == "cuda"
@@ -162,13 +190,14 @@ class TrainLoop:
                 break
             for g in self.opt.param_groups:
                 g["lr"] = self.cfg.lr * one_cycle(self._progress())
-            x = train_preset(to_input(batch["pixels"].to(self.device, non_blocking=True), self.pre))
+            x = train_preset(to_input(batch["pixels"].to(self.device, non_blocking=True), self.pre), self.pre)
             y = batch["label"].to(self.device).float().view(-1, 1)
             with self._autocast():
                 loss = self.loss_fn(self.model(x).float(), y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            self._update_ema()
             self.step += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -182,7 +211,7 @@ class TrainLoop:
         """Loss, accuracy and ROC AUC over the whole validation set (gathered from all workers)."""
         from hcdlib.transforms import eval_preset, to_input
 
-        model = self._unwrapped().eval()
+        model = self._evaluated().eval()
         probs, labels = [], []
         for batch in shard.iter_torch_batches(batch_size=512):
             x = eval_preset(to_input(batch["pixels"].to(self.device), self.pre))
@@ -216,7 +245,7 @@ class TrainLoop:
             auc = stats["val_auc"]
             if not math.isnan(auc) and auc > self.best["auc"]:
                 self.best = {"auc": auc, "epoch": self.epoch, "metrics": stats}
-                self.best_state = {k: v.detach().cpu().clone() for k, v in self._unwrapped().state_dict().items()}
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self._evaluated().state_dict().items()}
             out_of_time = bool(self.budget_s) and self.elapsed >= self.budget_s
             stale = self.epoch - self.best["epoch"] >= self.cfg.patience
             stats.update(epoch=self.epoch, elapsed_s=self.elapsed, lr=self.opt.param_groups[0]["lr"],

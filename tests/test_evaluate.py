@@ -125,7 +125,8 @@ def test_figures_and_self_contained_html(case, synth_small):
 @pytest.fixture()
 def slide_case(tmp_path):
     """Committed predictions of one 6x4-tile slide (tumour on the left half), its heatmap, tile labels."""
-    from hcdlib.slides import heatmap_png, slide_key
+    from hcdlib.slide_maps import heatmap_png
+    from hcdlib.slides import slide_key
 
     t = 96
     rows = [{"x": c * t, "y": r * t, "label": int(c < 3)} for r in range(4) for c in range(6)]

@@ -1,5 +1,6 @@
 """Faults under load and misuse end to end: S3 going away, damaged run files, same-named slides."""
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from hcdlib.errors import UserError
 from hcdlib.pack import PackConfig, pack
 from hcdlib.score import ScoreConfig, score
 from hcdlib.slides import PCAM_MPP
+from hcdlib.sources import ShardSource
 from hcdlib.synth import synth_slide_pixels, write_slide_tiff
 
 pytestmark = pytest.mark.slow
@@ -141,19 +143,18 @@ def test_a_stopped_run_frees_its_actors_for_the_next(ray_session, model_dir, syn
     """
     import logging
 
-    from hcdlib import score as score_mod
     from hcdlib.errors import RunStopped
 
     caplog.set_level(logging.DEBUG)
     shards = tmp_path / "shards"
     pack(PackConfig(input=str(synth_small), out=str(shards), rows_per_file=100, row_group_size=50))
-    planned = score_mod.plan_chunks
+    planned = ShardSource.chunks
 
     def one_chunk_gone(src, chunk_size):
         chunks = planned(src, chunk_size)
-        return [*chunks, {**chunks[-1], "key": "rg-gone", "shard": str(tmp_path / "gone.parquet")}]
+        return [*chunks, dataclasses.replace(chunks[-1], key="rg-gone", shard=str(tmp_path / "gone.parquet"))]
 
-    monkeypatch.setattr(score_mod, "plan_chunks", one_chunk_gone)
+    monkeypatch.setattr(ShardSource, "chunks", one_chunk_gone)
     cfg = ScoreConfig(model=str(model_dir), input=str(shards), out=str(tmp_path / "out"), chunk_size=50)
     with pytest.raises(RunStopped) as stopped:
         score(cfg)
@@ -164,5 +165,5 @@ def test_a_stopped_run_frees_its_actors_for_the_next(ray_session, model_dir, syn
     while ray_session.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
         time.sleep(0.2)
     assert ray_session.available_resources().get("CPU", 0) == cpus, "the stopped run's actors still hold CPUs"
-    monkeypatch.setattr(score_mod, "plan_chunks", planned)
+    monkeypatch.undo()
     assert score(cfg)["rows"] == 300

@@ -2,10 +2,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hcdlib import pack as packmod
+from hcdlib.chunks import FilesChunk
 from hcdlib.decode import decode_patch, decode_table
 from hcdlib.pack import PackConfig, pack, read_packed
-from hcdlib.sources import open_source, plan_chunks, read_chunk
+from hcdlib.sources import open_source
 from hcdlib.synth import SynthConfig, write_synth
 
 
@@ -40,7 +40,7 @@ def test_pack_round_trip_10k(synth_10k, tmp_path):
 
 def test_pack_is_atomic_and_resumable(synth_small, tmp_path, monkeypatch):
     out = tmp_path / "shards"
-    real_read = packmod.read_chunk
+    real_read = FilesChunk.rows
     calls = {"n": 0}
 
     def flaky_read(chunk):
@@ -49,22 +49,22 @@ def test_pack_is_atomic_and_resumable(synth_small, tmp_path, monkeypatch):
             raise OSError("simulated crash while reading shard 3")
         return real_read(chunk)
 
-    monkeypatch.setattr(packmod, "read_chunk", flaky_read)
+    monkeypatch.setattr(FilesChunk, "rows", flaky_read)
     with pytest.raises(OSError, match="simulated crash"):
         pack(PackConfig(input=str(synth_small), out=str(out), rows_per_file=50, threads=1))
-    written = sorted(p.name for p in out.iterdir())
+    written = sorted(p.name for p in (out / "parts").iterdir())
     # only complete shards (the failed one absent), no manifest, no partial file of any name
-    assert "part-00002.parquet" not in written and "_SUCCESS" not in written
-    assert all(n.startswith("part-") and n.endswith(".parquet") for n in written)
+    assert "part-files-000002.parquet" not in written and not (out / "_SUCCESS").exists()
+    assert all(n.startswith("part-files-") and n.endswith(".parquet") for n in written)
     assert len(written) >= 2
     for name in written:
-        assert pq.read_metadata(out / name).num_rows == 50
-    mtimes = {n: (out / n).stat().st_mtime_ns for n in written}
+        assert pq.read_metadata(out / "parts" / name).num_rows == 50
+    mtimes = {n: (out / "parts" / n).stat().st_mtime_ns for n in written}
 
-    monkeypatch.setattr(packmod, "read_chunk", real_read)
+    monkeypatch.undo()
     manifest = pack(PackConfig(input=str(synth_small), out=str(out), rows_per_file=50, threads=1))
     assert manifest["rows"] == 300 and len(manifest["files"]) == 6
-    assert {n: (out / n).stat().st_mtime_ns for n in written} == mtimes  # kept, not rewritten
+    assert {n: (out / "parts" / n).stat().st_mtime_ns for n in written} == mtimes  # kept, not rewritten
     assert (out / "_SUCCESS").exists()
 
 
@@ -72,10 +72,10 @@ def test_reader_takes_only_manifest_listed_shards(synth_small, tmp_path):
     out = tmp_path / "shards"
     pack(PackConfig(input=str(synth_small), out=str(out), rows_per_file=100))
     # a stray file (e.g. from another tool) is not part of the pack
-    (out / "stray.parquet").write_bytes((out / "part-00000.parquet").read_bytes())
+    (out / "stray.parquet").write_bytes((out / "parts" / "part-files-000000.parquet").read_bytes())
     src = open_source(str(out))
     assert src.num_patches == 300
-    rows = sum(read_chunk(c).num_rows for c in plan_chunks(src))
+    rows = sum(c.rows().num_rows for c in src.chunks())
     assert rows == 300
 
 
@@ -86,9 +86,15 @@ def test_repacking_shards_reruns_and_refuses_foreign_files(synth_small, tmp_path
     first = pack(PackConfig(input=str(tmp_path / "a"), out=str(tmp_path / "b")))  # shards -> shards
     again = pack(PackConfig(input=str(tmp_path / "a"), out=str(tmp_path / "b")))  # a rerun keeps them
     assert first["rows"] == again["rows"] == 300 and first["files"] == again["files"]
-    foreign = tmp_path / "c"
-    foreign.mkdir()
-    (foreign / "part-00000.parquet").write_bytes(b"not ours")  # somebody else's file: never overwritten
-    with pytest.raises(UserError, match=r"part-00000\.parquet exists and is not a readable shard"):
-        pack(PackConfig(input=str(synth_small), out=str(foreign), rows_per_file=100))
-    assert (foreign / "part-00000.parquet").read_bytes() == b"not ours"
+    foreign = tmp_path / "c" / "parts"
+    foreign.mkdir(parents=True)
+    (foreign / "part-files-000000.parquet").write_bytes(b"not ours")  # somebody else's file: never overwritten
+    with pytest.raises(UserError, match=r"holds parts that hcd did not write \(no _RUN.json\)"):
+        pack(PackConfig(input=str(synth_small), out=str(foreign.parent), rows_per_file=100))
+    assert (foreign / "part-files-000000.parquet").read_bytes() == b"not ours"
+    # another input into a finished pack: refused, unless --overwrite (which replaces only hcd's files)
+    with pytest.raises(UserError, match="holds a run with a different input"):
+        pack(PackConfig(input=str(synth_small), out=str(tmp_path / "b")))
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    assert pack(PackConfig(input=str(synth_small), out=str(tmp_path / "b"), overwrite=True))["rows"] == 300
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine"

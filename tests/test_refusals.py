@@ -20,7 +20,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from hcdlib import cli, sources
+from hcdlib import chunks, cli
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
 from hcdlib.artifact import ArtifactError, export_model, load_model
@@ -33,7 +33,7 @@ from hcdlib.models import build_model
 from hcdlib.pack import PackConfig, pack
 from hcdlib.score import ScoreConfig, score
 from hcdlib.slides import slide_id_of
-from hcdlib.sources import SourceError, open_source, plan_chunks, read_chunk, read_labels
+from hcdlib.sources import SourceError, open_source, read_labels
 from hcdlib.train import TrainConfig, open_sources
 from hcdlib.transforms import Preprocess
 
@@ -181,12 +181,12 @@ def test_listing_refuses_what_must_not_be_read(synth_small, tmp_path, monkeypatc
     with open(weird, "wb") as f:
         f.write(good[1].read_bytes())
     (folder / "big.tif").write_bytes(good[2].read_bytes() + b"\0" * 4096)
-    monkeypatch.setattr(sources, "MAX_PATCH_BYTES", 30_000)  # cap bytes per patch (default 64 MiB)
+    monkeypatch.setattr(chunks, "MAX_PATCH_BYTES", 30_000)  # cap bytes per patch (default 64 MiB)
 
     signal.alarm(60)  # a hang (the pipe) fails the test instead of the whole run
     try:
         src = open_source(str(folder))
-        rows = pa.concat_tables(read_chunk(c) for c in plan_chunks(src, 4)).to_pylist()
+        rows = pa.concat_tables(c.rows() for c in src.chunks(4)).to_pylist()
     finally:
         signal.alarm(0)
     by_id = {r["id"]: r for r in rows}

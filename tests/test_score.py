@@ -240,7 +240,7 @@ def test_packed_pixels_score_exactly_as_the_files(ray_session, model_dir, corrup
     unlabelled = tmp_path / "unlabelled"  # a test archive: the corrupt files have no labels, and need none
     shutil.copytree(folder, unlabelled, ignore=shutil.ignore_patterns("labels.csv"))
     pack(PackConfig(input=str(unlabelled), out=str(tmp_path / "shards"), rows_per_file=200, row_group_size=64))
-    stored = pq.read_table(next((tmp_path / "shards").glob("part-*.parquet")), columns=["pixels", "image"])
+    stored = pq.read_table(next((tmp_path / "shards" / "parts").glob("part-*.parquet")), columns=["pixels", "image"])
     assert stored["pixels"].null_count < stored.num_rows  # pixels really are stored, not just bytes
     files = score(_cfg(model_dir, folder, tmp_path / "from-files")).get("manifest_uri")
     packed = score(_cfg(model_dir, tmp_path / "shards", tmp_path / "from-pack"))

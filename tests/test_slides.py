@@ -102,7 +102,7 @@ def _check_geojson(gj: dict, rows: pd.DataFrame, *, tile: int, tumour_tiles: int
 
 
 def test_tumour_regions_merge_tiles_into_polygons():
-    from hcdlib.slides import geojson, tumour_regions
+    from hcdlib.slide_maps import geojson, tumour_regions
 
     def tile(c, r, p):
         return {"x": c * T, "y": r * T, "tile_size": T, "prob": p, "status": "ok"}
@@ -192,7 +192,7 @@ def test_tiles_read_in_runs_equal_tiles_read_one_by_one(tmp_path, scale, level):
     planned = plan_slide(str(tmp_path / "s.tif"), slide_id="s", out=str(tmp_path / "out"), mpp=None,
                          tissue_threshold=0.5)
     chunk = tile_chunks(planned, 1000)[0]
-    assert chunk["level"] == level and chunk["num_rows"] >= 10
+    assert chunk.plan.level == level and chunk.num_rows >= 10
     got = read_tiles(chunk)
     assert (got["status"] == "ok").all()
     with openslide.OpenSlide(str(tmp_path / "s.tif")) as s:

@@ -15,8 +15,6 @@ from hcdlib.sources import (
     PARQUET,
     SourceError,
     open_source,
-    plan_chunks,
-    read_chunk,
 )
 
 
@@ -26,7 +24,7 @@ def _labels(folder: Path) -> dict[str, tuple[int, str]]:
 
 
 def _read_all(src, chunk_size=64) -> pa.Table:
-    return pa.concat_tables(read_chunk(c) for c in plan_chunks(src, chunk_size))
+    return pa.concat_tables(c.rows() for c in src.chunks(chunk_size))
 
 
 def _class_folders(synth: Path, root: Path, split: str | None = "train") -> Path:
@@ -90,7 +88,7 @@ def test_parquet_shards_local(synth_small, tmp_path):
                     row_group_size=50))
     src = open_source(str(tmp_path / "shards"))
     assert src.layout == PARQUET and src.num_patches == 300
-    assert len(plan_chunks(src)) == 3 + 3 + 1  # row groups of 50 in shards of 128, 128, 44
+    assert len(src.chunks()) == 3 + 3 + 1  # row groups of 50 in shards of 128, 128, 44
     _check_rows(_read_all(src), synth_small, with_slides=True)
 
 
@@ -128,7 +126,7 @@ def test_unreadable_file_becomes_error_row(synth_small, tmp_path):
     src = open_source(str(folder))
     victim = folder / f"{src.items['id'][0].as_py()}.tif"
     victim.unlink()  # listed, then gone before it was read
-    rows = read_chunk(plan_chunks(src)[0])
+    rows = src.chunks()[0].rows()
     assert rows["image"][0].as_py() is None
     assert "cannot read" in rows["error"][0].as_py()
     assert rows["error"].null_count == rows.num_rows - 1
@@ -161,8 +159,8 @@ def test_real_pcam_jpeg_class_folders(tmp_path):
 
 def test_a_patch_run_lists_its_input_once(model_dir, synth_small, tmp_path, monkeypatch):
     import hcdlib.listing
+    import hcdlib.predictions
     import hcdlib.rayutil
-    import hcdlib.score
     import hcdlib.sources
     from hcdlib.score import ScoreConfig, score
 
@@ -173,16 +171,17 @@ def test_a_patch_run_lists_its_input_once(model_dir, synth_small, tmp_path, monk
         calls.append(uri)
         return real(uri)
 
-    for module in (hcdlib.listing, hcdlib.sources, hcdlib.score):
+    for module in (hcdlib.listing, hcdlib.sources):
         monkeypatch.setattr(module, "list_files", counting)
 
     class Stop(Exception):
         pass
 
-    def stop(*_a, **_k):  # everything up to the start of Ray: listing, labels, chunks, run spec
+    def stop(*_a, **_k):  # everything up to the first read: listing, labels, run spec, chunks
         raise Stop
 
-    monkeypatch.setattr(hcdlib.rayutil, "init_ray", stop)
+    monkeypatch.setattr(hcdlib.rayutil, "init_ray", lambda *_a, **_k: None)
+    monkeypatch.setattr(hcdlib.predictions, "done_parts", stop)
     with pytest.raises(Stop):
         score(ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(tmp_path / "o")))
     assert calls == [str(synth_small)]

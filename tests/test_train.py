@@ -18,7 +18,7 @@ from hcdlib.decode import decode_patch
 from hcdlib.errors import UserError
 from hcdlib.infer import infer_batch
 from hcdlib.models import build_model
-from hcdlib.sources import PatchSource, open_source
+from hcdlib.sources import FileSource, open_source
 from hcdlib.train import TrainConfig, split_by_group, train
 from hcdlib.train_loop import one_cycle
 from hcdlib.transforms import Preprocess
@@ -54,7 +54,7 @@ def test_split_keeps_groups_apart(synth_600):
     items = pa.table({"id": [f"p{i}" for i in range(40)], "source": [f"/x/p{i}.tif" for i in range(40)],
                       "label": [i % 2 for i in range(40)], "slide_id": pa.nulls(40, pa.string()),
                       "group": [f"dup{i // 4}" if i < 20 else f"p{i}" for i in range(40)]})
-    t, v = split_by_group(PatchSource("/x", "kaggle", items, 0.0), 0.25)
+    t, v = split_by_group(FileSource("/x", items, 0.0), 0.25)
     assert not set(t.items["group"].to_pylist()) & set(v.items["group"].to_pylist())
 
 
