@@ -76,7 +76,7 @@ def _plain_loop(files: list[Path], labels: list[int], *, batch_size: int, lr: fl
     seen, t0 = 0, time.perf_counter()
     for x, y in loader:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(train_preset(to_input(x, pre), pre)), y.float().view(-1, 1))
+            model(train_preset(to_input(x, pre))), y.float().view(-1, 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

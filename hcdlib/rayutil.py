@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hcdlib.errors import UserError
@@ -45,13 +47,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
 
     # Ray's logs go to its log files; on the console only with --verbose (hcdlib.console).
     quiet = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.ERROR}
-    if address:
-        ray.init(address=address, **quiet)
-        quiet_ray_data()
-        return
-    # When started, the dashboard binds to loopback like everything else.
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
+    with _quiet_core_logs(not verbose()):
+        if address:
+            ray.init(address=address, **quiet)
+        else:  # when started, the dashboard binds to loopback like everything else
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
     quiet_ray_data()
+    if address:
+        return
     res = ray.cluster_resources()
     log.info("started a local Ray on 127.0.0.1: %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
 
@@ -113,3 +116,38 @@ def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: f
         raise UserError(f"{n} actors x {c:g} CPUs leaves less than {READ_RESERVE_CPUS:g} of {cpus:g} CPUs for the "
                          "readers and would starve them; use fewer --actors or a smaller --cpus-per-actor")
     return ActorPlan(n, round(c, 4), 0.0, threads)
+
+
+@contextlib.contextmanager
+def _quiet_core_logs(quiet: bool) -> Iterator[None]:
+    """Keep Ray's C++ log lines off the terminal while ``ray.init`` starts this process's core worker.
+
+    Ray 2.60's core worker prints an ERROR line on the driver's terminal for every model actor
+    Ray Data creates ("constructor arguments in the object store and max_restarts > 0", a known
+    Ray caveat about restarting actors, ray-project/ray#53727, that hcd's resume covers). Unless
+    ``--verbose``, the driver's C++ level is FATAL (a level the user set is kept). The core
+    worker announces that level on file descriptor 2 as it starts, so for the length of
+    ``ray.init`` that descriptor goes to a temporary file, which is shown if ``ray.init`` fails.
+    """
+    if not quiet or "RAY_BACKEND_LOG_LEVEL" in os.environ:
+        yield
+        return
+    import sys
+    import tempfile
+
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read()[-20000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            del os.environ["RAY_BACKEND_LOG_LEVEL"]

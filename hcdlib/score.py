@@ -3,7 +3,8 @@
     hcd score --model runs/demo/model --input /data/test --out /data/preds
     ray job submit --working-dir . -- python jobs/score.py --model s3://b/model --input s3://b/test --out s3://b/preds
 
-The input is listed once and cut into chunks (a slice of files or a Parquet row group).
+The input is listed once (:func:`hcdlib.sources.open_source`, slides included) and cut into
+chunks (a slice of files, a Parquet row group, a run of slide tiles), each of which reads itself.
 Ray Data reads and decodes chunks in parallel tasks and streams the uint8 patches to a pool
 of model actors; the driver gathers each chunk's predictions and writes the chunk as one
 part file once all its rows are in. A part is written atomically and only once, so:
@@ -221,7 +222,8 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, tot
     assembler = preds.ChunkAssembler(expected)
     todo_rows = sum(expected.values())
     bar = progress(todo_rows, desc="scoring", unit="patch")
-    rows_done, t0, last_log = 0, time.perf_counter(), 0.0
+    rows_done, t0 = 0, time.perf_counter()
+    last_log = t0  # the first line after 10 s, not at 0 rows
     pending: dict[str, Future] = {}
 
     def collect(block: bool) -> None:
@@ -267,8 +269,8 @@ def _log_progress(bar, rows_done: int, todo_rows: int, total: int, t0: float, la
     if not bar.disable or now - last <= 10:
         return last
     rate = rows_done / max(now - t0, 1e-9)
-    eta = (todo_rows - rows_done) / rate if rate else float("nan")
-    log.info("scored %d/%d rows this run (%d total), %.0f rows/s, ETA %.0fs", rows_done, todo_rows, total, rate, eta)
+    eta = f"ETA {(todo_rows - rows_done) / rate:.0f}s" if rate else "first rows not committed yet"
+    log.info("scored %d/%d rows this run (%d total), %.0f rows/s, %s", rows_done, todo_rows, total, rate, eta)
     return now
 
 

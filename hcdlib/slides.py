@@ -6,21 +6,18 @@ Slides are read with OpenSlide (Aperio .svs, generic tiled TIFF, Hamamatsu .ndpi
 ...). PCam patches are 96x96 px at about 0.97 um/px (10x); from the slide's microns per pixel we
 pick the pyramid level and read size that give that resolution and resample to 96x96. Tissue is
 found with Otsu's threshold on the saturation of a thumbnail, and only tiles with enough tissue
-are scored. Planning and reading run in Ray tasks; a slide on S3 is staged to local disk by the
-task that reads it and removed after. Tiles never travel as files: a task reads many tiles of one
-slide with one open handle and hands decoded pixels to the model actors.
+are scored. Planning and reading run in Ray tasks; a slide on S3 is staged to local disk once per
+node and run (:mod:`hcdlib.staging`), not once per task. Tiles never travel as files: a task reads
+many tiles of one slide with one open handle and hands decoded pixels to the model actors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
 import os
 import posixpath
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +25,7 @@ import numpy as np
 from hcdlib import uri as urimod
 from hcdlib.chunks import Chunk
 from hcdlib.decode import PATCH_SIZE
+from hcdlib.staging import local_slide, remove_stage, stage_key
 from hcdlib.transforms import PCAM_MPP
 
 log = logging.getLogger(__name__)
@@ -89,23 +87,6 @@ def is_slide_source(paths: list[str]) -> bool:
     return any(p.lower().endswith(SLIDE_ONLY_EXTS) for p in paths)
 
 
-@contextlib.contextmanager
-def local_copy(slide_uri: str) -> Iterator[str]:
-    """A local path for the slide: itself on local disk; a temporary copy (removed after) from S3."""
-    if not urimod.is_s3(slide_uri):
-        yield urimod.resolve(slide_uri)[1]
-        return
-    fs, path = urimod.resolve(slide_uri)
-    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1], prefix="hcd-slide-")
-    try:
-        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
-            while chunk := src.read(64 * 2**20):
-                out.write(chunk)
-        yield tmp
-    finally:
-        os.unlink(tmp)
-
-
 def slide_key(slide_uri: str) -> str:
     """A stable, file-name-safe key for a slide (its stem plus a hash of the full URI)."""
     stem = os.path.splitext(os.path.basename(slide_uri))[0]
@@ -129,7 +110,7 @@ def tissue_mask(thumb: np.ndarray, *, min_saturation: float = 0.07, max_saturati
 
 
 def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, tissue_threshold: float,
-               target_mpp: float = PCAM_MPP, patch: int = PATCH_SIZE) -> dict:
+               target_mpp: float = PCAM_MPP, patch: int = PATCH_SIZE, stage: str | None = None) -> dict:
     """Open one slide and list its tissue tiles; an unreadable slide returns an ``error``.
 
     The thumbnail goes straight to ``<out>/slides/<key>.thumbnail.png`` (the heatmap's
@@ -139,7 +120,7 @@ def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, ti
 
     base = {"slide": slide_uri, "slide_id": slide_id, "key": slide_key(slide_uri)}
     try:
-        with local_copy(slide_uri) as path, openslide.OpenSlide(path) as s:
+        with local_slide(slide_uri, stage=stage) as path, openslide.OpenSlide(path) as s:
             slide_mpp = mpp or float(s.properties.get(openslide.PROPERTY_NAME_MPP_X) or 0)
             if not slide_mpp:
                 return {**base, "error": f"slide {slide_uri}: no microns-per-pixel metadata; pass --mpp"}
@@ -176,6 +157,7 @@ class TilesChunk(Chunk):
     plan: TilePlan
     xs: tuple[int, ...]
     ys: tuple[int, ...]
+    stage: str | None = None  # the run's staging folder for a slide on S3 (hcdlib.staging)
 
     def read(self, *, resize: bool = False) -> dict[str, np.ndarray]:
         """The tiles, read in runs and resized to the model's patch (``resize`` has no say here)."""
@@ -199,13 +181,13 @@ class SlideErrorChunk(Chunk):
         return out
 
 
-def tile_chunks(planned: dict, chunk_size: int) -> list[Chunk]:
+def tile_chunks(planned: dict, chunk_size: int, *, stage: str | None = None) -> list[Chunk]:
     """Work units for one planned slide: runs of tiles, or one error unit for a bad slide."""
     if planned["error"]:
         return [SlideErrorChunk(f"{planned['key']}-error", 1, planned["slide"], planned["slide_id"], planned["error"])]
     xs, ys, plan = planned["xs"], planned["ys"], TilePlan(**planned["plan"])
     return [TilesChunk(f"{planned['key']}-{i:05d}", len(xs[a:a + chunk_size]), planned["slide"], planned["slide_id"],
-                       plan, tuple(xs[a:a + chunk_size]), tuple(ys[a:a + chunk_size]))
+                       plan, tuple(xs[a:a + chunk_size]), tuple(ys[a:a + chunk_size]), stage)
             for i, a in enumerate(range(0, len(xs), chunk_size))]
 
 
@@ -248,7 +230,7 @@ def read_tiles(chunk: TilesChunk) -> dict:
     out = _tile_rows(chunk.slide, chunk.slide_id, xs, ys, plan.tile_size, plan.patch)
     size, level, patch = plan.read_size, plan.level, plan.patch
     try:
-        with local_copy(chunk.slide) as path, openslide.OpenSlide(path) as s:
+        with local_slide(chunk.slide, stage=chunk.stage) as path, openslide.OpenSlide(path) as s:
             # A run of tiles side by side is one read_region call, cut in memory: one call per
             # tile cost more than decoding (2,245 tiles/s on 2 cores). Exact only where a tile is
             # a whole number of pixels at the level; elsewhere each tile is read alone.
@@ -266,7 +248,7 @@ def read_tiles(chunk: TilesChunk) -> dict:
 
 
 def plan_slides(slides: list[dict], *, out: str, mpp: float | None, tissue_threshold: float,
-                target_mpp: float = PCAM_MPP, patch: int = PATCH_SIZE) -> list[dict]:
+                target_mpp: float = PCAM_MPP, patch: int = PATCH_SIZE, stage: str | None = None) -> list[dict]:
     """Plan every slide (``{"slide": uri, "slide_id": id}``) in parallel Ray tasks.
 
     Each task opens, thumbnails and grids one slide into tiles of the model's patch at
@@ -276,7 +258,8 @@ def plan_slides(slides: list[dict], *, out: str, mpp: float | None, tissue_thres
 
     task = ray.remote(num_cpus=1)(plan_slide)
     return ray.get([task.remote(s["slide"], slide_id=s["slide_id"], out=out, mpp=mpp,
-                                tissue_threshold=tissue_threshold, target_mpp=target_mpp, patch=patch)
+                                tissue_threshold=tissue_threshold, target_mpp=target_mpp, patch=patch,
+                                stage=stage)
                     for s in slides])
 
 
@@ -322,8 +305,8 @@ class SlideSource:
         if self.planned is None:
             t = self.tiling
             self.planned = plan_slides(self.slides, out=t.out, mpp=t.mpp, tissue_threshold=t.tissue_threshold,
-                                       target_mpp=t.target_mpp, patch=t.patch) + self.refused
-            self._chunks = [c for p in self.planned for c in tile_chunks(p, chunk_size)]
+                                       target_mpp=t.target_mpp, patch=t.patch, stage=self.stage) + self.refused
+            self._chunks = [c for p in self.planned for c in tile_chunks(p, chunk_size, stage=self.stage)]
         return self._chunks
 
     @property
@@ -335,9 +318,22 @@ class SlideSource:
         """One line for the log."""
         return f"{len(self.planned or [])} slides, {self.num_patches} tissue tiles"
 
+    @property
+    def stage(self) -> str | None:
+        """The staging folder of this run's slides on S3 (one download per slide and node), if any."""
+        if not any(urimod.is_s3(s["slide"]) for s in self.slides):
+            return None
+        return stage_key(self.tiling.out, self.fingerprint())
+
     def finish(self, out: str, *, threshold: float) -> dict:
-        """Per-slide heatmaps, GeoJSON and ``slides/summary.csv`` from the committed tile rows."""
+        """Per-slide heatmaps, GeoJSON and ``slides/summary.csv`` from the committed tile rows.
+
+        The staged copies of slides on S3 are removed first, on every node.
+        """
         from hcdlib import predictions as preds
+
+        if self.stage:
+            _on_every_node(remove_stage, self.stage)
 
         rows = preds.read_parts(out, [c.key for c in self._chunks],
                                 ["slide_id", "x", "y", "tile_size", "prob", "status"]).to_pandas()
@@ -345,3 +341,13 @@ class SlideSource:
 
         summary = write_slide_outputs(out, self.planned or [], rows, threshold=threshold)
         return {"summary": "slides/summary.csv", "per_slide": summary}
+
+
+def _on_every_node(fn, *args) -> None:
+    """Run ``fn(*args)`` once on every live node of the cluster (node-local clean-up)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(fn)
+    ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
+             for n in ray.nodes() if n["Alive"]])

@@ -71,6 +71,30 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (and BatchNorm statistics).
+
+    Validated and exported instead of the raw weights: it costs no extra epochs and evens out
+    the noise of the last steps. The decay ramps up over the first steps (``(1 + t) / (10 + t)``)
+    so the average does not remember the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval()
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, live: nn.Module, step: int) -> None:
+        """Move the average towards ``live`` after optimiser step ``step``; integer buffers are copied."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        ema, now = self.model.state_dict(), live.state_dict()
+        floats = [k for k, v in ema.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema[k] for k in floats], [now[k] for k in floats], 1 - decay)
+        for k, v in ema.items():
+            if not v.is_floating_point():
+                v.copy_(now[k])
+
+
 class TrainLoop:
     """One worker's training run.
 
@@ -94,9 +118,8 @@ class TrainLoop:
 
         model, self.pre = build_model(self.cfg.arch, weights=self.cfg.weights, crop=self.cfg.crop)
         model = model.to(self.device, memory_format=torch.channels_last)
-        # The averaged weights are what is validated and exported: they need no extra epochs
-        # and smooth out the last steps' noise (measured in the README's training table).
-        self.ema = copy.deepcopy(model).eval() if self.cfg.ema else None
+        # The averaged weights are what is validated and exported (see WeightAverage).
+        self.ema = WeightAverage(model, self.cfg.ema) if self.cfg.ema else None
         self.model = ray.train.torch.prepare_model(model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.loss_fn = nn.BCEWithLogitsLoss()
@@ -129,7 +152,7 @@ class TrainLoop:
         self._unwrapped().load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema.load_state_dict(state.get("ema") or state["model"])
+            self.ema.model.load_state_dict(state.get("ema") or state["model"])
         self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
         self.best, self.best_state = state["best"], state["best_model"]
         self.history = state["history"]
@@ -139,7 +162,7 @@ class TrainLoop:
 
     def _checkpoint_state(self) -> dict:
         return {"model": self._unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema": self.ema.model.state_dict() if self.ema is not None else None,
                 "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "best": self.best,
                 "best_model": self.best_state, "history": self.history}
 
@@ -154,23 +177,7 @@ class TrainLoop:
 
     def _evaluated(self) -> nn.Module:
         """The weights validation sees and export writes: the average when there is one."""
-        return self.ema if self.ema is not None else self._unwrapped()
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        """One step of the weight average (buffers too: BatchNorm statistics follow the weights).
-
-        The decay ramps up over the first steps so the average does not remember the random init.
-        """
-        if self.ema is None:
-            return
-        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
-        ema, live = self.ema.state_dict(), self._unwrapped().state_dict()
-        floats = [k for k, v in ema.items() if v.is_floating_point()]
-        torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1 - decay)
-        for k, v in ema.items():
-            if not v.is_floating_point():
-                v.copy_(live[k])
+        return self.ema.model if self.ema is not None else self._unwrapped()
 
     def _autocast(self):
         cuda = self.device.type == "cuda"
@@ -190,14 +197,15 @@ class TrainLoop:
                 break
             for g in self.opt.param_groups:
                 g["lr"] = self.cfg.lr * one_cycle(self._progress())
-            x = train_preset(to_input(batch["pixels"].to(self.device, non_blocking=True), self.pre), self.pre)
+            x = train_preset(to_input(batch["pixels"].to(self.device, non_blocking=True), self.pre))
             y = batch["label"].to(self.device).float().view(-1, 1)
             with self._autocast():
                 loss = self.loss_fn(self.model(x).float(), y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            self._update_ema()
+            if self.ema is not None:
+                self.ema.update(self._unwrapped(), self.step)
             self.step += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)

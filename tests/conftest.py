@@ -167,7 +167,7 @@ def model_dir(synth_small, tmp_path_factory) -> Path:
     model.train()
     for _ in range(3):
         for i in range(0, len(x), 32):
-            batch = train_preset(to_input(torch.from_numpy(x[i:i + 32]), pre), pre)
+            batch = train_preset(to_input(torch.from_numpy(x[i:i + 32]), pre))
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), y[i:i + 32])
             opt.zero_grad()
             loss.backward()

@@ -1,4 +1,5 @@
 import io
+import json
 
 import pytest
 import torch
@@ -57,3 +58,31 @@ def test_tampered_artifact_is_refused(tmp_path):
         load_model(str(tmp_path / "m"))
     with pytest.raises(ArtifactError, match="not a model artifact"):
         load_model(str(tmp_path / "nothing"))
+
+
+def test_the_model_sees_the_centre_crop_its_artifact_records(tmp_path):
+    """Train and score crop through one definition (to_input), stored in the artifact; old artifacts see 96 px."""
+    import numpy as np
+
+    from hcdlib.artifact import ArtifactError, check_artifact
+    from hcdlib.transforms import Preprocess, to_input
+
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8))
+    full, crop = to_input(pixels, Preprocess()), to_input(pixels, Preprocess(crop=64))
+    assert full.shape[-2:] == (96, 96) and crop.shape[-2:] == (64, 64)
+    torch.testing.assert_close(crop, full[..., 16:80, 16:80])
+    model, pre = build_model("hcdnet", crop=64)
+    assert pre.crop == 64 and model(crop).shape == (2, 1)
+    old = Preprocess().to_dict()
+    del old["crop"]
+    assert Preprocess.from_dict(old).crop == 96
+    with pytest.raises(ValueError, match=r"crop 128 must be in 32\.\.size"):
+        Preprocess(crop=128)
+    out = tmp_path / "m"
+    export_model(model, str(out), arch="hcdnet", preprocess=pre)
+    assert check_artifact(str(out))[0]["preprocess"]["crop"] == 64
+    meta = json.loads((out / "model.json").read_text())
+    meta["preprocess"]["crop"] = 0
+    (out / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="invalid preprocess"):
+        check_artifact(str(out))

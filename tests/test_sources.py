@@ -185,3 +185,45 @@ def test_a_patch_run_lists_its_input_once(model_dir, synth_small, tmp_path, monk
     with pytest.raises(Stop):
         score(ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(tmp_path / "o")))
     assert calls == [str(synth_small)]
+
+
+def test_every_chunk_reads_itself_the_same_way(synth_small, tmp_path):
+    """Files, shards and bad slides: each chunk's read() gives decoded rows; the pipeline asks nothing else."""
+    import pickle
+
+    from hcdlib.slides import SlideErrorChunk
+
+    files = open_source(str(synth_small))
+    pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards"), rows_per_file=100, row_group_size=100))
+    shards = open_source(str(tmp_path / "shards"))
+    a = files.chunks(100)
+    b = shards.chunks()
+    assert [c.num_rows for c in a] == [c.num_rows for c in b] == [100, 100, 100]
+    for fc, sc in zip(a, b, strict=True):
+        assert pickle.loads(pickle.dumps(fc)) == fc  # chunks travel to Ray tasks as themselves
+        x, y = fc.read(), sc.read()
+        assert list(x["id"]) == list(y["id"]) == fc.expected_ids() and sc.expected_ids() is None
+        assert (x["status"] == "ok").all() and np.array_equal(x["pixels"], y["pixels"])
+    bad = SlideErrorChunk("s-1234abcd-error", 1, "/x/s.svs", "s", "slide /x/s.svs: cannot read: truncated")
+    row = bad.read()
+    assert list(row["id"]) == ["s"] and list(row["status"]) == ["error"] and "truncated" in row["error"][0]
+    assert row["pixels"].shape == (1, 96, 96, 3)
+
+
+def test_slides_are_a_source_only_where_slides_are_scored(tmp_path):
+    """The one factory: slide formats give a slide source when a job can tile them, and a refusal elsewhere."""
+    from hcdlib.slides import SlideSource, SlideTiling
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "s1.svs").write_bytes(b"not opened until planning")
+    with pytest.raises(SourceError, match="holds whole-slide images; hcd score tiles and scores them"):
+        open_source(str(tmp_path / "a"))
+    src = open_source(str(tmp_path / "a"), tiling=SlideTiling(out=str(tmp_path / "o")))
+    assert isinstance(src, SlideSource) and [s["slide_id"] for s in src.slides] == ["s1"]
+    assert len(src.fingerprint()) == 16
+    # a .tif is a patch unless --slides says the folder holds slides
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "s2.tif").write_bytes(b"II*\x00")
+    assert open_source(str(tmp_path / "b")).layout == KAGGLE
+    forced = open_source(str(tmp_path / "b"), tiling=SlideTiling(out=str(tmp_path / "o"), force=True))
+    assert isinstance(forced, SlideSource) and [s["slide_id"] for s in forced.slides] == ["s2"]

@@ -149,3 +149,26 @@ def test_checkpoints_and_model_on_s3(ray_session, synth_600, bucket):
     assert exists(f"{out}/model/model.safetensors") and exists(f"{out}/metrics/epoch_001.json")
     _model, loaded = load_model(f"{out}/model")
     assert loaded["sha256"] == meta["sha256"]
+
+
+def test_weight_average_follows_the_weights_at_its_decay():
+    """The exported average: decay ramps up from the first step, floats are averaged, counters copied."""
+    from torch import nn
+
+    from hcdlib.train_loop import WeightAverage
+
+    live = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    avg = WeightAverage(live, 0.9)
+    start = {k: v.clone() for k, v in live.state_dict().items()}
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+        live[1].running_mean.fill_(2.0)
+        live[1].num_batches_tracked.fill_(7)
+    avg.update(live, step=1000)  # the ramp (1001/1010) is above 0.9: decay 0.9
+    got = avg.model.state_dict()
+    torch.testing.assert_close(got["0.weight"], start["0.weight"] + 0.1)
+    torch.testing.assert_close(got["1.running_mean"], torch.full((2,), 0.2))
+    assert int(got["1.num_batches_tracked"]) == 7
+    avg.update(live, step=0)  # first step: decay 1/10, the average is mostly the live weights
+    torch.testing.assert_close(avg.model.state_dict()["0.weight"], start["0.weight"] + 0.1 + 0.9 * 0.9)
+    assert avg.model is not live and not avg.model.training

@@ -1,0 +1,102 @@
+"""Slides on S3 are downloaded once per node and run, shared by every task, and cleaned up."""
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from hcdlib import staging
+from hcdlib import uri as urimod
+
+
+@pytest.fixture()
+def downloads(monkeypatch) -> list[str]:
+    """Every download the staging code makes (what S3 would be asked for, whole slides)."""
+    got: list[str] = []
+    real = staging._download
+
+    def counting(slide_uri, dest):
+        got.append(slide_uri)
+        real(slide_uri, dest)
+
+    monkeypatch.setattr(staging, "_download", counting)
+    return got
+
+
+def _put(uri: str, data: bytes) -> None:
+    fs, path = urimod.resolve(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def test_a_slide_is_downloaded_once_per_run_and_node(bucket, tmp_path, downloads):
+    slide = f"{bucket}/a/s1.svs"
+    _put(slide, b"slide bytes" * 1000)
+    opened = []
+
+    def task():  # four read tasks of the same slide at once, as Ray runs them on one node
+        with staging.local_slide(slide, stage="run1", root=str(tmp_path)) as path:
+            opened.append(path)
+            assert Path(path).read_bytes() == b"slide bytes" * 1000
+
+    threads = [threading.Thread(target=task) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert downloads == [slide] and len(set(opened)) == 1  # one download; every task read the same copy
+    with staging.local_slide(slide, stage="run1", root=str(tmp_path)):
+        pass
+    assert downloads == [slide]  # a later task (or a resumed run) finds it staged
+    staging.remove_stage("run1", root=str(tmp_path))
+    assert not (tmp_path / "run1").exists() and tmp_path.exists()
+
+
+def test_without_a_stage_the_copy_is_private_and_removed(bucket, downloads):
+    slide = f"{bucket}/s2.svs"
+    _put(slide, b"x" * 10)
+    with staging.local_slide(slide) as path:
+        assert Path(path).read_bytes() == b"x" * 10
+    assert not os.path.exists(path) and downloads == [slide]
+
+
+def test_local_slides_are_never_copied(tmp_path, downloads):
+    (tmp_path / "s.svs").write_bytes(b"local")
+    with staging.local_slide(str(tmp_path / "s.svs"), stage="run1", root=str(tmp_path / "stage")) as path:
+        assert path == str(tmp_path / "s.svs")
+    assert downloads == [] and not (tmp_path / "stage").exists()
+
+
+def test_a_full_disk_evicts_the_least_recently_used_slides(bucket, tmp_path, downloads, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+
+    def disk(folder):  # a 5,000-byte disk: the budget is half of it, two 1,000-byte slides
+        staged = sum(p.stat().st_size for p in (tmp_path / "r").glob("*.svs"))
+        return usage(5000, staged, 5000 - staged)
+
+    monkeypatch.setattr(staging.shutil, "disk_usage", disk)
+    s0, s1, s2 = (f"{bucket}/s{i}.svs" for i in range(3))
+    for s in (s0, s1, s2):
+        _put(s, b"y" * 1000)
+
+    def use(s):
+        with staging.local_slide(s, stage="r", root=str(tmp_path)) as path:
+            assert Path(path).read_bytes() == b"y" * 1000
+
+    use(s0)
+    use(s1)
+    use(s0)  # used again: s1 is now the least recently used
+    use(s2)  # no room for three: s1 goes
+    assert downloads == [s0, s1, s2] and len(list((tmp_path / "r").glob("*.svs"))) == 2
+    use(s0)
+    assert downloads == [s0, s1, s2]  # s0 stayed
+    use(s1)
+    assert downloads == [s0, s1, s2, s1]  # s1 had gone: downloaded again
+
+
+def test_stage_key_is_stable_for_a_rerun_and_differs_between_runs():
+    assert staging.stage_key("s3://b/out", "abc") == staging.stage_key("s3://b/out", "abc")
+    assert staging.stage_key("s3://b/out", "abc") != staging.stage_key("s3://b/out2", "abc")
