@@ -62,6 +62,12 @@ class Settings:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
 
+    def located(self, *names: str):
+        """A copy with the local paths in fields ``names`` made absolute (see :func:`hcdlib.uri.absolute`)."""
+        from hcdlib.uri import absolute
+
+        return dataclasses.replace(self, **{n: absolute(getattr(self, n)) for n in names})
+
 
 @dataclass(frozen=True)
 class SynthConfig(Settings):

@@ -110,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     auc, n_tiles = tile_auc(rows, truth)
     known = tumour_regions([dict(t, tile_size=TILE, prob=1.0, status="ok") for t in truth["tiles"] if t["label"]],
                            threshold=0.5)
-    key = slide_key(slide_path)
+    key = slide_key(rows[0]["source"])  # the slide as hcd score listed it (an absolute URI), not as written here
     thumb = urimod.read_bytes(urimod.join(paths["slide_predictions"], "slides", f"{key}.thumbnail.png"))
     heatmap = urimod.join(cfg.out, "slide_heatmap.png")
     urimod.write_bytes_atomic(heatmap, heatmap_png(

@@ -136,6 +136,7 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     from hcdlib.slides import SlideTiling
 
     t0 = time.perf_counter()
+    cfg = cfg.located("model", "input", "out", "labels")  # Ray's processes do not share our working directory
     checked = check_artifact(cfg.model)
     meta = checked[0]
     _check_locations(cfg)

@@ -124,6 +124,9 @@ def train(cfg: TrainConfig) -> dict:
     from hcdlib.train_loop import train_loop_per_worker
 
     started_at = time.time()  # the time budget counts from here: start-up is part of the run
+    cfg = cfg.located("data", "out", "labels", "val_data", "val_labels")  # workers do not share our cwd
+    if cfg.weights not in ("none", "imagenet"):
+        cfg = cfg.located("weights")
     # Everything the user gave is checked before Ray starts: an error here cannot succeed on a
     # worker either, and Ray Train would retry it max_failures times.
     run_dir = urimod.join(cfg.out, RUN_NAME)

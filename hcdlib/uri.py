@@ -61,6 +61,18 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str | None) -> str | None:
+    """``uri`` with a local path made absolute (S3 URIs as they are; None stays None).
+
+    Done on the driver for every location the user gave: Ray workers, actors and jobs do not
+    share the driver's working directory, so a relative path would point elsewhere there.
+    """
+    if uri is None or is_s3(uri):
+        return uri
+    prefix = "file://" if uri.startswith("file://") else ""
+    return prefix + os.path.abspath(os.path.expanduser(uri[len(prefix):]))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI without touching its scheme."""
     if is_s3(uri):

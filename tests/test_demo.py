@@ -66,8 +66,9 @@ def test_slide_coordinates_map_tiles_to_their_patches(ray_session, model_dir, sy
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_end_to_end(ray_session, tmp_path):
-    out = run_demo(DemoConfig(out=str(tmp_path / "demo"), minutes=0.6))  # the budget includes ~10 s of start-up
+def test_demo_runs_every_stage_end_to_end(ray_session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # README command (1): `hcd demo` with its default, relative --out
+    out = run_demo(DemoConfig(out="demo", minutes=0.6))  # the budget includes ~10 s of start-up
     assert (tmp_path / "demo" / "run" / "model" / "model.safetensors").exists()
     m = read_manifest(out["predictions"])
     assert m["rows"] == 300 and m["errors"] == 0
