@@ -3,6 +3,8 @@
 Made from the committed tile rows (``slide_id, x, y, tile_size, prob, status``) of
 :mod:`hcdlib.slides`: a heatmap PNG over the slide's thumbnail, the tiles at or above the
 model's threshold merged into GeoJSON polygons QuPath opens, and one summary row per slide.
+A slide has up to a million tiles, so everything here works on columns, never row by row;
+:func:`slide_outputs` makes one slide's outputs and runs in a Ray task per slide.
 """
 
 from __future__ import annotations
@@ -14,28 +16,46 @@ import numpy as np
 
 from hcdlib import uri as urimod
 
+# What the maps read of each committed tile row.
+TILE_COLUMNS = ["x", "y", "tile_size", "prob", "status"]
+
 
 def tumour_area_mm2(tiles: int, tile_size: int, mpp: float) -> float:
     """Area covered by ``tiles`` tiles of ``tile_size`` level-0 px at ``mpp``."""
     return tiles * (tile_size * mpp / 1000.0) ** 2
 
 
-def _tile_boxes(rows):
-    """Each row's tile as a square polygon in level-0 px (vectorised)."""
-    import shapely
+def _columns(rows) -> dict[str, np.ndarray]:
+    """The tile columns of ``rows``: an Arrow table, a DataFrame or (small inputs) a list of dicts."""
+    if hasattr(rows, "schema") and hasattr(rows, "column"):  # pyarrow.Table
+        return {k: rows.column(k).to_numpy(zero_copy_only=False) for k in TILE_COLUMNS}
+    if hasattr(rows, "columns"):  # pandas.DataFrame
+        return {k: rows[k].to_numpy() for k in TILE_COLUMNS}
+    kinds = {"status": object, "prob": float}
+    return {k: np.asarray([r[k] for r in rows], dtype=kinds.get(k, np.int64)) for k in TILE_COLUMNS}
 
-    t = np.asarray([r["tile_size"] for r in rows], float)
-    x0, y0 = np.asarray([r["x"] for r in rows], float), np.asarray([r["y"] for r in rows], float)
-    return shapely.box(x0, y0, x0 + t, y0 + t)
+
+def _scored(rows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``x, y, tile_size, prob`` of the tiles scored ok, as float arrays."""
+    c = _columns(rows)
+    ok = c["status"] == "ok"
+    return tuple(c[k][ok].astype(float) for k in ("x", "y", "tile_size", "prob"))
 
 
 def tumour_regions(slide_rows, *, threshold: float):
     """Tiles at or above ``threshold`` merged into polygons (level-0 px): what a pathologist outlines."""
     import shapely
 
-    hot = [r for r in slide_rows if r["status"] == "ok" and r["prob"] >= threshold]
-    merged = shapely.unary_union(_tile_boxes(hot)) if hot else shapely.MultiPolygon()
+    x, y, t, p = _scored(slide_rows)
+    hot = p >= threshold
+    if not hot.any():
+        return []
+    merged = shapely.unary_union(shapely.box(x[hot], y[hot], x[hot] + t[hot], y[hot] + t[hot]))
     return list(getattr(merged, "geoms", [merged])) if not merged.is_empty else []
+
+
+_TUMOUR = {"name": "Tumor", "color": [200, 0, 0]}
+_NORMAL = {"name": "Normal", "color": [0, 120, 200]}
 
 
 def geojson(slide_rows, *, threshold: float) -> dict:
@@ -47,24 +67,45 @@ def geojson(slide_rows, *, threshold: float) -> dict:
     """
     import shapely
 
-    tumour = {"name": "Tumor", "color": [200, 0, 0]}
     features = [{"type": "Feature", "geometry": shapely.geometry.mapping(poly),
                  "properties": {"objectType": "annotation", "name": f"tumour region {i + 1}",
-                                "classification": tumour, "measurements": {"area px^2": float(poly.area)}}}
+                                "classification": _TUMOUR, "measurements": {"area px^2": float(poly.area)}}}
                 for i, poly in enumerate(tumour_regions(slide_rows, threshold=threshold))]
-    ok = [r for r in slide_rows if r["status"] == "ok"]
-    for r, box in zip(ok, _tile_boxes(ok), strict=True):
-        p = float(r["prob"])
-        features.append({"type": "Feature", "geometry": shapely.geometry.mapping(box),
-                         "properties": {"objectType": "detection",
-                                        "classification": tumour if p >= threshold else
-                                        {"name": "Normal", "color": [0, 120, 200]},
-                                        "measurements": {"P(tumour)": round(p, 4)}}})
+    x, y, t, p = _scored(slide_rows)
+    # Each tile's square, counter-clockwise from its top-right corner (as shapely.box writes it).
+    rings = np.stack([np.stack(c, axis=-1) for c in ((x + t, y), (x + t, y + t), (x, y + t), (x, y), (x + t, y))],
+                     axis=1).tolist()
+    features += [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                  "properties": {"objectType": "detection", "classification": _TUMOUR if hot else _NORMAL,
+                                 "measurements": {"P(tumour)": prob}}}
+                 for ring, prob, hot in zip(rings, np.round(p, 4).tolist(), (p >= threshold).tolist(), strict=True)]
     return {"type": "FeatureCollection", "features": features}
 
 
 HEATMAP_CAPTION = ("Left: the slide. Right: every scored tile coloured by the model's probability of tumour "
                    "(colour bar); tiles with too little tissue are not scored and stay uncoloured.")
+
+# Longest side of the images drawn in the heatmap figure (each panel is ~550 px on screen).
+# Resampled here once, so matplotlib does not resample the full thumbnail at every draw.
+_PANEL_SIDE = 640
+
+
+def prob_raster(rows, *, width: int, height: int, shape: tuple[int, int]) -> np.ndarray:
+    """P(tumour) at each pixel of a ``shape`` (rows, cols) image of the slide; NaN where nothing was scored.
+
+    Each pixel takes the tile under its centre: tiles lie on a grid of their edge from (0, 0).
+    """
+    x, y, t, p = _scored(rows)
+    out = np.full(shape, np.nan, np.float32)
+    if not len(p):
+        return out
+    edge = float(t.max())
+    gx, gy = (x // edge).astype(np.int64), (y // edge).astype(np.int64)
+    grid = np.full((gy.max() + 2, gx.max() + 2), np.nan, np.float32)  # the extra row/col stays NaN
+    grid[gy, gx] = p
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * width / shape[1] // edge).astype(np.int64), grid.shape[1] - 1)
+    rws = np.minimum(((np.arange(shape[0]) + 0.5) * height / shape[0] // edge).astype(np.int64), grid.shape[0] - 1)
+    return grid[rws[:, None], cols[None, :]]
 
 
 def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int, title: str = "",
@@ -79,16 +120,11 @@ def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int, title: s
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    thumb = np.asarray(Image.open(io.BytesIO(thumbnail_png)).convert("RGB"))
-    th, tw = thumb.shape[:2]
-    prob = np.full((th, tw), np.nan, np.float32)  # NaN: not scored, drawn transparent
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        x0, y0 = int(r["x"] * tw / width), int(r["y"] * th / height)
-        x1 = max(x0 + 1, int((r["x"] + r["tile_size"]) * tw / width))
-        y1 = max(y0 + 1, int((r["y"] + r["tile_size"]) * th / height))
-        prob[y0:y1, x0:x1] = r["prob"]
+    thumb_im = Image.open(io.BytesIO(thumbnail_png)).convert("RGB")
+    scale = min(1.0, _PANEL_SIDE / max(thumb_im.size))
+    tw, th = max(1, round(thumb_im.width * scale)), max(1, round(thumb_im.height * scale))
+    thumb = np.asarray(thumb_im.resize((tw, th), Image.Resampling.LANCZOS) if scale < 1 else thumb_im)
+    prob = prob_raster(rows, width=width, height=height, shape=(th, tw))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.6), dpi=100, constrained_layout=True)
     left.imshow(thumb)
     left.set_title("slide")
@@ -106,41 +142,42 @@ def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int, title: s
     fig.colorbar(im, ax=right, fraction=0.046, pad=0.02, label="P(tumour)")
     fig.suptitle(title)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})  # the default level took 0.2 s a slide
     plt.close(fig)
     return buf.getvalue()
 
 
-def write_slide_outputs(out: str, planned: list[dict], rows, *, threshold: float, top_k: int = 5) -> list[dict]:
-    """Per slide: heatmap PNG, GeoJSON of tumour tiles; returns the summary rows (also written)."""
+def slide_outputs(out: str, planned: dict, keys: list[str], *, threshold: float, top_k: int = 5) -> dict:
+    """One slide's heatmap PNG and GeoJSON from its committed parts ``keys``; returns its summary row."""
+    from hcdlib import predictions as preds
+
+    if planned["error"]:
+        return {"slide_id": planned["slide_id"], "source": planned["slide"], "status": "error",
+                "error": planned["error"]}
+    rows = preds.read_parts(out, keys, TILE_COLUMNS) if keys else []  # no keys: no tissue found
+    c = _columns(rows)
+    probs = c["prob"][c["status"] == "ok"].astype(float)
+    tumour = int((probs >= threshold).sum())
+    plan = planned["plan"]
+    base = urimod.join(out, "slides", planned["key"])
+    urimod.write_bytes_atomic(base + ".geojson", json.dumps(geojson(rows, threshold=threshold)).encode())
+    heat = heatmap_png(urimod.read_bytes(base + ".thumbnail.png"), rows, width=planned["width"],
+                       height=planned["height"], title=planned["slide_id"])
+    urimod.write_bytes_atomic(base + ".heatmap.png", heat)
+    return {
+        "slide_id": planned["slide_id"], "source": planned["slide"], "status": "ok", "error": None,
+        "mpp": plan["mpp"], "tile_size": plan["tile_size"], "level": plan["level"],
+        "tiles_scored": len(probs), "tiles_failed": len(c["status"]) - len(probs), "tumour_tiles": tumour,
+        "tumour_area_mm2": tumour_area_mm2(tumour, plan["tile_size"], plan["mpp"]),
+        "max_prob": float(probs.max()) if len(probs) else None,
+        "topk_mean_prob": float(np.sort(probs)[-top_k:].mean()) if len(probs) else None,
+    }
+
+
+def write_summary(out: str, summary: list[dict]) -> None:
+    """``slides/summary.csv``: one row per slide."""
     import pandas as pd
 
-    by_slide = dict(list(rows.groupby("slide_id"))) if len(rows) else {}
-    summary = []
-    for p in planned:
-        g = by_slide.get(p["slide_id"])
-        if p["error"]:
-            summary.append({"slide_id": p["slide_id"], "source": p["slide"], "status": "error", "error": p["error"]})
-            continue
-        recs = g.to_dict("records") if g is not None else []
-        ok = [r for r in recs if r["status"] == "ok"]
-        probs = np.array([r["prob"] for r in ok], dtype=float)
-        tumour = int((probs >= threshold).sum())
-        plan = p["plan"]
-        summary.append({
-            "slide_id": p["slide_id"], "source": p["slide"], "status": "ok", "error": None,
-            "mpp": plan["mpp"], "tile_size": plan["tile_size"], "level": plan["level"],
-            "tiles_scored": len(ok), "tiles_failed": len(recs) - len(ok), "tumour_tiles": tumour,
-            "tumour_area_mm2": tumour_area_mm2(tumour, plan["tile_size"], plan["mpp"]),
-            "max_prob": float(probs.max()) if len(probs) else None,
-            "topk_mean_prob": float(np.sort(probs)[-top_k:].mean()) if len(probs) else None,
-        })
-        base = urimod.join(out, "slides", p["key"])
-        urimod.write_bytes_atomic(base + ".geojson", json.dumps(geojson(recs, threshold=threshold)).encode())
-        thumb = urimod.read_bytes(base + ".thumbnail.png")
-        heat = heatmap_png(thumb, ok, width=p["width"], height=p["height"], title=p["slide_id"])
-        urimod.write_bytes_atomic(base + ".heatmap.png", heat)
     buf = io.StringIO()
     pd.DataFrame(summary).to_csv(buf, index=False)
     urimod.write_bytes_atomic(urimod.join(out, "slides", "summary.csv"), buf.getvalue().encode())
-    return summary

@@ -101,12 +101,32 @@ def tissue_mask(thumb: np.ndarray, *, min_saturation: float = 0.07, max_saturati
     splits the tissue itself (pale eosin from dark haematoxylin) and would drop pale tissue; stained
     tissue is above ~0.15 saturation and glass below ~0.05, so the threshold is kept in between.
     """
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
-    sat = rgb2hsv(thumb)[..., 1]
+    rgb = thumb.astype(np.float64)
+    top = rgb.max(axis=-1)
+    sat = np.divide(top - rgb.min(axis=-1), top, out=np.zeros_like(top), where=top > 0)  # HSV saturation
     t = threshold_otsu(sat) if np.ptp(sat) > 1e-6 else 1.0
     return sat > min(max(t, min_saturation), max_saturation)
+
+
+def tissue_tiles(mask: np.ndarray, *, width: int, height: int, tile: int, threshold: float) -> tuple[list, list]:
+    """Level-0 ``xs, ys`` of the grid tiles of edge ``tile`` whose share of tissue in ``mask`` is >= ``threshold``.
+
+    ``mask`` is the tissue mask of a thumbnail of the ``width x height`` slide. Each tile's share
+    is the mean of the mask pixels under it (at least one), from a summed-area table: a slide
+    at 40x has ~10^6 grid cells. Tiles come row by row, left to right.
+    """
+    sy, sx = mask.shape[0] / height, mask.shape[1] / width  # thumbnail px per level-0 px
+    y0, x0 = np.arange(0, height - tile + 1, tile), np.arange(0, width - tile + 1, tile)
+    r0, c0 = (y0 * sy).astype(np.int64), (x0 * sx).astype(np.int64)
+    r1 = np.maximum(((y0 + tile) * sy).astype(np.int64), r0 + 1)
+    c1 = np.maximum(((x0 + tile) * sx).astype(np.int64), c0 + 1)
+    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    table[1:, 1:] = mask.cumsum(0).cumsum(1)
+    inside = table[r1][:, c1] - table[r0][:, c1] - table[r1][:, c0] + table[r0][:, c0]
+    rows, cols = np.nonzero(inside / ((r1 - r0)[:, None] * (c1 - c0)[None, :]) >= threshold)
+    return x0[cols].tolist(), y0[rows].tolist()
 
 
 def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, tissue_threshold: float,
@@ -129,21 +149,11 @@ def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, ti
             thumb = np.asarray(s.get_thumbnail((THUMB_SIDE, THUMB_SIDE)).convert("RGB"))
     except (openslide.OpenSlideError, OSError, ValueError) as exc:
         return {**base, "error": f"slide {slide_uri}: cannot read: {exc}"}
-    mask = tissue_mask(thumb)
-    sy, sx = mask.shape[0] / h, mask.shape[1] / w  # thumbnail px per level-0 px
-    xs, ys = [], []
-    t = plan.tile_size
-    for y in range(0, h - t + 1, t):
-        for x in range(0, w - t + 1, t):
-            window = mask[int(y * sy):max(int((y + t) * sy), int(y * sy) + 1),
-                          int(x * sx):max(int((x + t) * sx), int(x * sx) + 1)]
-            if window.mean() >= tissue_threshold:
-                xs.append(x)
-                ys.append(y)
+    xs, ys = tissue_tiles(tissue_mask(thumb), width=w, height=h, tile=plan.tile_size, threshold=tissue_threshold)
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(thumb).save(buf, format="PNG")
+    Image.fromarray(thumb).save(buf, format="PNG", compress_level=1)  # 3x faster than the default, 15% larger
     urimod.write_bytes_atomic(urimod.join(out, "slides", f"{base['key']}.thumbnail.png"), buf.getvalue())
     return {**base, "error": None, "plan": plan.__dict__, "width": w, "height": h, "xs": xs, "ys": ys}
 
@@ -330,16 +340,24 @@ class SlideSource:
 
         The staged copies of slides on S3 are removed first, on every node.
         """
-        from hcdlib import predictions as preds
-
         if self.stage:
             _on_every_node(remove_stage, self.stage)
 
-        rows = preds.read_parts(out, [c.key for c in self._chunks],
-                                ["slide_id", "x", "y", "tile_size", "prob", "status"]).to_pandas()
-        from hcdlib.slide_maps import write_slide_outputs
+        import ray
 
-        summary = write_slide_outputs(out, self.planned or [], rows, threshold=threshold)
+        from hcdlib.rayutil import READ_TASK_CPUS
+        from hcdlib.slide_maps import slide_outputs, write_summary
+
+        # One task per slide, across the cluster: drawn one after another on the driver, a
+        # heatmap and GeoJSON cost ~1 s per slide, i.e. a tail of hours at archive scale.
+        task = ray.remote(num_cpus=READ_TASK_CPUS)(slide_outputs)
+        keys: dict[str, list[str]] = {}
+        for c in self._chunks:
+            keys.setdefault(c.slide, []).append(c.key)
+        summary = ray.get([task.remote(out, {k: v for k, v in p.items() if k not in ("xs", "ys")},
+                                       keys.get(p["slide"], []), threshold=threshold)
+                           for p in self.planned or []])
+        write_summary(out, summary)
         return {"summary": "slides/summary.csv", "per_slide": summary}
 
 

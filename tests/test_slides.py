@@ -9,7 +9,7 @@ import pytest
 
 from hcdlib.predictions import read_manifest, read_predictions
 from hcdlib.score import ScoreConfig, score
-from hcdlib.slides import PCAM_MPP, plan_level, tissue_mask
+from hcdlib.slides import PCAM_MPP, plan_level, tissue_mask, tissue_tiles
 from hcdlib.synth import synth_slide_pixels, write_slide_tiff
 
 T = 96  # tile edge at PCam resolution
@@ -71,6 +71,37 @@ def test_tissue_mask_finds_tissue_not_glass():
     mask = tissue_mask(img)
     assert mask[:, : BLANK_COLS * T].mean() < 0.01
     assert mask[:, BLANK_COLS * T:].mean() > 0.8
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tissue_tiles_are_the_grid_cells_with_enough_tissue(seed):
+    """The summed-area table picks exactly the tiles whose mask pixels (at least one) reach the share."""
+    rng = np.random.default_rng(seed)
+    (w, h), tile = (int(v) for v in rng.integers(400, 9000, 2)), int(rng.integers(40, 400))
+    mask = rng.random((int(rng.integers(8, 120)), int(rng.integers(8, 120)))) < rng.random()
+    thr = float(rng.choice([0.0, 0.1, 0.5, 0.7, 1.0]))
+    xs, ys = tissue_tiles(mask, width=w, height=h, tile=tile, threshold=thr)
+    sy, sx = mask.shape[0] / h, mask.shape[1] / w
+    want = [(x, y) for y in range(0, h - tile + 1, tile) for x in range(0, w - tile + 1, tile)
+            if mask[int(y * sy):max(int((y + tile) * sy), int(y * sy) + 1),
+                    int(x * sx):max(int((x + tile) * sx), int(x * sx) + 1)].mean() >= thr]
+    assert list(zip(xs, ys, strict=True)) == want  # same tiles, row by row
+
+
+def test_prob_raster_takes_the_tile_under_each_pixel():
+    from hcdlib.slide_maps import prob_raster
+
+    rows = [{"x": c * T, "y": r * T, "tile_size": T, "prob": 0.1 * (r * 3 + c), "status": "ok"}
+            for r in range(2) for c in range(3) if (r, c) != (1, 2)]
+    rows.append({"x": 2 * T, "y": T, "tile_size": T, "prob": 0.9, "status": "error"})  # failed: not drawn
+    img = prob_raster(rows, width=4 * T, height=2 * T, shape=(4, 8))  # 2 px per tile, a 4th column of glass
+    for r in range(2):
+        for c in range(4):
+            block = img[2 * r:2 * r + 2, 2 * c:2 * c + 2]
+            if c == 3 or (r, c) == (1, 2):
+                assert np.isnan(block).all()
+            else:
+                assert np.allclose(block, 0.1 * (r * 3 + c))
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
