@@ -102,19 +102,12 @@ def first_part_seconds(model_dir: str, source: str, out: str) -> float:
         proc.wait()
 
 
-def pipeline_rows(cfg: BenchScoreConfig, model_dir: str, tif: str, shards: str) -> dict:
-    """(g): the pipeline alone on Parquet shards, .tif files and slides; start-up of a fresh command."""
+def _slide_folders(w: str) -> tuple[str, str]:
+    """8 and 40 hard links of one synthetic 6720 px square slide (4,900 tissue tiles each)."""
     from hcdlib.slides import PCAM_MPP
     from hcdlib.synth import synth_slide_pixels, write_slide_tiff
 
-    w = cfg.work
-    r: dict = {}
-    big = _replicated(shards, 5, os.path.join(w, f"n{cfg.n * 5}-replicated-shards"))
-    r["g"] = _steady(model_dir, shards, big, os.path.join(w, "out-g"))
-    r["g-tif"] = _steady(model_dir, _linked_copies(tif, 1, os.path.join(w, f"n{cfg.n}-tif-linked"), "*.tif"),
-                         _linked_copies(tif, 5, os.path.join(w, f"n{cfg.n * 5}-tif-linked"), "*.tif"),
-                         os.path.join(w, "out-g-tif"))
-    side = 70  # one 6720 px square slide, 4900 tiles; hard links make 8 and 40 slides of it
+    side = 70
     base = os.path.join(w, f"slide-{side}.tif")
     if not os.path.exists(base):
         write_slide_tiff(base, synth_slide_pixels(side, side, seed=300), mpp=PCAM_MPP)
@@ -122,14 +115,60 @@ def pipeline_rows(cfg: BenchScoreConfig, model_dir: str, tif: str, shards: str) 
     os.makedirs(one, exist_ok=True)
     if not os.path.exists(os.path.join(one, "s.tif")):
         os.link(base, os.path.join(one, "s.tif"))
-    r["g-slides"] = _steady(model_dir, _linked_copies(one, 8, os.path.join(w, "slides-8"), "*.tif"),
-                            _linked_copies(one, 40, os.path.join(w, "slides-40"), "*.tif"),
-                            os.path.join(w, "out-g-slides"), slides=True)
+    return (_linked_copies(one, 8, os.path.join(w, "slides-8"), "*.tif"),
+            _linked_copies(one, 40, os.path.join(w, "slides-40"), "*.tif"))
+
+
+def pipeline_rows(cfg: BenchScoreConfig, model_dir: str, tif: str, shards: str, *,
+                  s3_endpoint: str | None = None) -> dict:
+    """(g): the pipeline alone on Parquet shards, .tif files and slides; start-up of a fresh command.
+
+    With ``s3_endpoint`` (the benchmark's moto server, recording requests) the shards and slides
+    are also read from S3.
+    """
+    w = cfg.work
+    r: dict = {}
+    big = _replicated(shards, 5, os.path.join(w, f"n{cfg.n * 5}-replicated-shards"))
+    r["g"] = _steady(model_dir, shards, big, os.path.join(w, "out-g"))
+    r["g-tif"] = _steady(model_dir, _linked_copies(tif, 1, os.path.join(w, f"n{cfg.n}-tif-linked"), "*.tif"),
+                         _linked_copies(tif, 5, os.path.join(w, f"n{cfg.n * 5}-tif-linked"), "*.tif"),
+                         os.path.join(w, "out-g-tif"))
+    slides, more_slides = _slide_folders(w)
+    r["g-slides"] = _steady(model_dir, slides, more_slides, os.path.join(w, "out-g-slides"), slides=True)
+    if s3_endpoint:
+        r.update(s3_rows(model_dir, {"shards": shards, "shards-5n": big, "slides": slides, "slides-5n": more_slides},
+                         w, s3_endpoint))
     import ray
 
     ray.shutdown()  # the command starts its own Ray, as a user's does; two Rays on these cores would not be
     r["startup"] = [first_part_seconds(model_dir, shards, os.path.join(w, "out-startup")) for _ in range(3)]
     log.info("\n%s", format_pipeline(r, cfg))
+    return r
+
+
+def s3_rows(model_dir: str, local: dict[str, str], w: str, endpoint: str) -> dict:
+    """(g-S3) and (g-slides-S3): the same inputs as (g) and (g-slides), read from the S3 server.
+
+    Outputs stay local, as in the local rows. For slides, the bytes the server sent per slide
+    (counted by the server) are reported against the slide's size.
+    """
+    from hcdlib.benchmark_score import _upload
+    from hcdlib.s3local import recorded
+
+    uris = {}
+    for name, folder in local.items():  # the server is the benchmark's own, empty at its start
+        t0 = time.perf_counter()
+        uris[name] = _upload(folder, f"s3://hcd-bench/{name}")
+        log.info("uploaded %s to %s in %.0f s", folder, uris[name], time.perf_counter() - t0)
+    r = {"g-S3": _steady(model_dir, uris["shards"], uris["shards-5n"], os.path.join(w, "out-g-s3"))}
+    with recorded(endpoint) as sent:
+        r["g-slides-S3"] = _steady(model_dir, uris["slides"], uris["slides-5n"], os.path.join(w, "out-g-slides-s3"),
+                                   slides=True)
+    size = os.path.getsize(next(Path(local["slides"]).glob("*.tif")))
+    per_slide = [v for k, v in sent.items() if k.endswith(".tif")]
+    r["g-slides-S3"]["s3_bytes_per_slide"] = (min(per_slide) / size, max(per_slide) / size, size)
+    log.info("S3 bytes sent per slide / slide size: %.2f-%.2f (%d slides of %d bytes)",
+             min(per_slide) / size, max(per_slide) / size, len(per_slide), size)
     return r
 
 
@@ -139,14 +178,20 @@ def format_pipeline(r: dict, cfg: BenchScoreConfig) -> str:
     lines = [f"pipeline alone (forward pass = a constant), {cpus} CPUs, steady state = 4N / (T(5N) - T(N))", "",
              "| row | N, 5N | T(N), T(5N) s | steady rows/s | per core | start-up in process | peak RSS N, 5N |",
              "|---|---|---|---:|---:|---:|---|"]
-    names = {"g": "(g) Parquet shards, local disk", "g-tif": "(g-tif) folder of .tif files",
-             "g-slides": "(g-slides) tiles of pyramidal TIFF slides (tiles/s)"}
+    names = {"g": "(g) Parquet shards, local disk", "g-S3": "(g-S3) the same shards on the local S3 server",
+             "g-tif": "(g-tif) folder of .tif files",
+             "g-slides": "(g-slides) tiles of pyramidal TIFF slides (tiles/s)",
+             "g-slides-S3": "(g-slides-S3) the same slides on the local S3 server (tiles/s)"}
     for key, name in names.items():
         if key in r:
             x = r[key]
             lines.append(f"| {name} | {x['rows'][0]}, {x['rows'][1]} | {x['seconds'][0]:.1f}, {x['seconds'][1]:.1f} "
                          f"| {x['steady']:.0f} | {x['steady'] / cpus:.0f} | {x['startup_in_process']:.1f} s "
                          f"| {x['peak_rss'][0] / 2**30:.2f}, {x['peak_rss'][1] / 2**30:.2f} GiB |")
+    if "g-slides-S3" in r:
+        lo, hi, size = r["g-slides-S3"]["s3_bytes_per_slide"]
+        lines += ["", f"(g-slides-S3) bytes the S3 server sent per slide / the slide's size: {lo:.2f}-{hi:.2f} "
+                      f"({size / 2**20:.0f} MiB slides; counted by the server)"]
     s = r["startup"]
     lines += ["", f"start-up of a fresh `hcd score` (real {cfg.arch} model, Ray started by the command), start to "
                   f"first committed part: {', '.join(f'{v:.1f}' for v in s)} s (median {sorted(s)[len(s) // 2]:.1f} s)"]

@@ -232,11 +232,13 @@ def _ensure_slides(cfg: BenchScoreConfig) -> tuple[str, int]:
 
 
 def _upload(shards: str, uri: str = "s3://hcd-bench/shards") -> str:
-    """Copy the shards to a fresh bucket on the S3 server the environment points at; returns their URI."""
+    """Copy a local folder to ``uri`` on the S3 server the environment points at; returns the URI."""
     import boto3
     import pyarrow.fs as pafs
 
-    boto3.client("s3").create_bucket(Bucket=uri[len("s3://"):].split("/")[0])
+    s3, bucket = boto3.client("s3"), uri[len("s3://"):].split("/")[0]
+    if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=bucket)
     fs, path = urimod.resolve(uri)
     pafs.copy_files(shards, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     return uri
@@ -253,18 +255,19 @@ def run(cfg: BenchScoreConfig) -> dict:
     model, pre = build_model(cfg.arch)  # random weights: throughput does not depend on them
     export_model(model, model_dir, arch=cfg.arch, preprocess=pre)
     with contextlib.ExitStack() as stack:
-        s3_uri = cfg.s3_uri
-        if not cfg.skip_s3 and cfg.s3_uri is None and not cfg.memory_only and not cfg.pipeline_only:
+        s3_uri, endpoint = cfg.s3_uri, None
+        if not cfg.skip_s3 and cfg.s3_uri is None and not cfg.memory_only:
             try:  # before Ray starts, so its workers inherit the endpoint; the environment is restored after
                 from hcdlib.s3local import aws_env, moto_server
 
                 port = stack.enter_context(moto_server())
-                stack.enter_context(aws_env(f"http://127.0.0.1:{port}"))
-                s3_uri = _upload(shards)
+                endpoint = f"http://127.0.0.1:{port}"
+                stack.enter_context(aws_env(endpoint))
+                s3_uri = None if cfg.pipeline_only else _upload(shards)
             except (ImportError, RuntimeError) as exc:
-                log.warning("no local S3 server (%s; pip install 'hcd[test]'): leaving out (e)", exc)
-                s3_uri = None
-        return _run_rows(cfg, _base_row(cfg), model_dir, tif, shards, s3_uri)
+                log.warning("no local S3 server (%s; pip install 'hcd[test]'): leaving out the S3 rows", exc)
+                s3_uri = endpoint = None
+        return _run_rows(cfg, _base_row(cfg), model_dir, tif, shards, s3_uri, endpoint)
 
 
 def _base_row(cfg: BenchScoreConfig) -> dict:
@@ -272,7 +275,8 @@ def _base_row(cfg: BenchScoreConfig) -> dict:
     return {"n": cfg.n, "arch": cfg.arch, "batch_size": cfg.batch_size, "tta": cfg.tta, "cpus": os.cpu_count()}
 
 
-def _run_rows(cfg: BenchScoreConfig, r: dict, model_dir: str, tif: str, shards: str, s3_uri: str | None) -> dict:
+def _run_rows(cfg: BenchScoreConfig, r: dict, model_dir: str, tif: str, shards: str, s3_uri: str | None,
+              endpoint: str | None = None) -> dict:
     """Every measurement, one after another in this process (side by side in one run)."""
     from hcdlib.rayutil import init_ray
 
@@ -282,7 +286,7 @@ def _run_rows(cfg: BenchScoreConfig, r: dict, model_dir: str, tif: str, shards: 
     if cfg.pipeline_only:
         from hcdlib.benchmark_pipeline import pipeline_rows
 
-        return {**r, **pipeline_rows(cfg, model_dir, tif, shards)}
+        return {**r, **pipeline_rows(cfg, model_dir, tif, shards, s3_endpoint=endpoint)}
     r["a_model_only"] = model_only(model_dir, tif, cfg)
     r["a_star_actors"], r["actor_layout"] = model_only_actors(model_dir, tif, cfg)
     r["b_dataloader"] = dataloader_baseline(model_dir, tif, cfg)

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -29,8 +30,11 @@ def free_port() -> int:
 def moto_server(timeout_s: float = 30.0) -> Iterator[int]:
     """Moto's standalone S3 server in a subprocess on 127.0.0.1; yields its port, stops it after."""
     port = free_port()
+    fd, recording = tempfile.mkstemp(prefix="hcd-moto-requests-")  # moto's recorder, used by recorded()
+    os.close(fd)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MOTO_RECORDER_FILEPATH": recording})
     try:
         deadline = time.time() + timeout_s
         while True:
@@ -45,6 +49,7 @@ def moto_server(timeout_s: float = 30.0) -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(10)
+        os.unlink(recording)
 
 
 @contextlib.contextmanager
@@ -61,3 +66,44 @@ def aws_env(endpoint: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def recorded(endpoint: str) -> Iterator[dict[str, int]]:
+    """Count the bytes the S3 server at ``endpoint`` (a :func:`moto_server`) sends per object in the block.
+
+    Counted on the server, from moto's request recorder: every GET of an object is its Range,
+    or the whole object without one. Yields a dict filled on exit, ``"<bucket>/<key>": bytes``.
+    """
+    import json
+    from urllib.parse import unquote, urlparse
+
+    import boto3
+    import requests
+
+    requests.post(f"{endpoint}/moto-api/recorder/reset-recording", timeout=30).raise_for_status()
+    requests.post(f"{endpoint}/moto-api/recorder/start-recording", timeout=30).raise_for_status()
+    sent: dict[str, int] = {}
+    try:
+        yield sent
+    finally:
+        requests.post(f"{endpoint}/moto-api/recorder/stop-recording", timeout=30).raise_for_status()
+    s3, sizes = boto3.client("s3", endpoint_url=endpoint), {}
+    reply = requests.get(f"{endpoint}/moto-api/recorder/download-recording", timeout=300)
+    reply.raise_for_status()
+    for entry in map(json.loads, reply.text.splitlines()):
+        if entry["method"] != "GET":
+            continue
+        key = unquote(urlparse(entry["url"]).path).lstrip("/")
+        bucket, _, name = key.partition("/")
+        if not name:
+            continue  # a listing, not an object
+        if key not in sizes:
+            sizes[key] = s3.head_object(Bucket=bucket, Key=name)["ContentLength"]
+        rng = {k.lower(): v for k, v in entry["headers"].items()}.get("range")
+        if rng:
+            first, _, last = rng.removeprefix("bytes=").partition("-")
+            n = min(int(last) if last else sizes[key] - 1, sizes[key] - 1) - int(first) + 1
+        else:
+            n = sizes[key]
+        sent[key] = sent.get(key, 0) + n

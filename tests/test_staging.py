@@ -100,3 +100,19 @@ def test_a_full_disk_evicts_the_least_recently_used_slides(bucket, tmp_path, dow
 def test_stage_key_is_stable_for_a_rerun_and_differs_between_runs():
     assert staging.stage_key("s3://b/out", "abc") == staging.stage_key("s3://b/out", "abc")
     assert staging.stage_key("s3://b/out", "abc") != staging.stage_key("s3://b/out2", "abc")
+
+
+def test_the_server_sends_a_staged_slide_once(bucket, s3_server, tmp_path):
+    """Counted by the S3 server itself (moto's recorder, as the benchmark counts): one slide's bytes, no more."""
+    from hcdlib.s3local import recorded
+
+    slide, data = f"{bucket}/c/s3.svs", os.urandom(3 * 2**20 + 17)
+    _put(slide, data)
+    with recorded(s3_server) as sent:
+        for _ in range(3):  # three tasks of the run, one after another
+            with staging.local_slide(slide, stage="run3", root=str(tmp_path)) as path:
+                assert Path(path).read_bytes() == data
+        fs, path = urimod.resolve(slide)
+        with fs.open_input_file(path) as f:  # and one ranged read outside staging
+            assert f.read_at(1000, 5) == data[5:1005]
+    assert sent == {slide[len("s3://"):]: len(data) + 1000}
