@@ -57,8 +57,8 @@ def _linked_copies(src: str, k: int, out: str, pattern: str) -> str:
     return out
 
 
-def _timed(model_dir: str, source: str, out: str, *, slides: bool = False) -> tuple[float, int, int]:
-    """Seconds, rows and peak RSS of one in-process ``hcd score`` with a constant for the forward pass."""
+def _timed(model_dir: str, source: str, out: str, *, slides: bool = False) -> tuple[float, int, tuple[int, int]]:
+    """Seconds, rows and peak (RSS, PSS) of one in-process ``hcd score`` with a constant for the forward pass."""
     from hcdlib.score import ScoreConfig, score
 
     t0 = time.perf_counter()
@@ -67,7 +67,7 @@ def _timed(model_dir: str, source: str, out: str, *, slides: bool = False) -> tu
                   actor=ConstantScorer)
     if m["errors"]:
         raise RuntimeError(f"benchmark input {source}: {m['errors']} rows failed; the numbers would be wrong")
-    return time.perf_counter() - t0, m["rows"], mem.peak
+    return time.perf_counter() - t0, m["rows"], (mem.peak, mem.peak_pss)
 
 
 def _steady(model_dir: str, small: str, big: str, out: str, *, slides: bool = False) -> dict:
@@ -77,7 +77,7 @@ def _steady(model_dir: str, small: str, big: str, out: str, *, slides: bool = Fa
     rate = (n5 - n1) / (t5 - t1)
     log.info("%s: %d rows in %.1fs, %d in %.1fs: %.0f rows/s steady", small, n1, t1, n5, t5, rate)
     return {"rows": (n1, n5), "seconds": (t1, t5), "steady": rate, "startup_in_process": t1 - n1 / rate,
-            "peak_rss": (m1, m5)}
+            "peak_rss": (m1[0], m5[0]), "peak_pss": (m1[1], m5[1])}
 
 
 def first_part_seconds(model_dir: str, source: str, out: str) -> float:
@@ -172,12 +172,16 @@ def s3_rows(model_dir: str, local: dict[str, str], w: str, endpoint: str) -> dic
     return r
 
 
+def _mem(pair: tuple[int, int]) -> str:
+    return f"{pair[0] / 2**30:.2f}, {pair[1] / 2**30:.2f} GiB ({pair[1] / pair[0]:.2f}x)"
+
+
 def format_pipeline(r: dict, cfg: BenchScoreConfig) -> str:
     """The (g) rows as a Markdown table (pasted into the README)."""
     cpus = os.cpu_count() or 1
     lines = [f"pipeline alone (forward pass = a constant), {cpus} CPUs, steady state = 4N / (T(5N) - T(N))", "",
-             "| row | N, 5N | T(N), T(5N) s | steady rows/s | per core | start-up in process | peak RSS N, 5N |",
-             "|---|---|---|---:|---:|---:|---|"]
+             "| row | N, 5N | T(N), T(5N) s | steady rows/s | per core | start-up in process | peak PSS N, 5N "
+             "| peak RSS N, 5N |", "|---|---|---|---:|---:|---:|---|---|"]
     names = {"g": "(g) Parquet shards, local disk", "g-S3": "(g-S3) the same shards on the local S3 server",
              "g-tif": "(g-tif) folder of .tif files",
              "g-slides": "(g-slides) tiles of pyramidal TIFF slides (tiles/s)",
@@ -187,7 +191,7 @@ def format_pipeline(r: dict, cfg: BenchScoreConfig) -> str:
             x = r[key]
             lines.append(f"| {name} | {x['rows'][0]}, {x['rows'][1]} | {x['seconds'][0]:.1f}, {x['seconds'][1]:.1f} "
                          f"| {x['steady']:.0f} | {x['steady'] / cpus:.0f} | {x['startup_in_process']:.1f} s "
-                         f"| {x['peak_rss'][0] / 2**30:.2f}, {x['peak_rss'][1] / 2**30:.2f} GiB |")
+                         f"| {_mem(x['peak_pss'])} | {_mem(x['peak_rss'])} |")
     if "g-slides-S3" in r:
         lo, hi, size = r["g-slides-S3"]["s3_bytes_per_slide"]
         lines += ["", f"(g-slides-S3) bytes the S3 server sent per slide / the slide's size: {lo:.2f}-{hi:.2f} "

@@ -34,37 +34,45 @@ from hcdlib.config import BenchScoreConfig
 log = logging.getLogger(__name__)
 
 
-def _tree_rss_bytes() -> int:
-    """Resident memory of this process plus every Ray worker process (Linux /proc)."""
-    total = 0
+def _tree_memory() -> tuple[int, int]:
+    """Resident (RSS) and proportional (PSS) memory of this process, every Ray worker, raylet and GCS.
+
+    RSS counts a shared page (the object store's) in every process that maps it; PSS splits it
+    among them, so the PSS sum is what the machine actually holds.
+    """
+    rss = pss = 0
     me = str(os.getpid())
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes()
-            if proc.name != me and not cmd.startswith(b"ray::"):
+            if proc.name != me and not cmd.startswith(b"ray::") and b"/ray/core/src/ray/" not in cmd:
                 continue
-            for line in (proc / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in (proc / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             continue
-    return total
+    return rss, pss
 
 
 class PeakMemory:
-    """Samples :func:`_tree_rss_bytes` in a thread while a block runs."""
+    """Samples :func:`_tree_memory` in a thread while a block runs: ``peak`` (RSS) and ``peak_pss``."""
 
     def __enter__(self) -> PeakMemory:
-        self.peak, self._stop = 0, threading.Event()
+        self.peak = self.peak_pss = 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss_bytes())
+            rss, pss = _tree_memory()
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(0.25)
 
     def __exit__(self, *exc) -> None:
