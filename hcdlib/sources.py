@@ -234,11 +234,18 @@ LABEL_COLUMNS = pa.schema([("id", pa.string()), ("label", pa.int64()), ("slide_i
 
 
 def check_labelled(src: PatchSource, what: str) -> pa.Table:
-    """Refuse a source whose patches are not all labelled 0 or 1; return its ``id, label, slide_id``.
+    """Refuse a source whose patches are not all labelled 0 or 1, or none of which can be read.
 
     A patch without a label would be dropped from training without a word, and a label of 2
-    would train a wrong model; both are stopped here, before any work starts.
+    would train a wrong model; both are stopped here, before any work starts. Returns the
+    source's ``id, label, slide_id``.
     """
+    err = src.items.column("error") if "error" in src.items.column_names else None
+    if err is not None and len(err) and err.null_count == 0:
+        # Every entry was refused at listing (links out of the folder, pipes, oversized files):
+        # training on nothing would export an untrained model that looks like any other.
+        raise SourceError(f"{src.uri}: none of its {len(err)} {what} patches can be read, e.g. {err[0].as_py()}; "
+                          "copy the patches into the folder (links out of it are not followed) or fix the files")
     t = src.label_table()
     label = t["label"]
     if label.null_count:

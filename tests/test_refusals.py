@@ -138,6 +138,24 @@ def test_train_cli_refuses_bad_labels_in_one_line_before_ray(ten_patches, tmp_pa
                      expect="l.csv: row 2: label '2'")
 
 
+def test_train_refuses_a_folder_none_of_whose_patches_can_be_read(ten_patches, tmp_path, capsys, no_ray):
+    """Class folders of links to patches elsewhere: every entry is refused, so training would see nothing."""
+    folder, _ = ten_patches
+    links = tmp_path / "links"
+    for i, p in enumerate(sorted(folder.glob("*.tif"))):
+        (links / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        (links / str(i % 2) / p.name).symlink_to(p)
+    capsys.readouterr()
+    code = cli.main(["train", "--data", str(links), "--val-data", str(folder), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err
+    # the listing's own warning, then the refusal: one line naming the folder, the reason and the fix
+    assert len(lines) == 2 and "10 entries not read" in lines[0]
+    assert "none of its 10 training patches can be read" in lines[1] and "outside the input folder" in lines[1]
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
 # ---- pixel formats --------------------------------------------------------------------------
 
 def _tif(arr: np.ndarray) -> bytes:
