@@ -103,7 +103,10 @@ def recorded(endpoint: str) -> Iterator[dict[str, int]]:
         rng = {k.lower(): v for k, v in entry["headers"].items()}.get("range")
         if rng:
             first, _, last = rng.removeprefix("bytes=").partition("-")
-            n = min(int(last) if last else sizes[key] - 1, sizes[key] - 1) - int(first) + 1
+            if not first:  # a suffix range: the last N bytes
+                n = min(int(last), sizes[key])
+            else:
+                n = min(int(last) if last else sizes[key] - 1, sizes[key] - 1) - int(first) + 1
         else:
             n = sizes[key]
         sent[key] = sent.get(key, 0) + n

@@ -345,12 +345,13 @@ class SlideSource:
 
         import ray
 
-        from hcdlib.rayutil import READ_TASK_CPUS
         from hcdlib.slide_maps import slide_outputs, write_summary
 
         # One task per slide, across the cluster: drawn one after another on the driver, a
         # heatmap and GeoJSON cost ~1 s per slide, i.e. a tail of hours at archive scale.
-        task = ray.remote(num_cpus=READ_TASK_CPUS)(slide_outputs)
+        # A whole CPU each: a fractional request would start 4 processes per core, each with
+        # matplotlib loaded, on a 64-core node.
+        task = ray.remote(num_cpus=1)(slide_outputs)
         keys: dict[str, list[str]] = {}
         for c in self._chunks:
             keys.setdefault(c.slide, []).append(c.key)

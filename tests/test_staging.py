@@ -115,4 +115,9 @@ def test_the_server_sends_a_staged_slide_once(bucket, s3_server, tmp_path):
         fs, path = urimod.resolve(slide)
         with fs.open_input_file(path) as f:  # and one ranged read outside staging
             assert f.read_at(1000, 5) == data[5:1005]
-    assert sent == {slide[len("s3://"):]: len(data) + 1000}
+        import boto3  # and a suffix range (the last 100 bytes), as some readers ask for a footer
+
+        bucket_name, key = slide[len("s3://"):].split("/", 1)
+        tail = boto3.client("s3").get_object(Bucket=bucket_name, Key=key, Range="bytes=-100")["Body"].read()
+        assert tail == data[-100:]
+    assert sent == {slide[len("s3://"):]: len(data) + 1000 + 100}
