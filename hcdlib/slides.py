@@ -355,9 +355,12 @@ class SlideSource:
         keys: dict[str, list[str]] = {}
         for c in self._chunks:
             keys.setdefault(c.slide, []).append(c.key)
-        summary = ray.get([task.remote(out, {k: v for k, v in p.items() if k not in ("xs", "ys")},
-                                       keys.get(p["slide"], []), threshold=threshold)
-                           for p in self.planned or []])
+        # A slide that failed planning is only its summary row: no task (and no CPU) for it.
+        jobs = [slide_outputs(out, p, [], threshold=threshold) if p["error"] else
+                task.remote(out, {k: v for k, v in p.items() if k not in ("xs", "ys")}, keys.get(p["slide"], []),
+                            threshold=threshold)
+                for p in self.planned or []]
+        summary = [ray.get(j) if isinstance(j, ray.ObjectRef) else j for j in jobs]
         write_summary(out, summary)
         return {"summary": "slides/summary.csv", "per_slide": summary}
 

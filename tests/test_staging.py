@@ -104,6 +104,8 @@ def test_stage_key_is_stable_for_a_rerun_and_differs_between_runs():
 
 def test_the_server_sends_a_staged_slide_once(bucket, s3_server, tmp_path):
     """Counted by the S3 server itself (moto's recorder, as the benchmark counts): one slide's bytes, no more."""
+    import boto3
+
     from hcdlib.s3local import recorded
 
     slide, data = f"{bucket}/c/s3.svs", os.urandom(3 * 2**20 + 17)
@@ -115,8 +117,7 @@ def test_the_server_sends_a_staged_slide_once(bucket, s3_server, tmp_path):
         fs, path = urimod.resolve(slide)
         with fs.open_input_file(path) as f:  # and one ranged read outside staging
             assert f.read_at(1000, 5) == data[5:1005]
-        import boto3  # and a suffix range (the last 100 bytes), as some readers ask for a footer
-
+        # and a suffix range (the last 100 bytes), as some readers ask for a footer
         bucket_name, key = slide[len("s3://"):].split("/", 1)
         tail = boto3.client("s3").get_object(Bucket=bucket_name, Key=key, Range="bytes=-100")["Body"].read()
         assert tail == data[-100:]
