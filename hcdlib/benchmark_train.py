@@ -59,15 +59,19 @@ def accuracy(cfg: BenchTrainConfig) -> dict:
     return result
 
 
-def _plain_loop(files: list[Path], labels: list[int], *, batch_size: int, lr: float, crop: int) -> float:
-    """Images/s of one epoch of the loop a user writes: DataLoader over files, AdamW, same model and crop."""
+def _plain_loop(files: list[Path], labels: list[int], *, batch_size: int, lr: float, crop: int,
+                precision: str) -> float:
+    """Images/s of one epoch of the loop a user writes: DataLoader, AdamW, same model, crop, arithmetic."""
     import torch
     from torch.utils.data import DataLoader
 
     from hcdlib.benchmark_score import FileDataset
     from hcdlib.models import build_model
+    from hcdlib.train_loop import training_autocast, trains_in_bf16
     from hcdlib.transforms import to_input, train_preset
 
+    cpu = torch.device("cpu")
+    bf16 = trains_in_bf16(cpu, precision)
     torch.set_num_threads(os.cpu_count() or 1)
     model, pre = build_model("hcdnet", crop=crop)
     model = model.to(memory_format=torch.channels_last).train()
@@ -75,8 +79,9 @@ def _plain_loop(files: list[Path], labels: list[int], *, batch_size: int, lr: fl
     loader = DataLoader(FileDataset(files, labels), batch_size=batch_size, shuffle=True, num_workers=1, drop_last=False)
     seen, t0 = 0, time.perf_counter()
     for x, y in loader:
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(train_preset(to_input(x, pre))), y.float().view(-1, 1))
+        with training_autocast(cpu, bf16):
+            logits = model(train_preset(to_input(x, pre))).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float().view(-1, 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -107,7 +112,7 @@ def throughput(cfg: BenchTrainConfig) -> dict:
     files = sorted(subset.glob("*/*"))
     defaults = TrainConfig(data="", out="")
     plain = _plain_loop(files, [int(f.parent.name) for f in files], batch_size=defaults.batch_size, lr=defaults.lr,
-                        crop=defaults.crop)
+                        crop=defaults.crop, precision=defaults.precision)
     run = urimod.join(cfg.out, "throughput-run")
     shutil.rmtree(run, ignore_errors=True)
     meta = train(TrainConfig(data=str(subset), val_data=cfg.valid, out=run, epochs=1, workers=1))

@@ -192,7 +192,8 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
             except (OSError, ValueError):
                 continue
             line = (f"epoch {st['epoch']}: val AUC {st['val_auc']:.4f} (best {st['best_auc']:.4f}, epoch "
-                    f"{st['best_epoch']}), {st['images_per_s']:.0f} images/s")
+                    f"{st['best_epoch']}), {st['images_per_s']:.0f} images/s"
+                    + (f" ({st['arithmetic']})" if st["epoch"] == 1 and "arithmetic" in st else ""))
             if bar.disable:  # a log file, not a terminal: a line every 30 s at most
                 if time.time() - last_line >= 30:
                     log.info("%s", line)

@@ -64,6 +64,29 @@ def agreed_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` does bf16 matrix arithmetic in hardware (so bf16 is faster, not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # oneDNN runs bf16 convolutions natively on AVX512-BF16 and AMX; elsewhere it emulates them,
+    # slower than fp32. torch.cpu only has private probes for these (torch 2.14).
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p is not None and p() for p in probes)
+
+
+def trains_in_bf16(device: torch.device, precision: str) -> bool:
+    """Whether training's forward passes run under bf16 autocast, per ``--precision`` (auto | bf16 | fp32)."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
+def training_autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """The autocast context of a training step.
+
+    bf16 autocast keeps fp32 master weights and optimiser state: no loss scaling (unlike fp16).
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC with scikit-learn; NaN when only one class is present."""
     from sklearn.metrics import roc_auc_score
@@ -113,6 +136,10 @@ class TrainLoop:
         torch.set_num_threads(config["threads"])
         torch.manual_seed(self.cfg.seed + self.rank)
         self.device = ray.train.torch.get_device()
+        self.bf16 = trains_in_bf16(self.device, self.cfg.precision)
+        if self.rank == 0:
+            log.info("training on %s in %s (--precision %s)", self.device.type,
+                     "bf16 autocast" if self.bf16 else "fp32", self.cfg.precision)
 
         from hcdlib.models import build_model
 
@@ -179,7 +206,11 @@ class TrainLoop:
         """The weights validation sees and export writes: the average when there is one."""
         return self.ema.model if self.ema is not None else self._unwrapped()
 
-    def _autocast(self):
+    def _inference_autocast(self):
+        """Validation's arithmetic: as ``infer_batch`` scores (bf16 on a CUDA GPU, fp32 on CPU).
+
+        So the exported epoch is chosen on the numbers that scoring reproduces.
+        """
         cuda = self.device.type == "cuda"
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported())
 
@@ -199,7 +230,7 @@ class TrainLoop:
                 g["lr"] = self.cfg.lr * one_cycle(self._progress())
             x = train_preset(to_input(batch["pixels"].to(self.device, non_blocking=True), self.pre))
             y = batch["label"].to(self.device).float().view(-1, 1)
-            with self._autocast():
+            with training_autocast(self.device, self.bf16):
                 loss = self.loss_fn(self.model(x).float(), y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -212,7 +243,7 @@ class TrainLoop:
         self.elapsed = start_elapsed + time.perf_counter() - t0
         wall = time.perf_counter() - t0
         return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen * self.world / max(wall, 1e-9),
-                "epoch_seconds": wall}
+                "epoch_seconds": wall, "arithmetic": "bf16 autocast" if self.bf16 else "fp32"}
 
     @torch.inference_mode()
     def validate(self, shard) -> dict:
@@ -223,7 +254,7 @@ class TrainLoop:
         probs, labels = [], []
         for batch in shard.iter_torch_batches(batch_size=512):
             x = eval_preset(to_input(batch["pixels"].to(self.device), self.pre))
-            with self._autocast():
+            with self._inference_autocast():
                 logits = model(x).float().view(-1)
             probs.append(torch.sigmoid(logits).cpu().numpy())
             labels.append(batch["label"].numpy())

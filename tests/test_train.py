@@ -20,7 +20,7 @@ from hcdlib.infer import infer_batch
 from hcdlib.models import build_model
 from hcdlib.sources import FileSource, open_source
 from hcdlib.train import TrainConfig, split_by_group, train
-from hcdlib.train_loop import one_cycle
+from hcdlib.train_loop import one_cycle, training_autocast, trains_in_bf16
 from hcdlib.transforms import Preprocess
 
 
@@ -172,3 +172,45 @@ def test_weight_average_follows_the_weights_at_its_decay():
     avg.update(live, step=0)  # first step: decay 1/10, the average is mostly the live weights
     torch.testing.assert_close(avg.model.state_dict()["0.weight"], start["0.weight"] + 0.1 + 0.9 * 0.9)
     assert avg.model is not live and not avg.model.training
+
+
+def test_precision_is_bf16_where_asked_or_native(monkeypatch):
+    import hcdlib.train_loop as tl
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tl, "native_bf16", lambda device: False)  # e.g. an AVX2-only laptop
+    assert [trains_in_bf16(cpu, p) for p in ("auto", "bf16", "fp32")] == [False, True, False]
+    monkeypatch.setattr(tl, "native_bf16", lambda device: True)  # AVX512-BF16, AMX, an Ampere GPU
+    assert [trains_in_bf16(cpu, p) for p in ("auto", "bf16", "fp32")] == [True, True, False]
+    with pytest.raises(UserError, match="--precision must be one of auto, bf16, fp32"):
+        TrainConfig(data="d", out="o", precision="fp16")
+
+
+def test_a_bf16_training_step_computes_in_bf16_and_keeps_fp32_weights():
+    """Under training's autocast the convolutions run in bf16; weights and gradients stay fp32.
+
+    And the steps still learn (a batch of dark vs bright patches).
+    """
+    torch.manual_seed(0)
+    model, _ = build_model("hcdnet")
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.cat([torch.full((8, 3, 96, 96), -1.0), torch.full((8, 3, 96, 96), 1.0)])
+    x = x + 0.3 * torch.randn_like(x)
+    y = torch.cat([torch.zeros(8, 1), torch.ones(8, 1)])
+    seen = []
+    hook = model.features[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    losses = []
+    for _ in range(8):
+        with training_autocast(torch.device("cpu"), True):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+    with training_autocast(torch.device("cpu"), False):  # fp32 when off
+        assert model.features[0](x[:2]).dtype == torch.float32
