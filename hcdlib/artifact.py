@@ -39,6 +39,7 @@ def export_model(model: nn.Module, out: str, *, arch: str, preprocess: Preproces
     meta = {
         "format": "hcd-model/1",
         "arch": arch,
+        **({"arch_args": model.arch_args} if getattr(model, "arch_args", None) else {}),  # hcdnet's shape
         "preprocess": preprocess.to_dict(),
         "threshold": threshold,
         "metrics": metrics or {},
@@ -72,12 +73,34 @@ def read_meta(uri: str) -> dict:
         raise ArtifactError(f"{target}: missing {', '.join(missing)}; re-export or re-copy the model")
     if meta["arch"] not in ARCHES:
         raise ArtifactError(f"{target}: unknown arch {meta['arch']!r} (this hcd knows {', '.join(ARCHES)})")
+    if "arch_args" in meta and not _valid_arch_args(meta["arch"], meta["arch_args"]):
+        raise ArtifactError(f"{target}: invalid arch_args {str(meta['arch_args'])[:80]} for {meta['arch']}; "
+                            "re-export or re-copy the model")
     try:
         Preprocess.from_dict(meta["preprocess"])
         float(meta.get("threshold", 0.5))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{target}: invalid preprocess or threshold ({exc!r})") from exc
     return meta
+
+
+def _valid_arch_args(arch: str, args: object) -> bool:
+    """Whether ``args`` is a shape hcdnet can be built with (the only arch that records one)."""
+    def size(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096
+
+    return (arch == "hcdnet" and isinstance(args, dict) and set(args) == {"stem", "widths"} and size(args["stem"])
+            and isinstance(args["widths"], list) and 1 <= len(args["widths"]) <= 8
+            and all(size(w) for w in args["widths"]))
+
+
+def arch_args_of(meta: dict) -> dict | None:
+    """The shape to build an artifact's model with: as recorded, else the one of unrecorded exports."""
+    from hcdlib.models import HCDNET_SHAPE_UNRECORDED
+
+    if "arch_args" in meta:
+        return meta["arch_args"]
+    return dict(HCDNET_SHAPE_UNRECORDED) if meta["arch"] == "hcdnet" else None
 
 
 def check_artifact(uri: str) -> tuple[dict, bytes]:
@@ -113,7 +136,7 @@ def load_model(uri: str, *, device: str | torch.device = "cpu",
 
     meta, blob = checked or check_artifact(uri)
     target = urimod.join(uri, WEIGHTS)
-    model, _ = build_model(meta["arch"], weights="none")
+    model, _ = build_model(meta["arch"], weights="none", arch_args=arch_args_of(meta))
     try:
         model.load_state_dict(load_safetensors(blob))
     except Exception as exc:  # safetensors' own error type, or RuntimeError for mismatched tensors

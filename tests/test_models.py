@@ -86,3 +86,36 @@ def test_the_model_sees_the_centre_crop_its_artifact_records(tmp_path):
     (out / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="invalid preprocess"):
         check_artifact(str(out))
+
+
+def test_an_hcdnet_artifact_loads_in_the_shape_it_was_trained_with(tmp_path):
+    """The artifact records hcdnet's shape; artifacts from before (no record) are the 4-stage net."""
+    import numpy as np
+
+    from hcdlib.infer import infer_batch
+    from hcdlib.models import HCDNET_SHAPE, HCDNET_SHAPE_UNRECORDED, HcdNet
+
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    new, pre = build_model("hcdnet")
+    assert new.arch_args == {"stem": HCDNET_SHAPE["stem"], "widths": list(HCDNET_SHAPE["widths"])}
+    export_model(new, str(tmp_path / "new"), arch="hcdnet", preprocess=pre)
+    assert json.loads((tmp_path / "new" / "model.json").read_text())["arch_args"] == new.arch_args
+    loaded, _ = load_model(str(tmp_path / "new"))
+    np.testing.assert_array_equal(infer_batch(loaded, pixels, device=cpu, preprocess=pre),
+                                  infer_batch(new.eval(), pixels, device=cpu, preprocess=pre))
+    # an artifact exported before shapes were recorded: same arch name, the 4-stage weights
+    old = HcdNet(**HCDNET_SHAPE_UNRECORDED).eval()
+    export_model(old, str(tmp_path / "old"), arch="hcdnet", preprocess=pre)
+    meta = json.loads((tmp_path / "old" / "model.json").read_text())
+    del meta["arch_args"]
+    (tmp_path / "old" / "model.json").write_text(json.dumps(meta))
+    loaded, _ = load_model(str(tmp_path / "old"))
+    assert len(loaded.state_dict()) == len(old.state_dict()) < len(new.state_dict())
+    np.testing.assert_array_equal(infer_batch(loaded, pixels, device=cpu, preprocess=pre),
+                                  infer_batch(old, pixels, device=cpu, preprocess=pre))
+    for bad in ({"stem": 16}, {"stem": 16, "widths": [32, "64"]}, {"stem": True, "widths": [8]}, [16, 32]):
+        meta["arch_args"] = bad
+        (tmp_path / "old" / "model.json").write_text(json.dumps(meta))
+        with pytest.raises(ArtifactError, match="invalid arch_args"):
+            load_model(str(tmp_path / "old"))
