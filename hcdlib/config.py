@@ -233,6 +233,6 @@ class BenchTrainConfig(Settings):
     out: str = setting("bench-out/train", "output folder")
     minutes: float = setting(30.0, "training time budget", lo=0, lo_open=True)
     throughput: bool = setting(False, "images/s of Ray Train vs a plain PyTorch loop")
-    throughput_n: int = setting(4096, "patches for the throughput epoch", lo=1)
+    throughput_n: int = setting(4096, "patches for the throughput epochs", lo=1)
     test: str | None = setting(None, "a labelled test source never used in training or epoch choice: also "
                                      "scored (dihedral TTA 8) and its AUC reported")

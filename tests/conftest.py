@@ -147,7 +147,10 @@ def synth_small(tmp_path_factory) -> Path:
 def model_dir(synth_small, tmp_path_factory) -> Path:
     """A small hcdnet trained for a few seconds on the synthetic patches, exported as an artifact.
 
-    Plain torch, not Ray Train, so scoring tests do not depend on the training pipeline.
+    Plain torch, not Ray Train, so scoring tests do not depend on the training pipeline. The
+    four-stage shape: it separates these 300 patches in 3 epochs (the five-stage default needs
+    more), and every scoring test then also loads a shape other than the default from the
+    artifact's ``arch_args``.
     """
     import numpy as np
     import pyarrow.csv as pacsv
@@ -155,14 +158,14 @@ def model_dir(synth_small, tmp_path_factory) -> Path:
 
     from hcdlib.artifact import export_model
     from hcdlib.decode import decode_patch
-    from hcdlib.models import build_model
+    from hcdlib.models import HCDNET_SHAPE_UNRECORDED, build_model
     from hcdlib.transforms import to_input, train_preset
 
     torch.manual_seed(0)
     labels = pacsv.read_csv(synth_small / "labels.csv").to_pydict()
     x = np.stack([decode_patch((synth_small / f"{i}.tif").read_bytes()).pixels for i in labels["id"]])
     y = torch.tensor(labels["label"], dtype=torch.float32).view(-1, 1)
-    model, pre = build_model("hcdnet")
+    model, pre = build_model("hcdnet", arch_args=dict(HCDNET_SHAPE_UNRECORDED))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(3):
