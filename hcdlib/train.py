@@ -136,6 +136,7 @@ def train(cfg: TrainConfig) -> dict:
         build_model(cfg.arch, weights=cfg.weights)  # a pickle, a truncated file or another arch's weights
     train_src, val_src = open_sources(cfg)
     if urimod.exists(run_dir):
+        check_resumable(cfg, run_dir)
         log.info("resuming the training run in %s from its latest checkpoint", run_dir)
     init_ray(cfg.address, dashboard=True)
     datasets, n_train = build_datasets(cfg, train_src, val_src), train_src.num_patches
@@ -206,6 +207,37 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
             bar.n = min(budget, time.time() - started_at)
             bar.refresh()
     bar.close()
+
+
+def check_resumable(cfg: TrainConfig, run_dir: str) -> None:
+    """Refuse to resume a run whose latest checkpoint holds another model than ``cfg`` builds.
+
+    Another ``--arch``, or an hcdnet of an older hcd (another shape), would otherwise fail on
+    every worker as Ray Train restores it, and be retried ``--max-failures`` times.
+    """
+    import io
+
+    import torch
+
+    from hcdlib.models import build_model
+    from hcdlib.train_loop import STATE_FILE
+
+    fs, path = urimod.resolve(run_dir)
+    ckpts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    if not ckpts:
+        return
+    try:  # hcd's own checkpoint, and still tensors only
+        state = torch.load(io.BytesIO(urimod.read_bytes(urimod.to_uri(fs, f"{ckpts[-1]}/{STATE_FILE}"))),
+                           map_location="cpu", weights_only=True)
+    except OSError:  # an interrupted checkpoint: Ray Train's restore decides
+        return
+    model, _ = build_model(cfg.arch, weights="none")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in state["model"].items()} != want:
+        raise UserError(f"--out {cfg.out}: its training run was checkpointed with another model than --arch "
+                        f"{cfg.arch} builds (another --arch, or an hcdnet of an older hcd); train into a new --out, "
+                        "or resume with the --arch the run started with")
 
 
 def export_best(cfg: TrainConfig, checkpoint) -> dict:

@@ -112,6 +112,28 @@ def test_time_budget_stops_with_checkpoint_and_rerun_resumes(ray_session, synth_
     assert again[k]["elapsed_s"] > first[-1]["elapsed_s"]
 
 
+def test_resuming_a_run_of_another_model_is_refused_before_ray_starts(tmp_path, synth_600):
+    """A checkpoint of the four-stage hcdnet (an older hcd) or of another --arch cannot be resumed."""
+    from hcdlib.models import HCDNET_SHAPE_UNRECORDED
+    from hcdlib.train import check_resumable
+
+    out = tmp_path / "run"
+    ckpt = out / "ray_train" / "checkpoint_2026-11-01_00-00-00.000000"
+    ckpt.mkdir(parents=True)
+    old, _ = build_model("hcdnet", arch_args=dict(HCDNET_SHAPE_UNRECORDED))
+    torch.save({"model": old.state_dict()}, ckpt / "state.pt")
+    with pytest.raises(UserError, match="checkpointed with another model than --arch hcdnet builds"):
+        train(_cfg(synth_600, out))
+    assert not (out / "metrics").exists()  # refused on the driver: no worker ran
+    now, _ = build_model("hcdnet")
+    newer = out / "ray_train" / "checkpoint_2026-11-02_00-00-00.000000"  # the newest one decides
+    newer.mkdir()
+    torch.save({"model": now.state_dict()}, newer / "state.pt")
+    check_resumable(_cfg(synth_600, out), str(out / "ray_train"))
+    with pytest.raises(UserError, match="another model than --arch resnet18"):
+        check_resumable(_cfg(synth_600, out, arch="resnet18"), str(out / "ray_train"))
+
+
 def test_resume_flag_without_a_run_is_an_error(tmp_path, synth_600):
     with pytest.raises(UserError, match="no training run to resume"):
         train(_cfg(synth_600, tmp_path / "fresh", resume=True))
