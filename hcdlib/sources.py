@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
-from hcdlib.chunks import Chunk, FilesChunk, ShardChunk
+from hcdlib.chunks import Chunk, FilesChunk, ShardChunk, footer_bytes
 from hcdlib.listing import Listing, SourceError, list_files
 from hcdlib.predictions import MANIFEST
 
@@ -137,7 +137,13 @@ class FileSource(PatchSource):
 
 @dataclass(frozen=True)
 class ShardSource(PatchSource):
-    """Parquet shards (``hcd pack``'s output). ``items``: shard, row_group, num_rows."""
+    """Parquet shards (``hcd pack``'s output). ``items``: shard, row_group, num_rows.
+
+    ``footers``: per shard, its footer (None when larger than :data:`FOOTER_CARRIED_BYTES`) and
+    its size, as listed; each chunk carries them so that its read does not fetch the footer again.
+    """
+
+    footers: dict[str, tuple[bytes | None, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def layout(self) -> str:
@@ -151,8 +157,8 @@ class ShardSource(PatchSource):
 
     def chunks(self, chunk_size: int = 1024) -> list[Chunk]:
         """One chunk per row group (written at the packing's row-group size; ``chunk_size`` is not used)."""
-        return [ShardChunk(f"rg-{i:06d}", n, s, rg) for i, (s, rg, n) in enumerate(zip(
-            *(self.items[c].to_pylist() for c in ("shard", "row_group", "num_rows")), strict=True))]
+        return [ShardChunk(f"rg-{i:06d}", n, s, rg, *self.footers.get(s, (None, None))) for i, (s, rg, n) in enumerate(
+            zip(*(self.items[c].to_pylist() for c in ("shard", "row_group", "num_rows")), strict=True))]
 
     def label_table(self) -> pa.Table:
         """Those columns alone, read from every row group."""
@@ -296,7 +302,8 @@ def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, st
     return (CLASS_FOLDERS if is_class else KAGGLE), items
 
 
-def _parquet_items(listing: Listing, root_uri: str) -> pa.Table:
+def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str, tuple[bytes | None, int]]]:
+    """One row per row group of every shard (shard, row_group, num_rows), and each shard's footer and size."""
     fs, root, files = listing.fs, listing.root, listing.files
     manifest = f"{root}/{PACK_MANIFEST}" if len(files) > 1 or files[0] != root else None
     shards = [p for p in files if p.endswith(".parquet")]
@@ -309,25 +316,33 @@ def _parquet_items(listing: Listing, root_uri: str) -> pa.Table:
         shards = [f"{root}/{f['path']}" for f in listed]
     elif manifest:
         log.warning("%s: no %s manifest; reading every .parquet file found", root_uri, PACK_MANIFEST)
-    rows = {"shard": [], "row_group": [], "num_rows": []}
+    rows: dict[str, list] = {"shard": [], "row_group": [], "num_rows": []}
+    footers = {}
     # Footers are read concurrently: each is two round trips on S3, and an archive has thousands.
     with ThreadPoolExecutor(16, thread_name_prefix="hcd-footers") as pool:
-        for shard, sizes in zip(shards, pool.map(lambda shard: _row_group_sizes(fs, shard), shards), strict=True):
-            rows["shard"] += [urimod.to_uri(fs, shard)] * len(sizes)
-            rows["row_group"] += list(range(len(sizes)))
-            rows["num_rows"] += sizes
-    return pa.table(rows, schema=pa.schema([("shard", pa.string()), ("row_group", pa.int64()),
-                                            ("num_rows", pa.int64())]))
+        for shard, (md, size) in zip(shards, pool.map(lambda shard: _footer(fs, shard), shards), strict=True):
+            uri = urimod.to_uri(fs, shard)
+            rows["shard"] += [uri] * md.num_row_groups
+            rows["row_group"] += list(range(md.num_row_groups))
+            rows["num_rows"] += [md.row_group(rg).num_rows for rg in range(md.num_row_groups)]
+            footers[uri] = (footer_bytes(md) if md.serialized_size <= FOOTER_CARRIED_BYTES else None, size)
+    items = pa.table(rows, schema=pa.schema([("shard", pa.string()), ("row_group", pa.int64()),
+                                             ("num_rows", pa.int64())]))
+    return items, footers
 
 
-def _row_group_sizes(fs: pafs.FileSystem, shard: str) -> list[int]:
-    """Rows in each row group of one shard, from its footer."""
+# Each chunk of a shard carries the shard's footer; beyond this size (a shard of very many row
+# groups) the copies would add up, so each read fetches the footer itself instead.
+FOOTER_CARRIED_BYTES = 64 * 1024
+
+
+def _footer(fs: pafs.FileSystem, shard: str) -> tuple[pq.FileMetaData, int]:
+    """One shard's Parquet footer and its size in bytes."""
     try:
         with fs.open_input_file(shard) as f:
-            md = pq.ParquetFile(f).metadata
+            return pq.ParquetFile(f).metadata, f.size()
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"{urimod.to_uri(fs, shard)}: not a readable Parquet shard ({exc})") from exc
-    return [md.row_group(rg).num_rows for rg in range(md.num_row_groups)]
 
 
 def open_source(uri: str, labels: str | None = None, *, listing: Listing | None = None,
@@ -353,7 +368,8 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
     refused = [(p, why) for p, why in listing.refused if p.lower().endswith(IMAGE_EXTS)]
     parquet = [p for p in files if p.endswith(".parquet")]
     if parquet and not images and not refused:
-        src: PatchSource = ShardSource(uri, _parquet_items(listing, uri), 0.0)
+        items, footers = _parquet_items(listing, uri)
+        src: PatchSource = ShardSource(uri, items, 0.0, footers=footers)
     elif images or refused:
         if labels is None and f"{listing.root}/labels.csv" in files:
             labels = urimod.to_uri(listing.fs, f"{listing.root}/labels.csv")

@@ -111,6 +111,37 @@ def test_every_layout_on_s3(synth_small, tmp_path, bucket):
     _check_rows(_read_all(src), synth_small, with_slides=True)
 
 
+def test_a_shard_chunk_on_s3_fetches_its_bytes_once_and_refuses_a_changed_shard(synth_small, bucket, s3_server):
+    """The listing's footer travels with each chunk: reading every chunk of a shard sends each byte once.
+
+    Counted by the S3 server (moto's recorder). Before, every chunk fetched the footer again: a
+    shard of two row groups cost its own size plus two footer reads.
+    """
+    from hcdlib import uri as urimod
+    from hcdlib.s3local import recorded
+
+    upload_dir(synth_small, f"{bucket}/kaggle")
+    pack(PackConfig(input=f"{bucket}/kaggle", out=f"{bucket}/shards", rows_per_file=100, row_group_size=50))
+    src = open_source(f"{bucket}/shards")
+    chunks = src.chunks()
+    assert len(chunks) == 6 and all(c.footer and c.shard_bytes for c in chunks)
+    with recorded(s3_server) as sent:
+        rows = pa.concat_tables(c.rows() for c in chunks)
+    _check_rows(rows, synth_small, with_slides=True)
+    for shard in {c.shard for c in chunks}:
+        fs, path = urimod.resolve(shard)
+        size = fs.get_file_info(path).size
+        assert 0.9 * size < sent[shard[len("s3://"):]] <= size  # the row groups' columns, not the footer again
+
+    # A shard rewritten after the listing is refused, not read with the old footer.
+    victim = chunks[0]
+    fs, path = urimod.resolve(victim.shard)
+    with fs.open_output_stream(path) as f:
+        f.write(b"PAR1" + b"\0" * 100 + b"PAR1")
+    with pytest.raises(OSError, match="changed since it was listed"):
+        victim.rows()
+
+
 def test_missing_and_empty_inputs_name_the_uri(tmp_path):
     with pytest.raises(SourceError, match=f"{tmp_path}/nope: no such file"):
         open_source(str(tmp_path / "nope"))
