@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -92,9 +93,28 @@ def _ensure_data(cfg: BenchScoreConfig, n: int, name: str) -> tuple[str, str]:
     tif, shards = os.path.join(cfg.work, f"{name}-tif"), os.path.join(cfg.work, f"{name}-shards")
     if not os.path.exists(os.path.join(tif, "labels.csv")):
         write_synth(SynthConfig(out=tif, n=n, seed=123))
-    if not os.path.exists(os.path.join(shards, "_SUCCESS")):
+    if not _packed_by_this_hcd(shards):
+        if os.path.exists(shards):  # the benchmark's own cache in its --work folder
+            log.warning("%s: not in this hcd's pack format (or cut short); packing it again", shards)
+            shutil.rmtree(shards)
         pack(PackConfig(input=tif, out=shards))
     return tif, shards
+
+
+def _packed_by_this_hcd(shards: str) -> bool:
+    """Whether the benchmark's cached ``shards`` are complete and in this hcd's pack format.
+
+    Shards an older ``hcd pack`` left in the work folder (e.g. without the decoded ``pixels``
+    column) would be read fine, so every row after them would time the old format, silently.
+    """
+    import pyarrow.parquet as pq
+
+    from hcdlib.chunks import ROW_SCHEMA
+
+    if not os.path.exists(os.path.join(shards, "_SUCCESS")):
+        return False
+    first = next(Path(shards).rglob("*.parquet"), None)
+    return first is not None and pq.read_schema(first).names == ROW_SCHEMA.names
 
 
 def _decoded(tif: str, limit: int | None = None) -> np.ndarray:
@@ -338,9 +358,10 @@ def _replicated(shards: str, k: int, out: str) -> str:
 
     from hcdlib.sources import PACK_MANIFEST
 
-    if os.path.exists(os.path.join(out, PACK_MANIFEST)):
+    if _packed_by_this_hcd(out):
         return out
-    os.makedirs(out, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own copies, from an older hcd or cut short
+    os.makedirs(out)
     files = []
     for f in json.loads(Path(shards, PACK_MANIFEST).read_text())["files"]:
         t = pq.read_table(os.path.join(shards, f["path"]))
