@@ -212,8 +212,7 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, tot
         actor,
         fn_constructor_kwargs={"model_uri": cfg.model, "sha256": sha256, "tta": cfg.tta,
                                "threads": plan.torch_threads, "batch_size": cfg.batch_size, "compile": cfg.compile},
-        compute=ray.data.ActorPoolStrategy(size=plan.actors, max_tasks_in_flight_per_actor=_in_flight(plan)),
-        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.actors), batch_format="pyarrow",
         # Each block (one model batch, cut by the read task) is one call: re-batching to an exact
         # size would concatenate, i.e. copy, the pixels of neighbouring blocks.
         batch_size=None, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
@@ -258,17 +257,6 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, tot
 # Threads writing part files (each a small Parquet file, atomic, fsynced).
 PART_WRITERS = 4
 
-
-def _in_flight(plan) -> int:
-    """Blocks queued on each model actor at once.
-
-    A CPU actor takes about a second a block, so one queued behind the running one keeps it busy.
-    Ray Data's default of 4 let the first actor to start take every block of the first chunk
-    while the second was still loading the model: the first part waited for one actor to score
-    all of them, one after another. A GPU actor finishes a block in milliseconds, so it keeps
-    Ray Data's deeper queue.
-    """
-    return 4 if plan.gpus_per_actor else 2
 
 
 def _write_part(out: str, key: str, rows: pa.Table) -> int:
