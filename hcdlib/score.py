@@ -258,7 +258,6 @@ def _run_pipeline(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, tot
 PART_WRITERS = 4
 
 
-
 def _write_part(out: str, key: str, rows: pa.Table) -> int:
     table = _to_part(rows)
     preds.write_part(urimod.join(out, preds.PARTS, preds.part_name(key)), table)
