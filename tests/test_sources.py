@@ -142,6 +142,18 @@ def test_a_shard_chunk_on_s3_fetches_its_bytes_once_and_refuses_a_changed_shard(
         victim.rows()
 
 
+def test_a_shard_with_a_large_footer_is_read_without_carrying_it(synth_small, tmp_path, monkeypatch):
+    """Past FOOTER_CARRIED_BYTES the chunks do not each carry a copy: each read fetches the footer."""
+    import hcdlib.sources as sources
+
+    pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards"), rows_per_file=300, row_group_size=10))
+    monkeypatch.setattr(sources, "FOOTER_CARRIED_BYTES", 1024)  # this shard's 30 row groups are past it
+    src = open_source(str(tmp_path / "shards"))
+    chunks = src.chunks()
+    assert len(chunks) == 30 and all(c.footer is None and c.shard_bytes for c in chunks)
+    _check_rows(_read_all(src), synth_small, with_slides=True)
+
+
 def test_missing_and_empty_inputs_name_the_uri(tmp_path):
     with pytest.raises(SourceError, match=f"{tmp_path}/nope: no such file"):
         open_source(str(tmp_path / "nope"))
