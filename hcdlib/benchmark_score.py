@@ -94,8 +94,10 @@ def _ensure_data(cfg: BenchScoreConfig, n: int, name: str) -> tuple[str, str]:
     if not os.path.exists(os.path.join(tif, "labels.csv")):
         write_synth(SynthConfig(out=tif, n=n, seed=123))
     if not _packed_by_this_hcd(shards):
-        if os.path.exists(shards):  # the benchmark's own cache in its --work folder
-            log.warning("%s: not in this hcd's pack format (or cut short); packing it again", shards)
+        # A complete pack in an older format is the benchmark's own stale cache: packed again. A
+        # pack cut short is left to hcd pack, which resumes it.
+        if os.path.exists(os.path.join(shards, "_SUCCESS")):
+            log.warning("%s: not in this hcd's pack format; packing it again", shards)
             shutil.rmtree(shards)
         pack(PackConfig(input=tif, out=shards))
     return tif, shards
