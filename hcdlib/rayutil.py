@@ -47,11 +47,23 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
 
     # Ray's logs go to its log files; on the console only with --verbose (hcdlib.console).
     quiet = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.ERROR}
-    with _quiet_core_logs(not verbose()):
-        if address:
-            ray.init(address=address, **quiet)
-        else:  # when started, the dashboard binds to loopback like everything else
-            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
+    if address:
+        check_address(address)
+    try:
+        with _quiet_core_logs(not verbose()):
+            if address:
+                ray.init(address=address, **quiet)
+            else:  # when started, the dashboard binds to loopback like everything else
+                ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
+    except ConnectionError as e:  # something listens there, but it did not take us in
+        if not address:
+            raise
+        if "AuthToken" in str(e.__cause__):  # Ray's AuthenticationError, as text inside the cause
+            raise UserError(f"the Ray cluster at {address} refused this process's authentication token: set "
+                            "RAY_AUTH_MODE=token and give it the cluster's token (~/.ray/auth_token or "
+                            "RAY_AUTH_TOKEN)") from e
+        raise UserError(f"could not join the Ray cluster at {address}: {str(e).splitlines()[0]}; "
+                        "--verbose shows Ray's log") from e
     quiet_ray_data()
     if address:
         return
@@ -62,6 +74,29 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
 def _host(address: str) -> str:
     """The host part of a Ray address (``ray://h:p``, ``h:p``, ``http://h:p``)."""
     return address.split("://")[-1].rsplit(":", 1)[0]
+
+
+ADDRESS_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_address(address: str) -> None:
+    """Refuse a Ray address where nothing listens, before ``ray.init`` waits on it.
+
+    ``ray.init`` retries a GCS that is not there for minutes with no word on the console
+    (Ray 2.60: over two minutes at a closed port on 127.0.0.1). ``auto`` and ``local`` are
+    Ray's own lookups and are left to it.
+    """
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if address in ("auto", "local") or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise UserError(f"no Ray cluster answers at {address} (--address or RAY_ADDRESS): "
+                        f"{e.strerror or e}; start it (`ray start --head`) or give its address") from e
 
 
 # CPUs one read/decode task asks for (hcdlib.pipeline): a small request, so that a read fits in
@@ -142,6 +177,8 @@ def _quiet_core_logs(quiet: bool) -> Iterator[None]:
         os.dup2(held.fileno(), 2)
         try:
             yield
+        except ConnectionError:  # init_ray says what to do in one line; --verbose shows Ray's lines
+            raise
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)

@@ -453,3 +453,46 @@ def test_unlistable_sub_folder_is_named_and_the_rest_listed(synth_small, tmp_pat
     assert found.files == [str(tmp_path / "in" / "ok" / "a.tif")]
     assert found.refused == [(str(tmp_path / "in" / "locked"),
                               "folder cannot be listed (Permission denied); its files are not read")]
+
+
+# ---- the Ray address ------------------------------------------------------------------------
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(model_dir, synth_small, tmp_path):
+    """``ray.init`` waited over two minutes, silently, at a closed port; hcd says so in a line."""
+    import subprocess
+    import sys
+
+    address = f"127.0.0.1:{_closed_port()}"
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "hcdlib.cli", "score", "--model", str(model_dir), "--input",
+                          str(synth_small), "--out", str(tmp_path / "o"), "--address", address],
+                         capture_output=True, text=True, timeout=120)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, res.stderr
+    assert len(lines) == 1 and f"no Ray cluster answers at {address}" in lines[0], lines
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path / "o" / "parts").exists()
+
+
+def test_check_address_passes_a_listening_port_and_ray_lookups():
+    import socket
+
+    from hcdlib.rayutil import check_address
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_address(f"127.0.0.1:{s.getsockname()[1]}")
+        check_address(f"ray://127.0.0.1:{s.getsockname()[1]}")
+    for lookup in ("auto", "local"):
+        check_address(lookup)
+    with pytest.raises(UserError, match=r"no Ray cluster answers at ray://127\.0\.0\.1"):
+        check_address(f"ray://127.0.0.1:{_closed_port()}")
