@@ -26,6 +26,8 @@ ARCHES = ("hcdnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
 TTA_CHOICES = (1, 4, 8)
 # Training arithmetic: auto is bf16 autocast where the hardware does bf16 natively, else fp32.
 PRECISIONS = ("auto", "bf16", "fp32")
+# Decoded training data kept in Ray's object store: auto decides by its size (hcdlib.train).
+CACHE_CHOICES = ("auto", "on", "off")
 # Plausible scanner resolutions in microns per pixel (a 100x oil objective is ~0.1; a 1x overview ~10).
 MPP_RANGE = (0.05, 20.0)
 
@@ -161,6 +163,9 @@ class TrainConfig(Settings):
     resume: bool = setting(False, "require an existing run in --out to resume")
     max_failures: int = setting(2, "worker failures Ray Train recovers from (from the last checkpoint)", lo=0)
     chunk_size: int = setting(512, "patches per read task", lo=1)
+    cache: str = setting("auto", "keep the decoded patches in Ray's object store after one read, so epochs "
+                                 "do not read and decode them again: auto (when they fill at most half of "
+                                 "it), on, off", choices=CACHE_CHOICES)
     address: str | None = setting(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
 
     def check(self) -> None:

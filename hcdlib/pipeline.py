@@ -44,7 +44,7 @@ def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: in
     # Reads declare the memory a decoded chunk needs. Besides being true, it keeps Ray Data
     # from fusing decoding into a downstream model actor, so decoding runs in parallel tasks,
     # never in the (GPU) actor's critical path.
-    memory = _TASK_BASE_BYTES + 4 * _patch_bytes(largest_chunk(chunks))
+    memory = _TASK_BASE_BYTES + 4 * patch_bytes(largest_chunk(chunks))
     # A read that fails keeps its own exception class (an OSError stays an OSError, not a
     # UserCodeException without a cause), so the driver tells a storage fault from a bug; a
     # transient storage error is retried a few times before it stops the run.
@@ -52,7 +52,7 @@ def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: in
     ds.context.retried_map_errors = TRANSIENT_ERRORS
     ds.context.max_map_retries = 3
     if block_rows:  # Ray Data would otherwise merge a task's output into blocks of up to 128 MiB
-        ds.context.target_max_block_size = _patch_bytes(block_rows) + 2**20
+        ds.context.target_max_block_size = patch_bytes(block_rows) + 2**20
     # Ray Data samples each task's memory with psutil from a thread; at thousands of small tasks
     # a minute that was 6% of a model actor's time (py-spy), for a statistic hcd never reads.
     ds.context.memory_usage_poll_interval_s = None
@@ -72,16 +72,19 @@ def limit_read_ahead(ds, *, unit_rows: int, consumers: int, per_consumer: int = 
     """
     from ray.data import ExecutionResources
 
-    cap = _patch_bytes(unit_rows) * max(8, per_consumer * consumers)
+    cap = patch_bytes(unit_rows) * max(8, per_consumer * consumers)
     ds.context.execution_options.resource_limits = ExecutionResources.for_limits(object_store_memory=cap)
     return ds
 
 
-def _patch_bytes(rows: int) -> int:
+def patch_bytes(rows: int) -> int:
+    """Bytes of ``rows`` decoded 96x96 RGB patches."""
     return rows * 96 * 96 * 3
 
 
 def labelled_ok(batch: dict) -> dict:
     """Training rows: decoded fine and labelled; only what the train loop needs."""
-    keep = (batch["status"] == "ok") & np.array([v is not None for v in batch["label"]], dtype=bool)
+    import pandas as pd
+
+    keep = (batch["status"] == "ok") & pd.notna(batch["label"])
     return {"pixels": batch["pixels"][keep], "label": batch["label"][keep].astype(np.int64)}

@@ -95,7 +95,8 @@ def test_time_budget_stops_with_checkpoint_and_rerun_resumes(ray_session, synth_
     budget_s = 30
     t0 = time.perf_counter()
     # two workers: both must agree on the step where the budget runs out, or DDP hangs
-    meta = train(_cfg(synth_600, out, epochs=50, workers=2, time_budget_min=budget_s / 60))
+    # --cache off: the data streams from the files every epoch (the path of archives too large to keep)
+    meta = train(_cfg(synth_600, out, epochs=50, workers=2, time_budget_min=budget_s / 60, cache="off"))
     wall = time.perf_counter() - t0
     first = _epochs(out)
     assert 1 <= len(first) < 50 and first[-1]["stopped"] == "time budget"
@@ -105,11 +106,52 @@ def test_time_budget_stops_with_checkpoint_and_rerun_resumes(ray_session, synth_
     assert (out / "model" / "model.safetensors").exists() and meta["metrics"]["epochs_run"] == len(first)
     # same --out, larger budget: continues from the checkpoint, does not start over
     k = len(first)
-    train(_cfg(synth_600, out, epochs=k + 1, workers=2, time_budget_min=10, resume=True))
+    train(_cfg(synth_600, out, epochs=k + 1, workers=2, time_budget_min=10, resume=True, cache="off"))
     again = _epochs(out)
     assert [e["epoch"] for e in again] == list(range(1, k + 2))
     assert again[:k] == first
     assert again[k]["elapsed_s"] > first[-1]["elapsed_s"]
+
+
+def test_data_is_kept_decoded_only_where_it_fits_or_is_asked_for():
+    from hcdlib.train import caches_decoded
+
+    store = 8 * 2**30
+    cfg = _cfg("d", "o")
+    assert cfg.cache == "auto"
+    assert caches_decoded(cfg, 23_000, store)  # the shared 20k + 3k patches: 0.6 GiB
+    assert not caches_decoded(cfg, 220_025, store)  # Kaggle's training set: 5.7 GiB, over half
+    assert caches_decoded(_cfg("d", "o", cache="on"), 10**7, store)
+    assert not caches_decoded(_cfg("d", "o", cache="off"), 10, store)
+    with pytest.raises(UserError, match="--cache must be one of auto, on, off"):
+        _cfg("d", "o", cache="always")
+
+
+def test_kept_data_is_the_streamed_data_without_the_unreadable_patch(ray_session, synth_600, tmp_path):
+    import hashlib
+
+    from ray.data.dataset import MaterializedDataset
+
+    from hcdlib.train import build_datasets
+
+    folder = tmp_path / "k"
+    folder.mkdir()
+    for p in sorted(synth_600.glob("*.tif"))[:40]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / ("f" * 40 + ".tif")).write_bytes(b"not a tiff")  # an error row: never trained on
+    labels = tmp_path / "labels.csv"
+    ids = sorted(p.stem for p in folder.glob("*.tif"))
+    labels.write_text("id,label\n" + "".join(f"{i},{n % 2}\n" for n, i in enumerate(ids)))
+    src = open_source(str(folder), str(labels), require_label=True)
+    cfg = _cfg(folder, tmp_path / "o", chunk_size=16)
+
+    def rows(ds) -> list[tuple[int, str]]:
+        return sorted((int(b["label"]), hashlib.sha256(b["pixels"].tobytes()).hexdigest()) for b in ds.iter_rows())
+
+    kept, streamed = (build_datasets(cfg, src, src, cache=c) for c in (True, False))
+    assert isinstance(kept["train"], MaterializedDataset) and not isinstance(streamed["train"], MaterializedDataset)
+    assert len(rows(kept["train"])) == 40
+    assert rows(kept["train"]) == rows(streamed["train"]) == rows(kept["val"])
 
 
 def test_resuming_a_run_of_another_model_is_refused_before_ray_starts(tmp_path, synth_600):
