@@ -106,13 +106,20 @@ def caches_decoded(cfg: TrainConfig, patches: int, object_store_bytes: float) ->
 def build_datasets(cfg: TrainConfig, train_src: PatchSource, val_src: PatchSource, *,
                    cache: bool = False) -> dict:
     """The train/val Ray Datasets, keyed by :data:`TRAIN` / :data:`VAL`; decoded now with ``cache``."""
+    from ray.data import RandomSeedConfig
+
     from hcdlib.pipeline import decoded_dataset, labelled_ok
 
     datasets = {}
     for key, s in ((TRAIN, train_src), (VAL, val_src)):
         chunks = _shuffled_chunks(s, cfg.chunk_size, cfg.seed) if key == TRAIN else s.chunks(cfg.chunk_size)
         ds = decoded_dataset(chunks).map_batches(labelled_ok)
-        datasets[key] = ds.materialize() if cache else ds
+        if cache:
+            ds = ds.materialize()
+        if cache and key == TRAIN:  # kept blocks would come back in one order every epoch: a new order
+            # each epoch, reproducible from --seed (a reorder of references, no data moves)
+            ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+        datasets[key] = ds
     return datasets
 
 
