@@ -129,7 +129,10 @@ def throughput(cfg: BenchTrainConfig) -> dict:
         meta = train(TrainConfig(data=str(subset), val_data=cfg.valid, out=run, epochs=THROUGHPUT_EPOCHS, workers=1,
                                  cache=cache))
         ray_ips[cache] = [h["images_per_s"] for h in meta["history"]]
-        cache_s = cache_s or meta["data_cache_s"]
+        if cache == "auto":
+            cache_s = meta["data_cache_s"]
+            if not cache_s:  # the row below says the data was kept: it must have been
+                raise RuntimeError("--cache auto did not keep these patches (object store too small?)")
         if len(ray_ips[cache]) != THROUGHPUT_EPOCHS or not all(ray_ips[cache]) or not all(plain):
             raise RuntimeError(f"a loop trained on no images (plain {plain} images/s, Ray Train {ray_ips}): "
                                "the ratio would be meaningless")

@@ -167,15 +167,16 @@ def train(cfg: TrainConfig) -> dict:
         check_resumable(cfg, run_dir)
         log.info("resuming the training run in %s from its latest checkpoint", run_dir)
     init_ray(cfg.address, dashboard=True)
+    resources = ray.cluster_resources()
     n_train, n_all = train_src.num_patches, train_src.num_patches + val_src.num_patches
-    cache = caches_decoded(cfg, n_all, ray.cluster_resources().get("object_store_memory", 0))
+    cache = caches_decoded(cfg, n_all, resources.get("object_store_memory", 0))
     t_cache = time.perf_counter()
     datasets = build_datasets(cfg, train_src, val_src, cache=cache)
     cache_s = time.perf_counter() - t_cache if cache else 0.0
     if cache:
-        log.info("decoded the %d patches into Ray's object store in %.0f s: epochs read them from memory "
+        log.info("decoded the %d listed patches into Ray's object store in %.0f s: epochs read them from memory "
                  "(--cache off reads and decodes every epoch)", n_all, cache_s)
-    scaling, threads = _scaling(cfg, ray.cluster_resources())
+    scaling, threads = _scaling(cfg, resources)
     log.debug("Ray Train: %s, %d torch threads per worker", scaling, threads)
     fs, path = urimod.resolve(cfg.out)
     fs.create_dir(path, recursive=True)
