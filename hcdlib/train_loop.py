@@ -2,8 +2,9 @@
 
 :class:`TrainLoop` owns what every epoch needs and nothing model-specific: epochs, the
 one-cycle schedule (sized by steps *or* by the time budget, whichever runs out first),
-validation gathered across workers, checkpoints through ``ray.train.report``, resume from
-``ray.train.get_checkpoint()``, early stopping and rank-0 logging.
+BatchNorm statistics re-estimated for the validated weights, validation gathered across
+workers, checkpoints through ``ray.train.report``, resume from ``ray.train.get_checkpoint()``,
+early stopping and rank-0 logging.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 # BatchNorm statistics are re-estimated for the validated weights from this many of the
-# epoch's last training images (per worker): a forward pass over them costs ~2% of an epoch
-# of the 20,000 shared patches.
+# epoch's last training images (per worker): a forward pass over them took 0.9-1.1 s on 2 cores,
+# about 1% of an epoch of the 20,000 shared patches.
 BN_IMAGES = 512
 END_RESERVE_S = 15.0  # of a time budget: the last checkpoint, the export and shutting down
 TRAIN, VAL = "train", "val"  # dataset keys
