@@ -43,13 +43,20 @@ def one_cycle(progress: float, *, pct_start: float = 0.25, div: float = 25.0, fi
     return hi + (lo - hi) * (1 + math.cos(math.pi * t)) / 2
 
 
+def workers() -> int:
+    """How many workers share this training run (1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather(values: np.ndarray) -> np.ndarray:
     """Concatenate a per-worker array across all workers (every worker gets the whole)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if workers() == 1:
         return values
-    parts: list = [None] * dist.get_world_size()
+    parts: list = [None] * workers()
     dist.all_gather_object(parts, values)
     return np.concatenate(parts)
 
@@ -63,7 +70,7 @@ def agreed_max(value: float, device: torch.device) -> float:
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if workers() == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -139,9 +146,9 @@ def average_across_workers(t: torch.Tensor) -> None:
     """Replace ``t`` in place by its mean over all workers (a no-op on one)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if workers() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(dist.get_world_size())
+        t.div_(workers())
 
 
 class WeightAverage:
