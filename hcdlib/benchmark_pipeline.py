@@ -166,7 +166,7 @@ def s3_rows(model_dir: str, local: dict[str, str], w: str, endpoint: str) -> dic
     (counted by the server) are reported against the slide's size.
     """
     from hcdlib.benchmark_score import _upload
-    from hcdlib.s3local import recorded
+    from hcdlib.s3local import recorded, whole_object_reads
 
     uris = {}
     for name, folder in local.items():  # the server is the benchmark's own, empty at its start
@@ -174,6 +174,10 @@ def s3_rows(model_dir: str, local: dict[str, str], w: str, endpoint: str) -> dic
         uris[name] = _upload(folder, f"s3://hcd-bench/{name}")
         log.info("uploaded %s to %s in %.0f s", folder, uris[name], time.perf_counter() - t0)
     r = {"g-S3": _steady(model_dir, uris["shards"], uris["shards-5n"], os.path.join(w, "out-g-s3"))}
+    # The same reads from a server that reads each whole object per ranged GET, as stock moto does:
+    # what the row above measured before the server read ranges only (hcdlib.s3local.serve).
+    with whole_object_reads(int(endpoint.rsplit(":", 1)[1])):
+        r["g-S3-whole"] = _steady(model_dir, uris["shards"], uris["shards-5n"], os.path.join(w, "out-g-s3-whole"))
     with recorded(endpoint) as sent:
         r["g-slides-S3"] = _steady(model_dir, uris["slides"], uris["slides-5n"], os.path.join(w, "out-g-slides-s3"),
                                    slides=True)
@@ -196,6 +200,7 @@ def format_pipeline(r: dict, cfg: BenchScoreConfig) -> str:
              "| row | N, 5N | T(N), T(5N) s | steady rows/s | per core | start-up in process | peak PSS N, 5N "
              "| peak RSS N, 5N |", "|---|---|---|---:|---:|---:|---|---|"]
     names = {"g": "(g) Parquet shards, local disk", "g-S3": "(g-S3) the same shards on the local S3 server",
+             "g-S3-whole": "(g-S3) the same, the server reading the whole shard for each ranged GET (stock moto)",
              "g-tif": "(g-tif) folder of .tif files",
              "g-slides": "(g-slides) tiles of pyramidal TIFF slides (tiles/s)",
              "g-slides-S3": "(g-slides-S3) the same slides on the local S3 server (tiles/s)"}
