@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 # Dummy credentials: moto accepts any, and a real key must never be needed (or logged) here.
-_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
 
 def free_port() -> int:
@@ -140,7 +140,7 @@ def _read_ranges_only(whole_object_flag: str) -> None:
 @contextlib.contextmanager
 def aws_env(endpoint: str) -> Iterator[None]:
     """Point the standard AWS environment at ``endpoint`` for the block, then restore it exactly."""
-    env = {"AWS_ENDPOINT_URL": endpoint, **_AWS}
+    env = {"AWS_ENDPOINT_URL": endpoint, **DUMMY_AWS}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # Ray workers started inside the block inherit it too
     try:

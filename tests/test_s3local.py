@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from hcdlib.s3local import _read_ranges_only, moto_server, whole_object_reads
+from hcdlib.s3local import DUMMY_AWS, _read_ranges_only, aws_env, moto_server, whole_object_reads
 
 # Over moto's 5 MiB in-memory buffer, so the object lives in a temporary file, as a shard does.
 SIZE = 6 * 2**20 + 123
@@ -27,9 +27,8 @@ def test_ranged_gets_send_the_same_bytes_whether_the_server_reads_the_range_or_t
     from botocore.exceptions import ClientError
 
     data = os.urandom(SIZE)
-    with moto_server() as port:
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    with moto_server() as port, aws_env(f"http://127.0.0.1:{port}"):
+        s3 = boto3.client("s3")
         s3.create_bucket(Bucket="hcd-ranges")
         s3.put_object(Bucket="hcd-ranges", Key="k", Body=data)
         for mode in (contextlib.nullcontext(), whole_object_reads(port)):
@@ -57,12 +56,12 @@ def test_a_ranged_get_reads_only_its_range_unless_whole_object_reads_are_asked(m
     monkeypatch.setattr(S3Response, "get_object", S3Response.get_object)
     flag = tmp_path / "whole-object-reads"
     _read_ranges_only(str(flag))
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # in-process mock, not a server
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+    for k, v in DUMMY_AWS.items():  # moto's dummy credentials
         monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # in-process mock, not a server
     data = os.urandom(SIZE)
     with mock_aws():
-        s3 = boto3.client("s3", region_name="us-east-1")
+        s3 = boto3.client("s3")
         s3.create_bucket(Bucket="hcd-ranges")
         s3.put_object(Bucket="hcd-ranges", Key="k", Body=data)
         whole.clear()
