@@ -51,8 +51,6 @@ def moto_server(timeout_s: float = 30.0) -> Iterator[int]:
         proc.terminate()
         proc.wait(10)
         os.unlink(recording)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_whole_object_flag(port))
 
 
 def serve(port: int) -> None:
@@ -81,8 +79,8 @@ def _whole_object_flag(port: int) -> str:
 def whole_object_reads(port: int) -> Iterator[None]:
     """For the block, the :func:`moto_server` at ``port`` serves ranged GETs as stock moto does."""
     flag = _whole_object_flag(port)
-    with open(flag, "w"):
-        pass
+    # Created, never opened if it exists: a name in a shared temporary folder may be anyone's link.
+    os.close(os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         yield
     finally:
