@@ -152,29 +152,53 @@ def average_across_workers(t: torch.Tensor) -> None:
 
 
 class WeightAverage:
-    """An exponential moving average of a model's weights.
+    """An average of a model's weights: exponential, then uniform over the run's last stretch.
 
     Validated and exported instead of the raw weights: it costs no extra epochs and evens out
-    the noise of the last steps. The decay ramps up over the first steps (``(1 + t) / (10 + t)``)
-    so the average does not remember the random initialisation. Its BatchNorm statistics follow
-    the live model's between validations and are re-estimated before each
-    (:func:`recalibrate_batchnorm`).
+    the noise of the last steps. The exponential decay ramps up over the first steps
+    (``(1 + t) / (10 + t)``) so the average does not remember the random initialisation. From
+    ``--swa-from`` of the run on, every step weighs the same (stochastic weight averaging,
+    Izmailov et al. 2018): as the learning rate falls, the weights circle a minimum, and their
+    plain mean lies nearer its centre than any one of them (+0.003 AUC at 30 minutes, README).
+    Its BatchNorm statistics follow the live model's between validations and are re-estimated
+    before each (:func:`recalibrate_batchnorm`).
     """
 
     def __init__(self, model: nn.Module, decay: float):
         self.model = copy.deepcopy(model).eval()
         self.decay = decay
+        self.uniform_steps = 0  # steps in the current uniform average; 0 while exponential
 
     @torch.no_grad()
-    def update(self, live: nn.Module, step: int) -> None:
-        """Move the average towards ``live`` after optimiser step ``step``; integer buffers are copied."""
-        decay = min(self.decay, (1 + step) / (10 + step))
+    def update(self, live: nn.Module, step: int, *, uniform: bool = False) -> None:
+        """Move the average towards ``live`` after optimiser step ``step``; integer buffers are copied.
+
+        ``uniform``: the n-th uniform update weighs ``live`` 1/n, so the average is the plain
+        mean of the weights since the first one (which it copies). An exponential update ends
+        the uniform stretch, so a resumed run given a larger budget starts a new one later.
+        """
+        if uniform:
+            self.uniform_steps += 1
+            weight = 1.0 / self.uniform_steps
+        else:
+            self.uniform_steps = 0
+            weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
         ema, now = self.model.state_dict(), live.state_dict()
         floats = [k for k, v in ema.items() if v.is_floating_point()]
-        torch._foreach_lerp_([ema[k] for k in floats], [now[k] for k in floats], 1 - decay)
+        torch._foreach_lerp_([ema[k] for k in floats], [now[k] for k in floats], weight)
         for k, v in ema.items():
             if not v.is_floating_point():
                 v.copy_(now[k])
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so a resumed run averages on exactly as before."""
+        return {"weights": self.model.state_dict(), "uniform_steps": self.uniform_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (or the bare weights older checkpoints kept)."""
+        weights = state["weights"] if "uniform_steps" in state else state
+        self.model.load_state_dict(weights)
+        self.uniform_steps = int(state.get("uniform_steps", 0))
 
 
 class TrainLoop:
@@ -205,7 +229,8 @@ class TrainLoop:
         model, self.pre = build_model(self.cfg.arch, weights=self.cfg.weights, crop=self.cfg.crop)
         model = model.to(self.device, memory_format=torch.channels_last)
         # The averaged weights are what is validated and exported (see WeightAverage).
-        self.ema = WeightAverage(model, self.cfg.ema) if self.cfg.ema else None
+        averaged = self.cfg.ema or self.cfg.swa_from < 1
+        self.ema = WeightAverage(model, self.cfg.ema) if averaged else None
         self.model = ray.train.torch.prepare_model(model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.loss_fn = nn.BCEWithLogitsLoss()
@@ -240,7 +265,7 @@ class TrainLoop:
         self._unwrapped().load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema.model.load_state_dict(state.get("ema") or state["model"])
+            self.ema.load_state_dict(state.get("ema") or state["model"])
         self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
         self.best, self.best_state = state["best"], state["best_model"]
         self.history = state["history"]
@@ -250,7 +275,7 @@ class TrainLoop:
 
     def _checkpoint_state(self) -> dict:
         return {"model": self._unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
-                "ema": self.ema.model.state_dict() if self.ema is not None else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "best": self.best,
                 "best_model": self.best_state, "history": self.history}
 
@@ -300,13 +325,14 @@ class TrainLoop:
             loss.backward()
             self.opt.step()
             if self.ema is not None:
-                self.ema.update(self._unwrapped(), self.step)
+                self.ema.update(self._unwrapped(), self.step, uniform=self._progress() >= self.cfg.swa_from)
             self.step += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
         self.elapsed = start_elapsed + time.perf_counter() - t0
         wall = time.perf_counter() - t0
         return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen * self.world / max(wall, 1e-9),
+                "uniform_steps": self.ema.uniform_steps if self.ema is not None else 0,
                 "epoch_seconds": wall, "arithmetic": "bf16 autocast" if self.bf16 else "fp32"}
 
     def recalibrate(self) -> int:

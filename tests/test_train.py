@@ -76,6 +76,8 @@ def test_two_workers_learn_and_export_round_trips(ray_session, synth_600, tmp_pa
     # seeds); without it, 5 of those 10 runs scored 0.52-0.68 in eval mode.
     assert meta["metrics"]["val_auc"] > 0.9
     assert epochs[0]["bn_images"] > 0
+    # --swa-from 0.6: the exponential average for the first epoch, the plain mean in the second
+    assert epochs[0]["uniform_steps"] == 0 < epochs[1]["uniform_steps"]
     assert epochs[0]["val_n"] == meta["metrics"]["val_n"] > 0  # gathered from both workers
     # export/load round trip: the artifact reproduces the best epoch's weights exactly
     model, loaded = load_model(str(out / "model"))
@@ -240,6 +242,43 @@ def test_weight_average_follows_the_weights_at_its_decay():
     avg.update(live, step=0)  # first step: decay 1/10, the average is mostly the live weights
     torch.testing.assert_close(avg.model.state_dict()["0.weight"], start["0.weight"] + 0.1 + 0.9 * 0.9)
     assert avg.model is not live and not avg.model.training
+
+
+def test_uniform_average_is_the_plain_mean_of_its_steps_and_survives_a_checkpoint():
+    """--swa-from: every step weighs the same, a checkpoint keeps the count, an exponential step ends it."""
+    from torch import nn
+
+    from hcdlib.train_loop import WeightAverage
+
+    torch.manual_seed(0)
+    live = nn.Linear(4, 3)
+    avg = WeightAverage(live, 0.997)
+    seen = []
+    for step in range(3):  # the first uniform update copies the live weights, whatever came before
+        with torch.no_grad():
+            live.weight.normal_()
+        seen.append(live.weight.detach().clone())
+        avg.update(live, step, uniform=True)
+    torch.testing.assert_close(avg.model.weight, torch.stack(seen).mean(0))
+    # a resumed run restores the average and its count, and goes on weighting each step 1/n
+    resumed = WeightAverage(nn.Linear(4, 3), 0.997)
+    resumed.load_state_dict(avg.state_dict())
+    assert resumed.uniform_steps == 3
+    with torch.no_grad():
+        live.weight.normal_()
+    seen.append(live.weight.detach().clone())
+    resumed.update(live, 3, uniform=True)
+    torch.testing.assert_close(resumed.model.weight, torch.stack(seen).mean(0))
+    # older checkpoints kept the bare weights: they load as an exponential average
+    old = WeightAverage(nn.Linear(4, 3), 0.997)
+    old.load_state_dict(avg.model.state_dict())
+    assert old.uniform_steps == 0
+    torch.testing.assert_close(old.model.weight, avg.model.weight)
+    # an exponential step (a larger budget moved the run back before --swa-from) ends the stretch
+    before = resumed.model.weight.clone()
+    resumed.update(live, 10_000, uniform=False)
+    assert resumed.uniform_steps == 0
+    torch.testing.assert_close(resumed.model.weight, 0.997 * before + 0.003 * live.weight.detach())
 
 
 def test_batchnorm_statistics_are_re_estimated_for_the_final_weights():
