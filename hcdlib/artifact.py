@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from hcdlib import uri as urimod
@@ -23,6 +24,13 @@ if TYPE_CHECKING:  # torch is imported where a model is built: check_artifact ne
 log = logging.getLogger(__name__)
 
 WEIGHTS, META = "model.safetensors", "model.json"
+# The shape of every hcdnet artifact exported before shapes were recorded (no ``arch_args``).
+HCDNET_SHAPE_UNRECORDED = {"stem": 16, "widths": (32, 64, 128, 256)}
+# Keys of the safetensors header's metadata in which an export records the model it holds.
+DECLARED_ARCH, DECLARED_ARCH_ARGS = "hcd_arch", "hcd_arch_args"
+# Bytes per element of each safetensors dtype (the format's own list).
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
 
 class ArtifactError(UserError, ValueError):
@@ -35,11 +43,14 @@ def export_model(model: nn.Module, out: str, *, arch: str, preprocess: Preproces
     from safetensors.torch import save as save_safetensors
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    blob = save_safetensors(state)
+    arch_args = getattr(model, "arch_args", None)
+    # The weights say which model they are, inside the hashed file, so that check_artifact can
+    # refuse a model.json whose arch or shape was edited without importing torch.
+    blob = save_safetensors(state, metadata={DECLARED_ARCH: arch, DECLARED_ARCH_ARGS: json.dumps(arch_args)})
     meta = {
         "format": "hcd-model/1",
         "arch": arch,
-        **({"arch_args": model.arch_args} if getattr(model, "arch_args", None) else {}),  # hcdnet's shape
+        **({"arch_args": arch_args} if arch_args else {}),  # hcdnet's shape
         "preprocess": preprocess.to_dict(),
         "threshold": threshold,
         "metrics": metrics or {},
@@ -96,18 +107,20 @@ def _valid_arch_args(arch: str, args: object) -> bool:
 
 def arch_args_of(meta: dict) -> dict | None:
     """The shape to build an artifact's model with: as recorded, else the one of unrecorded exports."""
-    from hcdlib.models import HCDNET_SHAPE_UNRECORDED
-
     if "arch_args" in meta:
         return meta["arch_args"]
-    return dict(HCDNET_SHAPE_UNRECORDED) if meta["arch"] == "hcdnet" else None
+    if meta["arch"] != "hcdnet":
+        return None
+    return {"stem": HCDNET_SHAPE_UNRECORDED["stem"], "widths": list(HCDNET_SHAPE_UNRECORDED["widths"])}
 
 
 def check_artifact(uri: str) -> tuple[dict, bytes]:
     """``(metadata, weights)`` of an artifact whose weights match its hash; :class:`ArtifactError` if not.
 
     Needs no torch (a fraction of a second), so ``hcd score`` runs it before anything else: a
-    missing, half-copied, tampered or mixed artifact is refused before Ray starts.
+    missing, half-copied, tampered or mixed artifact is refused before Ray starts. The weights
+    must be a well-formed safetensors file, and where they declare the model they hold (every
+    export since they do: :func:`declares_arch`), it must be the one ``model.json`` names.
     """
     meta = read_meta(uri)
     target = urimod.join(uri, WEIGHTS)
@@ -119,7 +132,69 @@ def check_artifact(uri: str) -> tuple[dict, bytes]:
     if digest != meta.get("sha256"):
         raise ArtifactError(f"{target}: weights hash {digest[:12]} does not match {META} "
                             f"({str(meta.get('sha256'))[:12]}); the artifact is corrupt or mixed")
+    try:
+        declared = safetensors_header(blob).get("__metadata__") or {}
+    except ValueError as exc:
+        raise ArtifactError(f"{target}: not {meta['arch']} weights in safetensors format ({exc})") from None
+    if DECLARED_ARCH in declared:
+        try:
+            held = (declared[DECLARED_ARCH], json.loads(declared.get(DECLARED_ARCH_ARGS, "null")))
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{target}: the model its header declares is not JSON; re-export the model") from None
+        named = (meta["arch"], arch_args_of(meta))
+        if held != named:
+            raise ArtifactError(f"{target}: these are {_model_name(*held)} weights, but {META} says "
+                                f"{_model_name(*named)}; the artifact was edited or mixed: re-export or re-copy it")
     return meta, blob
+
+
+def _model_name(arch: str, arch_args: dict | None) -> str:
+    return f"{arch} of shape {arch_args}" if arch_args else arch
+
+
+def declares_arch(blob: bytes) -> bool:
+    """Whether safetensors weights (checked by :func:`check_artifact`) say which model they hold.
+
+    Exports before this did not; for those only building the model (torch) shows the weights fit.
+    """
+    return DECLARED_ARCH in (safetensors_header(blob).get("__metadata__") or {})
+
+
+def safetensors_header(blob: bytes) -> dict:
+    """The JSON header of a safetensors file, checked as the format requires; ValueError if malformed.
+
+    Every tensor's bytes must match its dtype and shape, and the tensors must tile the data
+    region exactly, so a truncated or padded file is caught here, without torch.
+    """
+    if len(blob) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(blob[:8], "little")
+    if n > len(blob) - 8:
+        raise ValueError(f"header of {n} bytes in a file of {len(blob)}")
+    try:
+        header = json.loads(blob[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    spans = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            if not isinstance(t, dict) or not all(isinstance(v, str) for v in t.values()):
+                raise ValueError("__metadata__ is not a map of strings")
+            continue
+        if not _tensor_entry_ok(t):
+            raise ValueError(f"tensor {name[:60]!r}: malformed entry {str(t)[:120]}")
+        spans.append(tuple(t["data_offsets"]))
+    spans.sort()
+    edge = 0
+    for begin, end in spans:
+        if begin != edge:
+            raise ValueError("tensor data overlaps or leaves gaps")
+        edge = end
+    if edge != len(blob) - 8 - n:
+        raise ValueError(f"tensor data ends at byte {edge} of a {len(blob) - 8 - n}-byte data region")
+    return header
 
 
 def load_model(uri: str, *, device: str | torch.device = "cpu",
@@ -143,6 +218,18 @@ def load_model(uri: str, *, device: str | torch.device = "cpu",
         raise ArtifactError(f"{target}: not {meta['arch']} weights in safetensors format "
                             f"({str(exc).splitlines()[0][:200]})") from exc
     return model.to(device).eval(), meta
+
+
+def _tensor_entry_ok(t: object) -> bool:
+    """A safetensors header entry with a known dtype, a shape and offsets spanning exactly its bytes."""
+    if not isinstance(t, dict) or t.get("dtype") not in _DTYPE_BYTES:
+        return False
+    shape, offsets = t.get("shape"), t.get("data_offsets")
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape + offsets):
+        return False
+    return offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BYTES[t["dtype"]]
 
 
 def model_id(meta: dict) -> str:

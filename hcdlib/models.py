@@ -25,8 +25,6 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 # trained even after this default changes. Five stages: the fifth runs at 3x3 px and costs 7%
 # of the training steps/s on 2 cores for +0.003 validation AUC in 30 minutes (README).
 HCDNET_SHAPE = {"stem": 16, "widths": (32, 64, 128, 256, 512)}
-# The shape of every hcdnet artifact exported before shapes were recorded (no ``arch_args``).
-HCDNET_SHAPE_UNRECORDED = {"stem": 16, "widths": (32, 64, 128, 256)}
 
 
 class HcdNet(nn.Module):

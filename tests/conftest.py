@@ -156,9 +156,9 @@ def model_dir(synth_small, tmp_path_factory) -> Path:
     import pyarrow.csv as pacsv
     import torch
 
-    from hcdlib.artifact import export_model
+    from hcdlib.artifact import HCDNET_SHAPE_UNRECORDED, export_model
     from hcdlib.decode import decode_patch
-    from hcdlib.models import HCDNET_SHAPE_UNRECORDED, build_model
+    from hcdlib.models import build_model
     from hcdlib.transforms import to_input, train_preset
 
     torch.manual_seed(0)

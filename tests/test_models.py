@@ -92,8 +92,9 @@ def test_an_hcdnet_artifact_loads_in_the_shape_it_was_trained_with(tmp_path):
     """The artifact records hcdnet's shape; artifacts from before (no record) are the 4-stage net."""
     import numpy as np
 
+    from hcdlib.artifact import HCDNET_SHAPE_UNRECORDED
     from hcdlib.infer import infer_batch
-    from hcdlib.models import HCDNET_SHAPE, HCDNET_SHAPE_UNRECORDED, HcdNet
+    from hcdlib.models import HCDNET_SHAPE, HcdNet
 
     pixels = np.random.default_rng(1).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
     cpu = torch.device("cpu")

@@ -4,6 +4,7 @@ Each test names the misuse it stands for; every one of them failed on the code b
 refusals were added (labels, pixel formats, overwrite, manifests, artifacts, flags, listing).
 """
 
+import hashlib
 import io
 import json
 import os
@@ -23,7 +24,7 @@ from PIL import Image
 from hcdlib import chunks, cli
 from hcdlib import predictions as preds
 from hcdlib import uri as urimod
-from hcdlib.artifact import ArtifactError, export_model, load_model
+from hcdlib.artifact import ArtifactError, check_artifact, declares_arch, export_model, load_model
 from hcdlib.decode import decode_patch
 from hcdlib.errors import UserError
 from hcdlib.evaluate import load_labels
@@ -366,16 +367,76 @@ def test_bad_model_artifact_is_one_line_before_ray(damage, synth_small, tmp_path
     assert not (tmp_path / "o").exists()
 
 
-def test_truncated_safetensors_with_matching_hash_is_refused(tmp_path):
-    m = _artifact(tmp_path)
-    blob = (m / "model.safetensors").read_bytes()[:1000]
+def _rehash(m: Path, blob: bytes, **meta_changes) -> None:
+    """Write ``blob`` as the weights and a model.json whose hash matches it (a consistent-looking artifact)."""
     meta = json.loads((m / "model.json").read_text())
-    import hashlib
-
     (m / "model.safetensors").write_bytes(blob)
-    (m / "model.json").write_text(json.dumps(dict(meta, sha256=hashlib.sha256(blob).hexdigest())))
-    with pytest.raises(ArtifactError, match=r"model\.safetensors: not hcdnet weights in safetensors format"):
-        load_model(str(m))
+    (m / "model.json").write_text(json.dumps(dict(meta, sha256=hashlib.sha256(blob).hexdigest(), **meta_changes)))
+
+
+def test_truncated_safetensors_with_matching_hash_is_refused_without_torch(tmp_path):
+    m = _artifact(tmp_path)
+    blob = (m / "model.safetensors").read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    for bad, why in [(blob[:1000], "header of"), (blob[:-4], "ends at byte"), (blob + b"\0" * 4, "ends at byte"),
+                     (blob[:8] + b"[1]" + blob[11:], "not JSON")]:
+        _rehash(m, bad)
+        with pytest.raises(ArtifactError, match=r"model\.safetensors: not hcdnet weights in safetensors format \(.*"
+                                                + why):
+            check_artifact(str(m))
+        with pytest.raises(ArtifactError, match="not hcdnet weights in safetensors format"):
+            load_model(str(m))
+    header = json.loads(blob[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [*header[name]["shape"], 2]  # claims twice the bytes it has
+    text = json.dumps(header).encode()
+    _rehash(m, len(text).to_bytes(8, "little") + text + blob[8 + n:])
+    with pytest.raises(ArtifactError, match="malformed entry"):
+        check_artifact(str(m))
+
+
+def test_weights_declare_their_model_so_an_edited_model_json_is_refused_without_torch(
+        synth_small, tmp_path, capsys, no_ray, monkeypatch):
+    """The driver builds no model for weights that say which model they are (``hcd score``).
+
+    model.json is not covered by the weights' hash: changing its arch or shape must not let
+    the weights be loaded into another model. Weights exported before they declared their
+    model are still built on the driver (torch) to show they fit, before Ray starts.
+    """
+    import hcdlib.artifact
+
+    m = _artifact(tmp_path)
+    meta = json.loads((m / "model.json").read_text())
+    assert declares_arch((m / "model.safetensors").read_bytes())
+
+    def built(*_a, **_k):
+        raise AssertionError("the driver built the model")
+
+    monkeypatch.setattr(hcdlib.artifact, "load_model", built)
+    # A problem found after the artifact check shows the check passed without building the model.
+    _one_line_exit_2(capsys, ["score", "--model", str(m), "--input", str(synth_small),
+                              "--out", str(synth_small / "o")], expect="is inside --input")
+    wider = dict(meta["arch_args"], widths=[*meta["arch_args"]["widths"][:-1], 1024])
+    for edit, expect in [({"arch_args": wider}, "but model.json says hcdnet of shape"),
+                         ({"arch": "resnet18", "arch_args": None}, "but model.json says resnet18")]:
+        (m / "model.json").write_text(json.dumps({k: v for k, v in dict(meta, **edit).items() if v is not None}))
+        with pytest.raises(ArtifactError, match=expect):
+            check_artifact(str(m))
+        _one_line_exit_2(capsys, ["score", "--model", str(m), "--input", str(synth_small),
+                                  "--out", str(tmp_path / "o")], expect=expect)
+    monkeypatch.undo()
+    # Weights without the declaration (an older export): built on the driver, so a misfit is
+    # refused before Ray too.
+    from safetensors.torch import save
+
+    old, _ = build_model("hcdnet", arch_args={"stem": 8, "widths": [16]})
+    blob = save({k: v.contiguous() for k, v in old.state_dict().items()})
+    assert not declares_arch(blob)
+    _rehash(m, blob, arch="hcdnet", arch_args=meta["arch_args"])
+    check_artifact(str(m))  # well-formed, hash matches: only building the model finds the misfit
+    _one_line_exit_2(capsys, ["score", "--model", str(m), "--input", str(synth_small),
+                              "--out", str(tmp_path / "o")], expect="not hcdnet weights in safetensors format")
+    assert not (tmp_path / "o").exists()
 
 
 def test_pickle_as_weights_is_one_line_before_ray(ten_patches, tmp_path, capsys, no_ray):

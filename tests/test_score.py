@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO, ray_worker_pids, upload_dir
 
+from hcdlib import predictions as preds
 from hcdlib import read_predictions
 from hcdlib.artifact import export_model, load_model
 from hcdlib.decode import decode_patch
@@ -223,11 +224,18 @@ def test_actor_plan_leaves_cpu_for_reads():
         plan_actors({"CPU": 2}, actors=2, cpus_per_actor=1)
 
 
-def test_manifest_is_json_with_the_effective_config(ray_session, model_dir, synth_small, tmp_path):
-    score(_cfg(model_dir, synth_small, tmp_path / "out", tta=4))
+def test_manifest_is_json_with_the_effective_config(ray_session, model_dir, synth_small, tmp_path, monkeypatch):
+    # Each model call is one block of one model batch, so a chunk is shared by all actors: the
+    # driver sees the actors' output blocks, one per call.
+    seen = []
+    add = preds.ChunkAssembler.add
+    monkeypatch.setattr(preds.ChunkAssembler, "add",
+                        lambda self, batch: seen.append(batch.num_rows) or add(self, batch))
+    score(_cfg(model_dir, synth_small, tmp_path / "out", tta=4, batch_size=16))
     m = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert m["config"]["tta"] == 4 and m["run"]["tta"] == 4
     assert sum(f["rows"] for f in m["files"]) == m["rows"] == 300
+    assert sorted(seen) == [12] + [16] * 18  # 4 chunks of 64 rows and one of 44, in blocks of 16
 
 
 def test_packed_pixels_score_exactly_as_the_files(ray_session, model_dir, corrupt_set, tmp_path):

@@ -162,7 +162,7 @@ def test_kept_data_is_the_streamed_data_read_once_in_a_new_order_each_epoch(ray_
 
 def test_resuming_a_run_of_another_model_is_refused_before_ray_starts(tmp_path, synth_600):
     """A checkpoint of the four-stage hcdnet (an older hcd) or of another --arch cannot be resumed."""
-    from hcdlib.models import HCDNET_SHAPE_UNRECORDED
+    from hcdlib.artifact import HCDNET_SHAPE_UNRECORDED
     from hcdlib.train import check_resumable
 
     out = tmp_path / "run"
