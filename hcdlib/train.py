@@ -29,7 +29,7 @@ from hcdlib import uri as urimod
 from hcdlib.chunks import Chunk
 from hcdlib.config import TrainConfig
 from hcdlib.errors import UserError
-from hcdlib.sources import FileSource, PatchSource, check_labelled, open_source
+from hcdlib.sources import FileSource, PatchSource, SourceError, check_labelled, open_source
 from hcdlib.train_loop import TRAIN, VAL
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,39 @@ def open_sources(cfg: TrainConfig) -> tuple[PatchSource, PatchSource]:
         train_src, val_src = src, open_source(cfg.val_data, cfg.val_labels, require_label=True)
     else:
         train_src, val_src = split_by_group(src, cfg.val_fraction)
-    check_labelled(train_src, "training")
-    check_labelled(val_src, "validation")
+    check_split((train_src, check_labelled(train_src, "training")),
+                (val_src, check_labelled(val_src, "validation")), held_out=not cfg.val_data)
     log.info("train: %d patches, validation: %d patches", train_src.num_patches, val_src.num_patches)
     return train_src, val_src
+
+
+def check_split(train: tuple[PatchSource, pa.Table], val: tuple[PatchSource, pa.Table], *, held_out: bool) -> None:
+    """Refuse a split that holds one class only, or that validates on training patches.
+
+    ``train`` and ``val``: each source with its ``id, label`` table (:func:`check_labelled`).
+    Either misuse would run the whole budget for nothing the user can trust: an AUC over one
+    class is undefined (the run used to end in a traceback after training), and an AUC over
+    patches the model learnt is optimistic without a word, and it picks the exported epoch.
+    ``held_out``: the validation patches are slide groups held out of ``--data``.
+    """
+    for (src, t), what in ((train, "training"), (val, "validation")):
+        if not t.num_rows:
+            raise SourceError(f"{src.uri}: no {what} patches")
+        tumour = pc.sum(t["label"]).as_py()
+        if tumour in (0, t.num_rows):
+            fix = ("hold out more slide groups (--val-fraction) or give --val-data" if what == "validation" and held_out
+                   else f"give {what} patches of both classes")
+            raise SourceError(f"{src.uri}: all {t.num_rows} {what} patches are labelled {1 if tumour else 0} "
+                              f"({'tumour' if tumour else 'normal'}); training and its validation AUC need both "
+                              f"normal (0) and tumour (1) patches: {fix}")
+    (train_src, train_t), (val_src, val_t) = train, val
+    shared = pc.is_in(val_t["id"], value_set=train_t["id"])
+    if n := pc.sum(shared).as_py():
+        example = val_t["id"][pc.index(shared, True).as_py()].as_py()
+        raise SourceError(f"{val_src.uri}: {n} of its {val_t.num_rows} validation patches have ids that are also "
+                          f"training patches in {train_src.uri} (e.g. {example}), so the validation AUC would count "
+                          "patches the model learnt; validate on patches kept out of --data, or leave out --val-data "
+                          "to hold out slide groups of --data")
 
 
 # Of Ray's object store, what decoded training + validation patches may fill under --cache auto.

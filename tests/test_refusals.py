@@ -157,6 +157,40 @@ def test_train_refuses_a_folder_none_of_whose_patches_can_be_read(ten_patches, t
     assert not (tmp_path / "r").exists()  # nothing written
 
 
+def _class_folders(src: Path, root: Path, labelled: dict[str, int]) -> str:
+    for i, label in labelled.items():
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / f"{i}.tif", root / str(label) / f"{i}.tif")
+    return str(root)
+
+
+def test_train_refuses_one_class_and_validation_on_training_patches(ten_patches, tmp_path, capsys, no_ray):
+    """Either would train the whole budget, then end in a traceback or export on an optimistic AUC."""
+    folder, ids = ten_patches
+    both = _class_folders(folder, tmp_path / "both", {i: n % 2 for n, i in enumerate(ids[:6])})
+    held = _class_folders(folder, tmp_path / "held", {i: n % 2 for n, i in enumerate(ids[6:])})
+    out = str(tmp_path / "run")
+    train_src, val_src = open_sources(TrainConfig(data=both, val_data=held, out=out))  # a proper split passes
+    assert (train_src.num_patches, val_src.num_patches) == (6, 4)
+
+    normal = _class_folders(folder, tmp_path / "normal", dict.fromkeys(ids[:6], 0))
+    with pytest.raises(SourceError, match=r"normal: all 6 training patches are labelled 0 \(normal\)"):
+        open_sources(TrainConfig(data=normal, val_data=held, out=out))
+    tumour = _class_folders(folder, tmp_path / "tumour", dict.fromkeys(ids[6:], 1))
+    with pytest.raises(SourceError, match=r"tumour: all 4 validation patches are labelled 1 \(tumour\).*give validation"):
+        open_sources(TrainConfig(data=both, val_data=tumour, out=out))
+    # one slide group held out of --data (each patch is its own group here): one class, whatever the draw
+    with pytest.raises(SourceError, match=r"all 1 validation patches are labelled .*--val-fraction"):
+        open_sources(TrainConfig(data=both, val_fraction=0.1, out=out))
+
+    overlap = _class_folders(folder, tmp_path / "overlap", {i: n % 2 for n, i in enumerate(ids[4:])})
+    with pytest.raises(SourceError, match=rf"overlap: 2 of its 6 validation patches .* \(e.g. {ids[4]}\)"):
+        open_sources(TrainConfig(data=both, val_data=overlap, out=out))
+    _one_line_exit_2(capsys, ["train", "--data", both, "--val-data", both, "--out", out],
+                     expect="6 of its 6 validation patches have ids that are also training patches")
+    assert not (tmp_path / "run").exists()
+
+
 # ---- pixel formats --------------------------------------------------------------------------
 
 def _tif(arr: np.ndarray) -> bytes:
