@@ -122,15 +122,23 @@ def run_pack(cfg: PackConfig) -> int:
 
 def run_score(cfg: ScoreConfig) -> int:
     """``hcd score``."""
+    from hcdlib import uri as urimod
     from hcdlib.score import score
 
     m = score(cfg)
     wall = m["wall_seconds"]
+    rate = m["rows"] / max(wall, 1e-9)
+    slides = ""
+    if "slides" in m:  # where a pathologist looks next: the heatmaps and the per-slide table
+        per = m["slides"]["per_slide"]
+        bad = sum(s["status"] != "ok" for s in per)
+        slides = (f"\n slides   {len(per) - bad} scored, {bad} failed: heatmaps, GeoJSON and summary.csv in "
+                  f"{urimod.join(cfg.out, 'slides')}")
     log.info(
         "\n== hcd score summary ==\n rows     %d\n ok       %d\n errors   %d\n dup ids  %d\n"
-        " wall     %.1fs\n rate     %.0f patches/s\n model    %s\n manifest %s",
-        m["rows"], m["ok"], m["errors"], m["duplicate_input_ids"], wall, m["rows"] / max(wall, 1e-9),
-        m["model"], m["manifest_uri"])
+        " wall     %.1fs\n rate     %s patches/s\n model    %s\n manifest %s%s",
+        m["rows"], m["ok"], m["errors"], m["duplicate_input_ids"], wall, f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}",
+        m["model"], m["manifest_uri"], slides)
     return 0
 
 

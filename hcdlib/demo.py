@@ -90,6 +90,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from hcdlib.slides import slide_key
     from hcdlib.train import TrainConfig, train
 
+    urimod.check_folder(cfg.out)
     paths = {k: urimod.join(cfg.out, k) for k in ("run", "predictions", "report", "slide", "slide_predictions")}
     init_ray(dashboard=True)  # the demo trains (Ray Train needs the dashboard), then scores
     log.info("[1/4] training hcdnet for up to %.1f minutes on %d real PCam patches", cfg.minutes, 900)

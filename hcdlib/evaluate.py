@@ -155,6 +155,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from hcdlib.predictions import read_predictions
     from hcdlib.report import write_figures, write_html
 
+    urimod.check_folder(cfg.out)
     preds = read_predictions(cfg.predictions).to_pandas()
     df, counts = join(preds, load_labels(cfg.labels), allow_missing=cfg.allow_missing)
     if df["label"].nunique() < 2:

@@ -67,6 +67,7 @@ def _write_shard(cfg: PackConfig, chunk: PatchChunk) -> dict:
 def pack(cfg: PackConfig) -> dict:
     """Pack ``cfg.input`` into Parquet shards under ``cfg.out``; return the manifest."""
     t0 = time.perf_counter()
+    urimod.check_folder(cfg.out)
     if urimod.within(cfg.out, cfg.input) or urimod.within(cfg.input, cfg.out):
         raise UserError(f"--out {cfg.out} and --input {cfg.input} overlap: shards would be read as input (or "
                         "input as shards) on the next run; choose an --out outside the input")

@@ -110,7 +110,8 @@ def _to_part(rows: pa.Table) -> pa.Table:
 
 
 def _check_locations(cfg: ScoreConfig) -> None:
-    """Refuse an --out that overlaps --input: outputs would be read as input, or input deleted."""
+    """Refuse an --out that overlaps --input (outputs would be read as input, or input deleted), or a file."""
+    urimod.check_folder(cfg.out)
     if urimod.within(cfg.out, cfg.input):
         raise UserError(f"--out {cfg.out} is inside --input {cfg.input}: its files would be read as input on the "
                         "next run; choose an --out outside the input")

@@ -191,6 +191,7 @@ def write_synth(cfg: SynthConfig, *, processes: int | None = None) -> str:
 
     Rendering is CPU-bound (~3 ms a patch), so large sets are split over processes.
     """
+    urimod.check_folder(cfg.out)
     fs, root = urimod.resolve(cfg.out)
     fs.create_dir(root, recursive=True)
     processes = processes or os.cpu_count() or 1

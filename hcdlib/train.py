@@ -187,6 +187,7 @@ def train(cfg: TrainConfig) -> dict:
     # Everything the user gave is checked before Ray starts: an error here cannot succeed on a
     # worker either, and Ray Train would retry it max_failures times.
     run_dir = urimod.join(cfg.out, RUN_NAME)
+    urimod.check_folder(cfg.out)
     if cfg.resume and not urimod.exists(run_dir):
         raise UserError(f"--resume: {cfg.out} has no training run to resume ({run_dir} missing)")
     if cfg.weights not in ("none", "imagenet"):

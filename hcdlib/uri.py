@@ -146,6 +146,25 @@ def within(child: str, parent: str) -> bool:
     return c == p or c.startswith(p.rstrip("/") + "/")
 
 
+def check_folder(uri: str, flag: str = "--out") -> None:
+    """Refuse an output folder that a local file stands in the way of: it, or a folder above it.
+
+    Found here, it is one line naming the file; found by the first write, it was a pyarrow
+    traceback. (S3 has no folders to be in the way.)
+    """
+    from hcdlib.errors import UserError
+
+    if is_s3(uri):
+        return
+    path = os.path.abspath(resolve(uri)[1])
+    while not os.path.exists(path):
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {uri}: {path} is a file, not a folder; choose another {flag}")
+
+
 def delete(uri: str) -> None:
     """Delete a file or a directory tree; missing is fine."""
     fs, path = resolve(uri)

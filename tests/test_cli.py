@@ -75,3 +75,23 @@ def test_help_shows_each_flags_default(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "patches per model call (default: 256)" in out
     assert "(default: 0.5)" in out and "--verbose" in out
+
+
+def test_score_summary_names_the_slide_outputs_and_a_slow_rate(monkeypatch, caplog):
+    """A slide run says where its heatmaps are; one patch in 8 s is 0.12 patches/s, not 0."""
+    import logging
+
+    import hcdlib.score
+    from hcdlib.cli import run_score
+
+    manifest = {"rows": 1, "ok": 1, "errors": 0, "duplicate_input_ids": 0, "wall_seconds": 8.0, "model": "m",
+                "manifest_uri": "o/_SUCCESS", "slides": {"per_slide": [{"status": "ok"}, {"status": "error"}]}}
+    monkeypatch.setattr(hcdlib.score, "score", lambda cfg: manifest)
+    caplog.set_level(logging.INFO)
+    assert run_score(ScoreConfig(model="m", input="i", out="o")) == 0
+    assert " rate     0.12 patches/s" in caplog.text
+    assert " slides   1 scored, 1 failed: heatmaps, GeoJSON and summary.csv in o/slides" in caplog.text
+    del manifest["slides"]
+    caplog.clear()
+    run_score(ScoreConfig(model="m", input="i", out="o"))
+    assert "rate" in caplog.text and "slides" not in caplog.text

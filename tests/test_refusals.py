@@ -177,7 +177,7 @@ def test_train_refuses_one_class_and_validation_on_training_patches(ten_patches,
     with pytest.raises(SourceError, match=r"normal: all 6 training patches are labelled 0 \(normal\)"):
         open_sources(TrainConfig(data=normal, val_data=held, out=out))
     tumour = _class_folders(folder, tmp_path / "tumour", dict.fromkeys(ids[6:], 1))
-    with pytest.raises(SourceError, match=r"tumour: all 4 validation patches are labelled 1 \(tumour\).*give validation"):
+    with pytest.raises(SourceError, match=r"all 4 validation patches are labelled 1 \(tumour\).*give validation"):
         open_sources(TrainConfig(data=both, val_data=tumour, out=out))
     # one slide group held out of --data (each patch is its own group here): one class, whatever the draw
     with pytest.raises(SourceError, match=r"all 1 validation patches are labelled .*--val-fraction"):
@@ -189,6 +189,20 @@ def test_train_refuses_one_class_and_validation_on_training_patches(ten_patches,
     _one_line_exit_2(capsys, ["train", "--data", both, "--val-data", both, "--out", out],
                      expect="6 of its 6 validation patches have ids that are also training patches")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["score", "--model", "{model}", "--input", "{input}"], ["pack", "--input", "{input}"],
+    ["train", "--data", "{input}"], ["evaluate", "--predictions", "{input}", "--labels", "{labels}"],
+    ["synth", "--n", "5"], ["demo"]])
+def test_an_out_that_a_file_stands_in_is_one_line(argv, model_dir, synth_small, tmp_path, capsys, no_ray):
+    """The first write used to fail in pyarrow with a traceback (FileExistsError); the file is left alone."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    args = [a.format(model=model_dir, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
+    for out in (blocker, blocker / "sub"):
+        _one_line_exit_2(capsys, [*args, "--out", str(out)], expect=f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "mine"
 
 
 # ---- pixel formats --------------------------------------------------------------------------
