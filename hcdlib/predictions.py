@@ -118,6 +118,26 @@ def _files(uri: str) -> list[pafs.FileInfo]:
             if i.type == pafs.FileType.File]
 
 
+def check_run_spec(out: str, spec: dict, *, fix: str, name: str = RUN_SPEC) -> bool:
+    """Whether ``out`` holds a run spec (``name``); refuse it when it differs from ``spec``.
+
+    A rerun continues only the run it is: another input, model or setting in the same folder
+    would mix two runs into one result that claims to be the second. ``fix``: what to do instead.
+    """
+    target = urimod.join(out, name)
+    if not urimod.exists(target):
+        return False
+    try:
+        old = json.loads(urimod.read_bytes(target))
+    except ValueError as exc:
+        raise CorruptOutputError(f"{target}: corrupt run spec ({exc}); {fix}") from exc
+    diff = [k for k in spec if old.get(k) != spec[k]]
+    if diff:
+        raise UserError(f"{out} holds a run with a different {', '.join(diff)} "
+                        f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); {fix}")
+    return True
+
+
 def claim_output(out: str, spec: dict, *, overwrite: bool) -> None:
     """Make ``out`` this run's: resume the same run, refuse another, or (``overwrite``) clear hcd's old one.
 
@@ -125,27 +145,16 @@ def claim_output(out: str, spec: dict, *, overwrite: bool) -> None:
     and slide files beside it. Without it, a ``parts/`` folder or manifest is somebody else's
     and is never touched.
     """
-    target = urimod.join(out, RUN_SPEC)
-    if urimod.exists(target) and not overwrite:
-        try:
-            old = json.loads(urimod.read_bytes(target))
-        except ValueError as exc:
-            raise CorruptOutputError(f"{target}: corrupt run spec ({exc}); pass --overwrite to start the run again"
-                                     ) from exc
-        diff = [k for k in spec if old.get(k) != spec[k]]
-        if diff:
-            raise UserError(f"{out} holds a run with a different {', '.join(diff)} "
-                            f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
-                            "use another --out or pass --overwrite")
+    if not overwrite and check_run_spec(out, spec, fix="use another --out or pass --overwrite"):
         return
-    if urimod.exists(target):
+    if urimod.exists(urimod.join(out, RUN_SPEC)):
         _clear_run(out)
     else:
         foreign = [n for n in (MANIFEST, PARTS) if urimod.exists(urimod.join(out, n))]
         if foreign:
             raise UserError(f"{out} holds {' and '.join(foreign)} that hcd did not write (no {RUN_SPEC}); "
                             "choose another --out")
-    urimod.write_bytes_atomic(target, json.dumps(spec, indent=1).encode())
+    urimod.write_bytes_atomic(urimod.join(out, RUN_SPEC), json.dumps(spec, indent=1).encode())
 
 
 def _clear_run(out: str) -> None:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from hcdlib import predictions as preds
 from hcdlib import uri as urimod
 from hcdlib.chunks import Chunk
 from hcdlib.config import TrainConfig
@@ -193,9 +194,15 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.weights not in ("none", "imagenet"):
         build_model(cfg.arch, weights=cfg.weights)  # a pickle, a truncated file or another arch's weights
     train_src, val_src = open_sources(cfg)
+    spec = run_spec(cfg, train_src, val_src)
     if urimod.exists(run_dir):
+        # Runs from before hcd wrote a spec have none: they resume as they did.
+        preds.check_run_spec(cfg.out, spec, name=TRAIN_SPEC,
+                             fix="train into another --out, or resume with the data and settings the run started with")
         check_resumable(cfg, run_dir)
         log.info("resuming the training run in %s from its latest checkpoint", run_dir)
+    else:  # a fresh run (a spec left by a run that never started training is replaced)
+        urimod.write_bytes_atomic(urimod.join(cfg.out, TRAIN_SPEC), json.dumps(spec, indent=1).encode())
     init_ray(cfg.address, dashboard=True)
     resources = ray.cluster_resources()
     n_train, n_all = train_src.num_patches, train_src.num_patches + val_src.num_patches
@@ -273,6 +280,26 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
             bar.n = min(budget, time.time() - started_at)
             bar.refresh()
     bar.close()
+
+
+# What a training run was started with, in --out: a rerun resumes it only with the same.
+TRAIN_SPEC = "_TRAIN.json"
+
+
+def run_spec(cfg: TrainConfig, train_src: PatchSource, val_src: PatchSource) -> dict:
+    """What defines a training run's model: its data (as listed) and the settings that shape the weights.
+
+    A rerun in the same --out resumes the run, so it must be the same run: with another --data
+    or --lr it used to resume (or re-export) the old run's weights under the new run's flags,
+    which the model artifact then recorded. A larger --epochs or --time-budget-min, other
+    workers, precision or cache continue the same run and may change.
+    """
+    return {"job": "train", "data": cfg.data, "labels": cfg.labels, "val_data": cfg.val_data,
+            "val_labels": cfg.val_labels, "val_fraction": None if cfg.val_data else cfg.val_fraction,
+            "train_fingerprint": train_src.fingerprint(), "val_fingerprint": val_src.fingerprint(),
+            "arch": cfg.arch, "weights": cfg.weights, "crop": cfg.crop, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "ema": cfg.ema, "swa_from": cfg.swa_from,
+            "seed": cfg.seed}
 
 
 def check_resumable(cfg: TrainConfig, run_dir: str) -> None:

@@ -205,6 +205,29 @@ def test_an_out_that_a_file_stands_in_is_one_line(argv, model_dir, synth_small, 
     assert blocker.read_text() == "mine"
 
 
+def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray):
+    """Another --data or --lr into a run's --out used to resume (or re-export) the old weights under the new flags."""
+    from hcdlib.train import TRAIN_SPEC, train
+
+    folder, ids = ten_patches
+    both = _class_folders(folder, tmp_path / "both", {i: n % 2 for n, i in enumerate(ids[:6])})
+    held = _class_folders(folder, tmp_path / "held", {i: n % 2 for n, i in enumerate(ids[6:])})
+    other = _class_folders(folder, tmp_path / "other", {i: n % 2 for n, i in enumerate(ids[:5])})
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=both, val_data=held, out=str(out), epochs=2)
+    with pytest.raises(AssertionError, match="Ray was started"):  # a fresh run: spec written, then Ray
+        train(cfg)
+    assert json.loads((out / TRAIN_SPEC).read_text())["lr"] == cfg.lr
+    (out / "ray_train").mkdir()  # the run started training
+    with pytest.raises(UserError, match=r"holds a run with a different lr \(lr=0.003\); train into another --out"):
+        train(cfg.replace(lr=0.01))
+    with pytest.raises(UserError, match=r"different data, train_fingerprint \(data='.*both'"):
+        train(cfg.replace(data=other))
+    for more in (cfg.replace(epochs=5), cfg.replace(time_budget_min=3.0, cache="off")):  # the same run, longer
+        with pytest.raises(AssertionError, match="Ray was started"):
+            train(more)
+
+
 # ---- pixel formats --------------------------------------------------------------------------
 
 def _tif(arr: np.ndarray) -> bytes:
