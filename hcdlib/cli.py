@@ -106,8 +106,7 @@ def run_synth(cfg: SynthConfig) -> int:
     """``hcd synth``."""
     from hcdlib.synth import write_synth
 
-    write_synth(cfg)
-    log.info("wrote %d patches and labels.csv to %s", cfg.n, cfg.out)
+    write_synth(cfg)  # it logs what it wrote
     return 0
 
 
@@ -158,10 +157,10 @@ def run_submission(cfg: SubmissionConfig) -> int:
     """``hcd submission``."""
     from hcdlib.predictions import read_manifest, write_submission
 
+    n = write_submission(cfg.predictions, cfg.out, overwrite=cfg.overwrite)
     errors = read_manifest(cfg.predictions)["errors"]
     if errors:
-        log.warning("%d patches failed to decode; they get label 0.5 in the submission", errors)
-    n = write_submission(cfg.predictions, cfg.out)
+        log.warning("%d patches failed to decode; they have label 0.5 in the submission", errors)
     log.info("wrote %d rows to %s", n, cfg.out)
     return 0
 

@@ -198,7 +198,8 @@ class SubmissionConfig(Settings):
     """Write a Kaggle submission CSV (id,label) from committed predictions."""
 
     predictions: str = setting(help="output URI of hcd score")
-    out: str = setting(help="CSV URI to write")
+    out: str = setting(help="CSV URI to write (an existing file is refused unless --overwrite)")
+    overwrite: bool = setting(False, "replace an existing --out file")
 
 
 @dataclass(frozen=True)

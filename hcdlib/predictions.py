@@ -261,8 +261,11 @@ def write_manifest(out: str, manifest: dict) -> str:
     return target
 
 
-def write_submission(predictions: str, out_csv: str) -> int:
+def write_submission(predictions: str, out_csv: str, *, overwrite: bool = False) -> int:
     """Write the Kaggle submission CSV (``id,label`` = P(tumour), ids sorted); return rows.
+
+    An existing ``out_csv`` is replaced only with ``overwrite``: hcd cannot tell its own
+    submission from the user's file of the same name (a labels CSV is ``id,label`` too).
 
     Kaggle needs a value for every id, so rows that failed to decode get 0.5 (no evidence
     either way); the count is logged by the caller from the manifest's error total. Kaggle
@@ -272,6 +275,9 @@ def write_submission(predictions: str, out_csv: str) -> int:
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
+    if not overwrite and urimod.exists(out_csv):
+        raise UserError(f"--out {out_csv} exists: hcd does not replace a file it may not have written; "
+                        "choose another --out, or pass --overwrite to replace it")
     t = read_predictions(predictions, ["id", "prob", "status"])
     label = pc.fill_null(t["prob"], pa.scalar(0.5, pa.float32()))
     t = pa.table({"id": t["id"], "label": label}).group_by("id").aggregate([("label", "min"), ("label", "max"),

@@ -27,6 +27,7 @@ from PIL import Image
 from hcdlib import uri as urimod
 from hcdlib.config import SynthConfig
 from hcdlib.decode import PATCH_SIZE
+from hcdlib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +187,36 @@ def _write_range(cfg: SynthConfig, start: int, stop: int) -> list[tuple[str, int
     return rows
 
 
+# How hcd synth's labels.csv starts: what tells its earlier output from a user's folder.
+_LABELS_HEADER = b'"id","label","slide_id"'
+
+
+def _check_own_folder(out: str) -> None:
+    """Refuse an --out that holds anything but hcd synth's own earlier output.
+
+    Synthetic patches would mix into a real data set, and ``labels.csv`` replace the user's.
+    """
+    import pyarrow.fs as pafs
+
+    urimod.check_folder(out)
+    fs, root = urimod.resolve(out)
+    if not fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        return  # new or empty
+    labels = urimod.join(out, "labels.csv")
+    if urimod.exists(labels):
+        with fs.open_input_stream(urimod.resolve(labels)[1]) as f:
+            if f.read(len(_LABELS_HEADER)) == _LABELS_HEADER:
+                return  # hcd synth's own output: written again
+    raise UserError(f"--out {out} holds files hcd synth did not write; synthetic patches would mix into them "
+                    "(and replace a labels.csv): choose a new or empty folder")
+
+
 def write_synth(cfg: SynthConfig, *, processes: int | None = None) -> str:
     """Write ``cfg.n`` patches as ``<out>/<id>.<format>`` plus ``<out>/labels.csv``.
 
     Rendering is CPU-bound (~3 ms a patch), so large sets are split over processes.
     """
-    urimod.check_folder(cfg.out)
+    _check_own_folder(cfg.out)
     fs, root = urimod.resolve(cfg.out)
     fs.create_dir(root, recursive=True)
     processes = processes or os.cpu_count() or 1
@@ -209,7 +234,7 @@ def write_synth(cfg: SynthConfig, *, processes: int | None = None) -> str:
     buf = io.BytesIO()
     pacsv.write_csv(table, buf)
     urimod.write_bytes_atomic(urimod.join(cfg.out, "labels.csv"), buf.getvalue())
-    log.info("wrote %d synthetic patches (%d positive) to %s",
+    log.info("wrote %d synthetic patches (%d positive) and labels.csv to %s",
              cfg.n, sum(r[1] for r in rows), cfg.out)
     return cfg.out
 

@@ -313,7 +313,8 @@ def _committed(out: Path, parts: dict[str, list[tuple[str, float]]]) -> None:
         preds.write_part(urimod.join(str(out), preds.PARTS, preds.part_name(key)), t)
         size = (out / preds.PARTS / preds.part_name(key)).stat().st_size
         files.append({"path": f"{preds.PARTS}/{preds.part_name(key)}", "rows": len(rows), "bytes": size})
-    (out / preds.MANIFEST).write_text(json.dumps({"files": files, "rows": sum(f["rows"] for f in files)}))
+    rows = sum(f["rows"] for f in files)
+    (out / preds.MANIFEST).write_text(json.dumps({"files": files, "rows": rows, "ok": rows, "errors": 0}))
 
 
 def test_readers_refuse_a_part_that_differs_from_the_manifest(tmp_path):
@@ -369,6 +370,19 @@ def test_submission_has_one_row_per_id(tmp_path):
     with pytest.raises(UserError, match=r"1 ids have rows with different predictions .*e.g. p2"):
         preds.write_submission(str(clash), str(tmp_path / "sub2.csv"))
     assert not (tmp_path / "sub2.csv").exists()
+
+
+def test_submission_never_replaces_a_file_without_overwrite(tmp_path, capsys):
+    """``--out train_labels.csv`` by mistake used to replace the user's labels without a word."""
+    out = tmp_path / "out"
+    _committed(out, {"a": [("p1", 0.25), ("p2", 0.5)]})
+    theirs = tmp_path / "train_labels.csv"
+    theirs.write_text("id,label\np1,1\np2,0\n")
+    _one_line_exit_2(capsys, ["submission", "--predictions", str(out), "--out", str(theirs)],
+                     expect=f"--out {theirs} exists: hcd does not replace a file it may not have written")
+    assert theirs.read_text() == "id,label\np1,1\np2,0\n"
+    assert cli.main(["submission", "--predictions", str(out), "--out", str(theirs), "--overwrite"]) == 0
+    assert pacsv.read_csv(theirs).to_pydict() == {"id": ["p1", "p2"], "label": [0.25, 0.5]}
 
 
 def test_claim_output_deletes_only_what_hcd_wrote(tmp_path):

@@ -41,3 +41,24 @@ def test_learnable_but_not_by_colour_histogram():
     assert auc(whole) < 0.95
     # ... while the label really is in the centre 32x32 (so a CNN that looks there can learn it).
     assert auc(centre) > 0.95
+
+
+def test_synth_writes_only_into_a_new_empty_or_its_own_folder(tmp_path):
+    """Into a real data folder it would mix synthetic patches in and replace the user's labels.csv."""
+    import pytest
+
+    from hcdlib.errors import UserError
+
+    own = tmp_path / "own"
+    write_synth(SynthConfig(out=str(own), n=5, seed=1), processes=1)
+    write_synth(SynthConfig(out=str(own), n=5, seed=1), processes=1)  # its own output: written again
+    assert len(list(own.glob("*.tif"))) == 5
+    (tmp_path / "empty").mkdir()
+    write_synth(SynthConfig(out=str(tmp_path / "empty"), n=5, seed=1), processes=1)
+    for name, content in (("labels.csv", "id,label\nabc,1\n"), (f"{'a' * 40}.tif", "patch")):
+        theirs = tmp_path / name.split(".")[0][:6]
+        theirs.mkdir()
+        (theirs / name).write_text(content)
+        with pytest.raises(UserError, match="holds files hcd synth did not write"):
+            write_synth(SynthConfig(out=str(theirs), n=5, seed=1), processes=1)
+        assert [p.name for p in theirs.iterdir()] == [name] and (theirs / name).read_text() == content
