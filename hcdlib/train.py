@@ -51,6 +51,11 @@ def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, Patc
                     key=lambda g: hashlib.sha1(g.encode()).hexdigest())  # stable on every run and machine
     if len(groups) < 2:
         raise UserError(f"{src.uri}: one group only ({groups}); a grouped validation split needs --val-data")
+    if src.items["slide_id"].null_count == src.items.num_rows:
+        # Kaggle's train_labels.csv has no slides: neighbours of one slide land on both sides.
+        log.warning("%s: no slide ids (a slide_id column in the labels CSV), so validation holds out single "
+                    "patches, not slides, and its AUC is optimistic; give --val-data from other slides",
+                    src.uri)
     n_val = min(len(groups) - 1, max(1, round(fraction * len(groups))))
     mask = pc.is_in(src.items["group"], value_set=pa.array(groups[:n_val], pa.string()))
     val, train = src.items.filter(mask), src.items.filter(pc.invert(mask))

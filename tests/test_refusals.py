@@ -7,6 +7,7 @@ refusals were added (labels, pixel formats, overwrite, manifests, artifacts, fla
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -164,7 +165,7 @@ def _class_folders(src: Path, root: Path, labelled: dict[str, int]) -> str:
     return str(root)
 
 
-def test_train_refuses_one_class_and_validation_on_training_patches(ten_patches, tmp_path, capsys, no_ray):
+def test_train_refuses_one_class_and_validation_on_training_patches(ten_patches, tmp_path, capsys, caplog, no_ray):
     """Either would train the whole budget, then end in a traceback or export on an optimistic AUC."""
     folder, ids = ten_patches
     both = _class_folders(folder, tmp_path / "both", {i: n % 2 for n, i in enumerate(ids[:6])})
@@ -179,9 +180,12 @@ def test_train_refuses_one_class_and_validation_on_training_patches(ten_patches,
     tumour = _class_folders(folder, tmp_path / "tumour", dict.fromkeys(ids[6:], 1))
     with pytest.raises(SourceError, match=r"all 4 validation patches are labelled 1 \(tumour\).*give validation"):
         open_sources(TrainConfig(data=both, val_data=tumour, out=out))
-    # one slide group held out of --data (each patch is its own group here): one class, whatever the draw
+    # one slide group held out of --data (each patch is its own group here): one class, whatever the draw;
+    # without slide ids the held-out patches have neighbours in training, which the log says
+    caplog.set_level(logging.WARNING)
     with pytest.raises(SourceError, match=r"all 1 validation patches are labelled .*--val-fraction"):
         open_sources(TrainConfig(data=both, val_fraction=0.1, out=out))
+    assert "no slide ids" in caplog.text and "its AUC is optimistic" in caplog.text
 
     overlap = _class_folders(folder, tmp_path / "overlap", {i: n % 2 for n, i in enumerate(ids[4:])})
     with pytest.raises(SourceError, match=rf"overlap: 2 of its 6 validation patches .* \(e.g. {ids[4]}\)"):
@@ -203,6 +207,14 @@ def test_an_out_that_a_file_stands_in_is_one_line(argv, model_dir, synth_small, 
     for out in (blocker, blocker / "sub"):
         _one_line_exit_2(capsys, [*args, "--out", str(out)], expect=f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "mine"
+
+
+def test_a_split_by_slide_does_not_warn(synth_small, tmp_path, caplog, no_ray):
+    caplog.set_level(logging.WARNING)
+    train_src, val_src = open_sources(TrainConfig(data=str(synth_small), out=str(tmp_path / "run")))
+    held = set(val_src.items["slide_id"].to_pylist())
+    assert held and held.isdisjoint(train_src.items["slide_id"].to_pylist())
+    assert "no slide ids" not in caplog.text
 
 
 def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray):
