@@ -354,20 +354,28 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
     only: training, packing). Slide-only formats (.svs, .ndpi, ...) make a slide source, and so
     does any .tif with ``tiling.force`` (``--slides``).
     """
-    from hcdlib.slides import SlideSource, is_slide_source
+    from hcdlib.slides import SLIDE_EXTS, SlideSource, is_slide_source
 
     t0 = time.perf_counter()
     listing = listing or list_files(uri)
     files = listing.files
+    parquet = [p for p in files if p.endswith(".parquet")]
     if is_slide_source(files) or (tiling is not None and tiling.force):
         if tiling is None:
             raise SourceError(f"{uri}: holds whole-slide images; hcd score tiles and scores them, but this "
                               "command takes patches (96x96 files or Parquet shards)")
+        # Slide folders often keep label and macro images beside the scans: not scored, but said.
+        other = [p for p in files if p.lower().endswith(IMAGE_EXTS) and not p.lower().endswith(SLIDE_EXTS)] + parquet
+        if other:
+            log.warning("%s: %d files that are not slides are not scored (e.g. %s); patches go in their own --input",
+                        uri, len(other), other[0])
         return SlideSource.from_listing(uri, listing, tiling, list_seconds=time.perf_counter() - t0)
     images = [p for p in files if p.lower().endswith(IMAGE_EXTS)]
     refused = [(p, why) for p, why in listing.refused if p.lower().endswith(IMAGE_EXTS)]
-    parquet = [p for p in files if p.endswith(".parquet")]
-    if parquet and not images and not refused:
+    if parquet and (images or refused):  # either kind alone would leave the other unscored without a word
+        raise SourceError(f"{uri}: holds both Parquet shards ({len(parquet)}, e.g. {parquet[0]}) and patch images "
+                          f"({len(images) + len(refused)}); give each kind its own --input")
+    if parquet:
         items, footers = _parquet_items(listing, uri)
         src: PatchSource = ShardSource(uri, items, 0.0, footers=footers)
     elif images or refused:

@@ -270,3 +270,29 @@ def test_slides_are_a_source_only_where_slides_are_scored(tmp_path):
     assert open_source(str(tmp_path / "b")).layout == KAGGLE
     forced = open_source(str(tmp_path / "b"), tiling=SlideTiling(out=str(tmp_path / "o"), force=True))
     assert isinstance(forced, SlideSource) and [s["slide_id"] for s in forced.slides] == ["s2"]
+
+
+def test_a_mixed_input_never_leaves_one_kind_unscored_without_a_word(synth_small, tmp_path, caplog):
+    """Shards beside patch images used to be skipped silently; images beside slides were not mentioned."""
+    import logging
+    import shutil
+
+    from hcdlib.slides import SlideSource, SlideTiling
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for p in sorted(synth_small.glob("*.tif"))[:3]:
+        shutil.copy(p, mixed / p.name)
+    (mixed / "old").mkdir()
+    (mixed / "old" / "part-00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(SourceError, match=r"holds both Parquet shards \(1, e.g. .*part-00000.parquet\) and patch "
+                                          r"images \(3\); give each kind its own --input"):
+        open_source(str(mixed))
+    caplog.set_level(logging.WARNING)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "s1.svs").write_bytes(b"not opened until planning")
+    (scans / "s1_macro.jpg").write_bytes(b"a photo of the glass slide")
+    src = open_source(str(scans), tiling=SlideTiling(out=str(tmp_path / "o")))
+    assert isinstance(src, SlideSource) and [s["slide_id"] for s in src.slides] == ["s1"]
+    assert "1 files that are not slides are not scored (e.g. " in caplog.text and "s1_macro.jpg" in caplog.text
