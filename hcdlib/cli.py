@@ -170,9 +170,11 @@ def run_evaluate(cfg: EvalConfig) -> int:
     from hcdlib.evaluate import evaluate
 
     m = evaluate(cfg)
-    p = m["patch"]
-    log.info("\n== hcd evaluate summary ==\n patches  %d\n ROC AUC  %.4f (95%% CI %.4f-%.4f)\n PR AUC   %.4f\n"
-             " report   %s", p["n"], p["roc_auc"], *(p["roc_auc_ci95"] or (float("nan"),) * 2), p["pr_auc"],
+    p, failed = m["patch"], m["join"]["error_rows"]
+    # Patches that failed to decode have no probability: the metrics cover the others, and say so.
+    errors = f"\n errors   {failed} labelled patches failed to decode: not in the metrics" if failed else ""
+    log.info("\n== hcd evaluate summary ==\n patches  %d%s\n ROC AUC  %.4f (95%% CI %.4f-%.4f)\n PR AUC   %.4f\n"
+             " report   %s", p["n"], errors, p["roc_auc"], *(p["roc_auc_ci95"] or (float("nan"),) * 2), p["pr_auc"],
              f"{cfg.out}/report.html")
     return 0
 

@@ -95,3 +95,22 @@ def test_score_summary_names_the_slide_outputs_and_a_slow_rate(monkeypatch, capl
     caplog.clear()
     run_score(ScoreConfig(model="m", input="i", out="o"))
     assert "rate" in caplog.text and "slides" not in caplog.text
+
+
+def test_evaluate_summary_counts_the_patches_left_out(monkeypatch, caplog):
+    """Error rows have no probability: the console says the metrics leave them out."""
+    import logging
+
+    import hcdlib.evaluate
+    from hcdlib.cli import run_evaluate
+    from hcdlib.config import EvalConfig
+
+    m = {"patch": {"n": 59, "roc_auc": 0.97, "roc_auc_ci95": (0.92, 1.0), "pr_auc": 0.9}, "join": {"error_rows": 1}}
+    monkeypatch.setattr(hcdlib.evaluate, "evaluate", lambda cfg: m)
+    caplog.set_level(logging.INFO)
+    run_evaluate(EvalConfig(predictions="p", labels="l", out="r"))
+    assert " patches  59\n errors   1 labelled patches failed to decode: not in the metrics" in caplog.text
+    m["join"]["error_rows"] = 0
+    caplog.clear()
+    run_evaluate(EvalConfig(predictions="p", labels="l", out="r"))
+    assert "patches  59" in caplog.text and "errors" not in caplog.text
