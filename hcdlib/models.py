@@ -7,6 +7,7 @@ internet); ``none`` starts from scratch; a URI loads a state dict with ``weights
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 import torch
@@ -59,7 +60,13 @@ def _torchvision(arch: str, pretrained: bool) -> nn.Module:
     import torchvision.models as tvm  # deferred: only the torchvision arches need it
 
     weights = tvm.get_model_weights(arch).DEFAULT if pretrained else None
-    model = tvm.get_model(arch, weights=weights)
+    try:
+        model = tvm.get_model(arch, weights=weights)
+    except OSError as exc:  # no internet (URLError), a proxy, a full disk: the user's to fix
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise UserError(f"--weights imagenet: cannot download the {arch} ImageNet weights from {weights.url} "
+                        f"({getattr(exc, 'reason', exc)}); on a machine without internet, copy that file to "
+                        f"{cached}, or pass --weights <a state dict file>") from exc
     # One logit. The stems stay as they are: their adaptive pooling takes 96x96 inputs, and
     # dropping the stem's max-pool would cost 4x the compute for little gain on CPU.
     if arch.startswith("resnet"):

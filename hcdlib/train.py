@@ -196,8 +196,8 @@ def train(cfg: TrainConfig) -> dict:
     urimod.check_folder(cfg.out)
     if cfg.resume and not urimod.exists(run_dir):
         raise UserError(f"--resume: {cfg.out} has no training run to resume ({run_dir} missing)")
-    if cfg.weights not in ("none", "imagenet"):
-        build_model(cfg.arch, weights=cfg.weights)  # a pickle, a truncated file or another arch's weights
+    if cfg.weights != "none":  # a pickle, a truncated file, another arch's weights; ImageNet's that cannot be
+        build_model(cfg.arch, weights=cfg.weights)  # downloaded (else now in torch's cache, for the workers)
     train_src, val_src = open_sources(cfg)
     spec = run_spec(cfg, train_src, val_src)
     if urimod.exists(run_dir):

@@ -217,6 +217,24 @@ def test_a_split_by_slide_does_not_warn(synth_small, tmp_path, caplog, no_ray):
     assert "no slide ids" not in caplog.text
 
 
+def test_imagenet_weights_that_cannot_be_downloaded_are_one_line_before_ray(ten_patches, tmp_path, capsys,
+                                                                             monkeypatch, no_ray):
+    """Without internet each worker used to fail in a URLError traceback, after Ray had started."""
+    import urllib.error
+
+    import torchvision.models._api
+
+    def offline(url, *_a, **_k):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    folder, _ = ten_patches
+    line = _one_line_exit_2(capsys, ["train", "--arch", "resnet18", "--weights", "imagenet", "--data", str(folder),
+                                     "--out", str(tmp_path / "r")],
+                            expect="--weights imagenet: cannot download the resnet18 ImageNet weights from https://")
+    assert "Name or service not known" in line and "copy that file to" in line and "resnet18-" in line
+
+
 def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray):
     """Another --data or --lr into a run's --out used to resume (or re-export) the old weights under the new flags."""
     from hcdlib.train import TRAIN_SPEC, train
