@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+# Archives hcd does not read inside: named in the refusal, so the fix is plain.
+ARCHIVE_EXTS = (".zip", ".tar", ".tar.gz", ".tgz", ".7z", ".rar")
 KAGGLE, CLASS_FOLDERS, PARQUET = "kaggle", "class_folders", "parquet"
 # hcd pack commits its shards as hcd score commits its parts: a manifest written last.
 PACK_MANIFEST = MANIFEST
@@ -384,6 +386,9 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
         table = read_labels(labels, require_label=require_label) if labels else None
         kind, items = _file_items(listing, images, refused, table)
         src = FileSource(uri, items, 0.0, kind=kind)
+    elif any(p.lower().endswith(ARCHIVE_EXTS) for p in files):  # Kaggle's download is train.zip
+        raise SourceError(f"{uri}: holds archives ({next(p for p in files if p.lower().endswith(ARCHIVE_EXTS))}), "
+                          "not patches; unpack them and pass the folder")
     else:
         raise SourceError(f"{uri}: no patch images ({', '.join(IMAGE_EXTS)}) or Parquet shards found")
     src = dataclasses.replace(src, list_seconds=time.perf_counter() - t0)

@@ -161,6 +161,10 @@ def test_missing_and_empty_inputs_name_the_uri(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(SourceError, match="no patch images"):
         open_source(str(tmp_path / "empty"))
+    (tmp_path / "train.zip").write_bytes(b"PK\x03\x04")  # Kaggle's download, passed as it came
+    for uri in (tmp_path / "train.zip", tmp_path):
+        with pytest.raises(SourceError, match=r"holds archives \(.*train.zip\), not patches; unpack them"):
+            open_source(str(uri))
 
 
 def test_unreadable_file_becomes_error_row(synth_small, tmp_path):
