@@ -113,8 +113,10 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                 if im.mode not in CONVERTIBLE_MODES and im.mode not in SIXTEEN_BIT_GRAY:
                     return Decoded(None, f"pixel format {im.mode} cannot be converted to 8-bit RGB faithfully "
                                          "(convert the patch to 8-bit RGB)", None)
+                # PIL reads 16-bit RGB as RGB, keeping each value's high byte: say so, as for gray.
+                wide_rgb = im.mode == "RGB" and any(";16" in str(t.args[0]) for t in im.tile if t.args)
                 im.load()
-                notes = []
+                notes = ["scaled 16-bit RGB to 8 bits"] if wide_rgb else []
                 if im.mode in SIXTEEN_BIT_GRAY:
                     # PIL's convert() clips 16-bit values at 255 (a white patch); scale the full range.
                     wide = np.asarray(im).astype(np.uint32)

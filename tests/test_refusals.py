@@ -275,6 +275,7 @@ def test_16_bit_and_float_patches_are_scaled_or_refused_never_clipped(synth_smal
     np.testing.assert_array_equal(as16.pixels, as8.pixels)
     rgb16 = decode_patch(_tif(rgb.astype(np.uint16) * 257))  # 16 bits per channel: PIL scales it itself
     np.testing.assert_array_equal(rgb16.pixels, rgb)
+    assert rgb16.note == "scaled 16-bit RGB to 8 bits" and decode_patch(_tif(rgb)).note is None
     for arr, mode in ((gray8.astype(np.float32) / 255, "F"), (gray8.astype(np.int32) * 1000, "I")):
         res = decode_patch(_tif(arr))
         assert res.pixels is None and f"pixel format {mode} cannot be converted" in res.error
