@@ -350,6 +350,10 @@ def export_best(cfg: TrainConfig, checkpoint) -> dict:
         raise RuntimeError(f"training in {cfg.out} produced no checkpoint")
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    if state["step"] == 0:  # an untrained model looks like any other artifact: never export one
+        raise UserError(f"--time-budget-min {cfg.time_budget_min:g}: the budget ran out before the first training "
+                        f"step ({state['elapsed']:.0f} s went to starting Ray and reading the data); nothing was "
+                        "exported: give a larger budget")
     if state["best_model"] is None:
         raise RuntimeError("no epoch produced a validation AUC (is the validation set one class only?)")
     model, _ = build_model(cfg.arch, weights="none")

@@ -351,3 +351,26 @@ def test_a_bf16_training_step_computes_in_bf16_and_keeps_fp32_weights():
     assert losses[-1] < 0.5 * losses[0]
     with training_autocast(torch.device("cpu"), False):  # fp32 when off
         assert model.features[0](x[:2]).dtype == torch.float32
+
+
+def test_a_budget_spent_before_the_first_step_exports_nothing(tmp_path):
+    """A 12-s budget went to starting Ray: the untrained model used to be exported like any other."""
+    from ray.train import Checkpoint
+
+    from hcdlib.train import export_best
+    from hcdlib.train_loop import STATE_FILE
+
+    model, _ = build_model("hcdnet")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    state = {"step": 0, "elapsed": 24.0, "epoch": 1, "best": {"auc": 0.3, "epoch": 1, "metrics": {}},
+             "best_model": model.state_dict(), "history": []}
+    torch.save(state, ckpt / STATE_FILE)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"--time-budget-min 0.2: the budget ran out before the first training step "
+                                        r"\(24 s went to starting Ray"):
+        export_best(TrainConfig(data="d", out=str(out), time_budget_min=0.2), Checkpoint.from_directory(str(ckpt)))
+    assert not (out / "model").exists()
+    torch.save(dict(state, step=3), ckpt / STATE_FILE)  # three steps: a (poor) trained model is exported
+    meta = export_best(TrainConfig(data="d", out=str(out), time_budget_min=0.2), Checkpoint.from_directory(str(ckpt)))
+    assert (out / "model" / "model.safetensors").exists() and meta["metrics"]["best_epoch"] == 1
