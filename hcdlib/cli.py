@@ -147,9 +147,11 @@ def run_train(cfg: TrainConfig) -> int:
 
     meta = train(cfg)
     m = meta["metrics"]
+    skipped = (f"\n skipped    {meta['skipped']} patches that could not be decoded (listed in {cfg.out}/skipped)"
+               if meta.get("skipped") else "")
     log.info("\n== hcd train summary ==\n best epoch %s of %s\n val AUC    %.4f\n val acc    %.4f\n"
-             " model      %s/model (%s)", m.get("best_epoch"), m.get("epochs_run"), m.get("val_auc", float("nan")),
-             m.get("val_acc", float("nan")), cfg.out, meta["sha256"][:12])
+             " model      %s/model (%s)%s", m.get("best_epoch"), m.get("epochs_run"), m.get("val_auc", float("nan")),
+             m.get("val_acc", float("nan")), cfg.out, meta["sha256"][:12], skipped)
     return 0
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 
+from hcdlib import uri as urimod
 from hcdlib.chunks import Chunk, largest_chunk
 from hcdlib.rayutil import READ_TASK_CPUS
 from hcdlib.uri import TRANSIENT_ERRORS
@@ -87,9 +92,43 @@ def patch_bytes(rows: int) -> int:
     return rows * 96 * 96 * 3
 
 
-def labelled_ok(batch: dict) -> dict:
-    """Training rows: decoded fine and labelled; only what the train loop needs."""
+def labelled_ok(batch: dict, *, skipped: str | None = None) -> dict:
+    """Training rows: decoded fine and labelled; only what the train loop needs.
+
+    The others are recorded, not dropped without a word: with ``skipped`` (a folder URI), each
+    batch that leaves rows out writes their ``id, error`` to ``<skipped>/<chunk>-<row>.csv``
+    (named by its first row, so a retried or re-read batch writes the same file again).
+    """
     import pandas as pd
 
     keep = (batch["status"] == "ok") & pd.notna(batch["label"])
+    if skipped and not keep.all():
+        left = ~keep
+        error = [e if e else "no label" for e in batch["error"][left]]  # a short list: the bad rows only
+        buf = io.BytesIO()
+        pacsv.write_csv(pa.table({"chunk": pa.array(batch["chunk"][left], pa.string()),
+                                  "row": pa.array(batch["row"][left], pa.int64()),
+                                  "id": pa.array(batch["id"][left], pa.string()),
+                                  "error": pa.array(error, pa.string())}), buf)
+        name = f"{batch['chunk'][0]}-{int(batch['row'][0]):07d}.csv"
+        urimod.write_bytes_atomic(urimod.join(skipped, name), buf.getvalue())
     return {"pixels": batch["pixels"][keep], "label": batch["label"][keep].astype(np.int64)}
+
+
+def skipped_rows(skipped: str) -> pa.Table:
+    """``chunk, row, id, error`` of each row :func:`labelled_ok` recorded under ``skipped``, once (empty: none).
+
+    Once: a row re-read in another epoch, or by a retried task, may have been written twice.
+    """
+    fs, root = urimod.resolve(skipped)
+    names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                   if i.base_name.endswith(".csv"))
+    schema = pa.schema([("chunk", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("error", pa.string())])
+    tables = [pacsv.read_csv(io.BytesIO(urimod.read_bytes(urimod.to_uri(fs, n))),
+                             convert_options=pacsv.ConvertOptions(column_types=schema)) for n in names]
+    if not tables:
+        return schema.empty_table()
+    once = pa.concat_tables(tables).group_by(["chunk", "row"], use_threads=False).aggregate(
+        [("id", "first"), ("error", "first")])
+    once = pa.table({"chunk": once["chunk"], "row": once["row"], "id": once["id_first"], "error": once["error_first"]})
+    return once.sort_by([("chunk", "ascending"), ("row", "ascending")])

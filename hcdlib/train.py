@@ -148,7 +148,8 @@ def build_datasets(cfg: TrainConfig, train_src: PatchSource, val_src: PatchSourc
     datasets = {}
     for key, s in ((TRAIN, train_src), (VAL, val_src)):
         chunks = _shuffled_chunks(s, cfg.chunk_size, cfg.seed) if key == TRAIN else s.chunks(cfg.chunk_size)
-        ds = decoded_dataset(chunks).map_batches(labelled_ok)
+        # a folder per split: their chunks' keys (and so the record's file names) are alike
+        ds = decoded_dataset(chunks).map_batches(labelled_ok, fn_kwargs={"skipped": urimod.join(cfg.out, SKIPPED, key)})
         if cache:
             ds = ds.materialize()
         if cache and key == TRAIN:  # kept blocks would come back in one order every epoch: a new order
@@ -208,6 +209,7 @@ def train(cfg: TrainConfig) -> dict:
         log.info("resuming the training run in %s from its latest checkpoint", run_dir)
     else:  # a fresh run (a spec left by a run that never started training is replaced)
         urimod.write_bytes_atomic(urimod.join(cfg.out, TRAIN_SPEC), json.dumps(spec, indent=1).encode())
+        urimod.delete(urimod.join(cfg.out, SKIPPED))  # hcd's record of an earlier start: made again
     init_ray(cfg.address, dashboard=True)
     resources = ray.cluster_resources()
     n_train, n_all = train_src.num_patches, train_src.num_patches + val_src.num_patches
@@ -218,6 +220,8 @@ def train(cfg: TrainConfig) -> dict:
     if cache:
         log.info("decoded the %d listed patches into Ray's object store in %.0f s: epochs read them from memory "
                  "(--cache off reads and decodes every epoch)", n_all, cache_s)
+    # Decoded into the cache now, what was left out is known before training starts.
+    skipped = report_skipped(cfg, n_all) if cache else None
     scaling, threads = _scaling(cfg, resources)
     log.debug("Ray Train: %s, %d torch threads per worker", scaling, threads)
     fs, path = urimod.resolve(cfg.out)
@@ -242,7 +246,9 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         stop.set()
         watcher.join(10)
-    return dict(export_best(cfg, result.checkpoint), data_cache_s=cache_s)
+    if skipped is None:  # streamed: decoded during the epochs, so known now
+        skipped = report_skipped(cfg, n_all)
+    return dict(export_best(cfg, result.checkpoint), data_cache_s=cache_s, skipped=skipped)
 
 
 def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -> None:
@@ -289,6 +295,24 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
 
 # What a training run was started with, in --out: a rerun resumes it only with the same.
 TRAIN_SPEC = "_TRAIN.json"
+# Where the patches that training left out (could not be decoded) are recorded, in --out.
+SKIPPED = "skipped"
+
+
+def report_skipped(cfg: TrainConfig, listed: int) -> int:
+    """Say how many listed patches training leaves out, with an example; return the count.
+
+    A patch that cannot be decoded cannot train; it is recorded in ``<out>/skipped/`` (id and
+    reason) by the read stage, and said here, never dropped without a word.
+    """
+    from hcdlib.pipeline import skipped_rows
+
+    t = pa.concat_tables([skipped_rows(urimod.join(cfg.out, SKIPPED, key)) for key in (TRAIN, VAL)])
+    if t.num_rows:
+        log.warning("%d of the %d listed training and validation patches could not be decoded and are left out "
+                    "(e.g. %s: %s); each is listed in %s", t.num_rows, listed, t["id"][0].as_py(),
+                    t["error"][0].as_py(), urimod.join(cfg.out, SKIPPED))
+    return t.num_rows
 
 
 def run_spec(cfg: TrainConfig, train_src: PatchSource, val_src: PatchSource) -> dict:

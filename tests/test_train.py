@@ -1,6 +1,7 @@
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,3 +375,45 @@ def test_a_budget_spent_before_the_first_step_exports_nothing(tmp_path):
     torch.save(dict(state, step=3), ckpt / STATE_FILE)  # three steps: a (poor) trained model is exported
     meta = export_best(TrainConfig(data="d", out=str(out), time_budget_min=0.2), Checkpoint.from_directory(str(ckpt)))
     assert (out / "model" / "model.safetensors").exists() and meta["metrics"]["best_epoch"] == 1
+
+
+def test_patches_that_cannot_train_are_recorded_not_dropped_without_a_word(tmp_path):
+    """The read stage's record of what it leaves out: once per row, however often it is read."""
+    from hcdlib.pipeline import labelled_ok, skipped_rows
+
+    n = 6
+    batch = {"chunk": np.array(["files-000003"] * n, dtype=object), "row": np.arange(n),
+             "id": np.array([f"p{i}" for i in range(n)], dtype=object),
+             "status": np.array(["ok", "error", "ok", "ok", "error", "ok"], dtype=object),
+             "error": np.array([None, "cannot decode: truncated", None, None, "image is 50x50", None], dtype=object),
+             "label": np.array([0, 1, 1, None, 0, 1], dtype=object), "pixels": np.zeros((n, 96, 96, 3), np.uint8)}
+    skipped = str(tmp_path / "skipped")
+    for _ in range(2):  # a second epoch, or a retried task, reads the same rows again
+        kept = labelled_ok(batch, skipped=skipped)
+    assert kept["label"].tolist() == [0, 1, 1] and kept["pixels"].shape == (3, 96, 96, 3)
+    assert skipped_rows(skipped).to_pydict() == {
+        "chunk": ["files-000003"] * 3, "row": [1, 3, 4], "id": ["p1", "p3", "p4"],
+        "error": ["cannot decode: truncated", "no label", "image is 50x50"]}
+    assert skipped_rows(str(tmp_path / "none")).num_rows == 0
+    assert labelled_ok({k: v[[0, 2]] for k, v in batch.items()}, skipped=str(tmp_path / "clean"))["label"].tolist() \
+        == [0, 1] and not (tmp_path / "clean").exists()  # nothing left out: nothing written
+
+
+def test_training_says_which_patches_it_could_not_decode(ray_session, synth_600, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_600, data)
+    # 3 patches on each side of the split: their chunks have like keys, their records must not collide
+    _, val = split_by_group(open_source(str(data)), TrainConfig(data="d", out="o").val_fraction)
+    held = set(val.items["id"].to_pylist())
+    tifs = sorted(data.glob("*.tif"))
+    bad = [p for p in tifs if p.stem not in held][:3] + [p for p in tifs if p.stem in held][:3]
+    for p in bad:
+        p.write_bytes(p.read_bytes()[:50])
+    meta = train(_cfg(data, tmp_path / "run", epochs=1))
+    assert meta["skipped"] == len(bad)
+    from hcdlib.pipeline import skipped_rows
+
+    folders = [tmp_path / "run" / "skipped" / key for key in ("train", "val")]
+    ids = [i for f in folders for i in skipped_rows(str(f))["id"].to_pylist()]
+    assert sorted(ids) == sorted(p.stem for p in bad) and all(f.is_dir() for f in folders)
+    assert meta["metrics"]["val_n"] == len(held) - 3
