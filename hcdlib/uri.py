@@ -147,14 +147,22 @@ def within(child: str, parent: str) -> bool:
 
 
 def check_folder(uri: str, flag: str = "--out") -> None:
-    """Refuse an output folder that a local file stands in the way of: it, or a folder above it.
+    """Refuse an output folder below a local file, or in an S3 bucket that does not exist.
 
-    Found here, it is one line naming the file; found by the first write, it was a pyarrow
-    traceback. (S3 has no folders to be in the way.)
+    Found here, it is one line naming the file or bucket; found by the first write, it was a
+    pyarrow traceback.
     """
     from hcdlib.errors import UserError
 
-    if is_s3(uri):
+    if is_s3(uri):  # no folders to be in the way; but the bucket must be there (hcd creates none)
+        fs, path = resolve(uri)
+        bucket = path.split("/")[0]
+        try:
+            missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        except OSError:  # a policy that allows writes under a prefix, not HeadBucket: the writes decide
+            return
+        if missing:
+            raise UserError(f"{flag} {uri}: bucket {bucket} does not exist; create it, or check the name")
         return
     path = os.path.abspath(resolve(uri)[1])
     while not os.path.exists(path):

@@ -258,6 +258,15 @@ def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray)
             train(more)
 
 
+def test_an_out_in_a_bucket_that_does_not_exist_is_one_line(model_dir, synth_small, bucket, capsys, no_ray):
+    """The first write used to fail in pyarrow ("Bucket not found") with a traceback."""
+    for argv in (["score", "--model", str(model_dir), "--input", str(synth_small)],
+                 ["train", "--data", str(synth_small)]):
+        _one_line_exit_2(capsys, [*argv, "--out", "s3://hcd-no-such-bucket/run"],
+                         expect="--out s3://hcd-no-such-bucket/run: bucket hcd-no-such-bucket does not exist")
+    urimod.check_folder(f"{bucket}/not/yet/written")  # a bucket that exists: its folders need not
+
+
 # ---- pixel formats --------------------------------------------------------------------------
 
 def _tif(arr: np.ndarray) -> bytes:
