@@ -24,6 +24,7 @@ import numpy as np
 
 from hcdlib import uri as urimod
 from hcdlib.chunks import Chunk
+from hcdlib.config import MPP_RANGE
 from hcdlib.decode import PATCH_SIZE
 from hcdlib.staging import local_slide, remove_stage, stage_key
 from hcdlib.transforms import PCAM_MPP
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 SLIDE_ONLY_EXTS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 SLIDE_EXTS = (*SLIDE_ONLY_EXTS, ".tif", ".tiff")
 THUMB_SIDE = 1024
+# A slide this much coarser than the model's resolution is scored with a warning (tiles enlarged).
+COARSE_FACTOR = 1.25
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,11 @@ def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, ti
             slide_mpp = mpp or float(s.properties.get(openslide.PROPERTY_NAME_MPP_X) or 0)
             if not slide_mpp:
                 return {**base, "error": f"slide {slide_uri}: no microns-per-pixel metadata; pass --mpp"}
+            if not MPP_RANGE[0] <= slide_mpp <= MPP_RANGE[1]:  # e.g. a TIFF saved at a default 72 dpi: 352.8
+                # Cut at it, a tile would be a pixel or two: a million tiles of nothing, scored.
+                return {**base, "error": f"slide {slide_uri}: its metadata says {slide_mpp:.4g} microns per pixel, "
+                                         f"outside the {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} of a scan (often a default "
+                                         "dpi, not the scanner's); pass --mpp with the scan's resolution"}
             plan = plan_level(slide_mpp, list(s.level_downsamples), target_mpp=target_mpp, patch=patch)
             w, h = s.dimensions
             thumb = np.asarray(s.get_thumbnail((THUMB_SIDE, THUMB_SIDE)).convert("RGB"))
@@ -267,10 +275,18 @@ def plan_slides(slides: list[dict], *, out: str, mpp: float | None, tissue_thres
     import ray
 
     task = ray.remote(num_cpus=1)(plan_slide)
-    return ray.get([task.remote(s["slide"], slide_id=s["slide_id"], out=out, mpp=mpp,
-                                tissue_threshold=tissue_threshold, target_mpp=target_mpp, patch=patch,
-                                stage=stage)
-                    for s in slides])
+    planned = ray.get([task.remote(s["slide"], slide_id=s["slide_id"], out=out, mpp=mpp,
+                                   tissue_threshold=tissue_threshold, target_mpp=target_mpp, patch=patch,
+                                   stage=stage)
+                       for s in slides])
+    # Coarser than the model's resolution, a tile is enlarged to the patch: scored, but said.
+    coarse = [p for p in planned if not p["error"] and p["plan"]["mpp"] > COARSE_FACTOR * target_mpp]
+    if coarse:
+        worst = max(coarse, key=lambda p: p["plan"]["mpp"])
+        log.warning("%d slides are scanned coarser than the model's %.3g um/px (e.g. %s at %.3g um/px): their "
+                    "tiles are enlarged up to %.1fx to the model's patch, so their scores are less reliable",
+                    len(coarse), target_mpp, worst["slide"], worst["plan"]["mpp"], worst["plan"]["mpp"] / target_mpp)
+    return planned
 
 
 @dataclass(frozen=True)

@@ -239,3 +239,34 @@ def test_tile_runs_break_at_gaps_rows_and_length():
     ys = np.array([0, 0, 0, 0, 96, 96, 96, 96, 96])
     assert tile_runs(xs, ys, 96) == [(0, 3), (3, 4), (4, 9)]
     assert tile_runs(xs, ys, 96, max_tiles=2) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 9)]
+
+
+def test_a_slide_whose_resolution_is_a_default_dpi_is_an_error_row_not_a_million_tiles(tmp_path):
+    """72 dpi (352.8 um/px) cut 1-px tiles: a 1,152 px slide became 1.3 million tiles, each scored."""
+    import tifffile
+
+    from hcdlib.slides import plan_slide
+
+    path = str(tmp_path / "s72.tif")
+    with tifffile.TiffWriter(path) as t:
+        t.write(synth_slide_pixels(12, 12, seed=1), tile=(256, 256), resolution=(72, 72), resolutionunit="INCH")
+    planned = plan_slide(path, slide_id="s72", out=str(tmp_path / "o"), mpp=None, tissue_threshold=0.5)
+    assert "its metadata says 352.8 microns per pixel, outside the 0.05-20 of a scan" in planned["error"]
+    assert "pass --mpp" in planned["error"] and "xs" not in planned
+    given = plan_slide(path, slide_id="s72", out=str(tmp_path / "o"), mpp=PCAM_MPP, tissue_threshold=0.5)
+    assert given["error"] is None and given["plan"]["tile_size"] == 96 and 0 < len(given["xs"]) <= 144
+
+
+def test_slides_coarser_than_the_model_are_scored_with_a_warning(ray_session, tmp_path, caplog):
+    import logging
+
+    from hcdlib.slides import plan_slides
+
+    path = str(tmp_path / "s.tif")
+    write_slide_tiff(path, synth_slide_pixels(8, 8, seed=2), mpp=PCAM_MPP)
+    caplog.set_level(logging.WARNING)
+    fine = plan_slides([{"slide": path, "slide_id": "s"}], out=str(tmp_path / "o"), mpp=None, tissue_threshold=0.5)
+    assert fine[0]["error"] is None and "coarser" not in caplog.text
+    coarse = plan_slides([{"slide": path, "slide_id": "s"}], out=str(tmp_path / "o"), mpp=2.0, tissue_threshold=0.5)
+    assert coarse[0]["error"] is None and coarse[0]["plan"]["tile_size"] == 47  # 96 px at 0.972 um/px
+    assert "1 slides are scanned coarser than the model's 0.972 um/px" in caplog.text and "2.1x" in caplog.text
