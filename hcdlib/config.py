@@ -53,6 +53,10 @@ class Settings:
             value = getattr(self, f.name)
             if value is None or not f.metadata:
                 continue
+            if isinstance(value, str) and value.lower().startswith("s3://") and "@" in value[5:].split("/")[0]:
+                # The message must not repeat the value: it would put the secret in logs and shells.
+                raise UserError(f"{flag_name(f.name)}: an s3:// URI with credentials in it is refused (they would "
+                                "land in logs and manifests); give them through the AWS environment or config files")
             choices = f.metadata["choices"]
             if choices is not None and value not in choices:
                 raise UserError(f"{flag_name(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -267,6 +267,16 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_one_line(model_dir, synth_sma
     urimod.check_folder(f"{bucket}/not/yet/written")  # a bucket that exists: its folders need not
 
 
+@pytest.mark.parametrize("argv", [["score", "--model", "m", "--input", "{uri}", "--out", "o"],
+                                  ["train", "--data", "d", "--out", "{uri}"],
+                                  ["pack", "--input", "{uri}", "--out", "o"]])
+def test_an_s3_uri_with_credentials_is_refused_without_repeating_them(argv, capsys, no_ray):
+    uri = "s3://AKIAEXAMPLE:s3cr3tKEY@bucket/prefix"
+    line = _one_line_exit_2(capsys, [a.format(uri=uri) for a in argv],
+                            expect="an s3:// URI with credentials in it is refused")
+    assert "s3cr3tKEY" not in line and "AKIAEXAMPLE" not in line
+
+
 # ---- pixel formats --------------------------------------------------------------------------
 
 def _tif(arr: np.ndarray) -> bytes:
