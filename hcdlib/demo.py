@@ -88,12 +88,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     from hcdlib.score import ScoreConfig, score
     from hcdlib.slide_maps import heatmap_png, tumour_regions
     from hcdlib.slides import slide_key
-    from hcdlib.train import TrainConfig, train
+    from hcdlib.train import TrainConfig, clear_run, train
 
     urimod.check_folder(cfg.out)
     paths = {k: urimod.join(cfg.out, k) for k in ("run", "predictions", "report", "slide", "slide_predictions")}
     init_ray(dashboard=True)  # the demo trains (Ray Train needs the dashboard), then scores
     log.info("[1/4] training hcdnet for up to %.1f minutes on %d real PCam patches", cfg.minutes, 900)
+    # Each demo trains afresh: a rerun (another --minutes, a newer hcd) shows what it says it does.
+    clear_run(paths["run"])
     meta = train(TrainConfig(data=sample_uri("train"), val_data=sample_uri("val"), out=paths["run"],
                              batch_size=64, time_budget_min=cfg.minutes))
     model_uri = urimod.join(paths["run"], "model")

@@ -299,6 +299,17 @@ TRAIN_SPEC = "_TRAIN.json"
 SKIPPED = "skipped"
 
 
+def clear_run(out: str) -> None:
+    """Delete the training run hcd wrote in ``out`` (its own names only), so the next one starts fresh.
+
+    Only where ``out`` holds hcd's markers of a run (the spec, or Ray Train's run folder).
+    """
+    if not (urimod.exists(urimod.join(out, TRAIN_SPEC)) or urimod.exists(urimod.join(out, RUN_NAME))):
+        return
+    for name in (RUN_NAME, "metrics", "model", SKIPPED, TRAIN_SPEC):  # the spec last
+        urimod.delete(urimod.join(out, name))
+
+
 def report_skipped(cfg: TrainConfig, listed: int) -> int:
     """Say how many listed patches training leaves out, with an example; return the count.
 

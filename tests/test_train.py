@@ -417,3 +417,19 @@ def test_training_says_which_patches_it_could_not_decode(ray_session, synth_600,
     ids = [i for f in folders for i in skipped_rows(str(f))["id"].to_pylist()]
     assert sorted(ids) == sorted(p.stem for p in bad) and all(f.is_dir() for f in folders)
     assert meta["metrics"]["val_n"] == len(held) - 3
+
+
+def test_clear_run_deletes_only_what_training_wrote(tmp_path):
+    from hcdlib.train import TRAIN_SPEC, clear_run
+
+    run = tmp_path / "run"
+    (run / "notes").mkdir(parents=True)
+    (run / "notes" / "mine.txt").write_text("mine")
+    (run / "model").mkdir()
+    clear_run(str(run))  # no marker of an hcd run: nothing is touched
+    assert (run / "model").is_dir()
+    for name in ("ray_train/checkpoint_x", "metrics", "skipped/train"):
+        (run / name).mkdir(parents=True)
+    (run / TRAIN_SPEC).write_text("{}")
+    clear_run(str(run))
+    assert sorted(p.name for p in run.iterdir()) == ["notes"] and (run / "notes" / "mine.txt").read_text() == "mine"
