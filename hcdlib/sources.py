@@ -218,7 +218,9 @@ def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
                           f"{', '.join(map(str, rows))}; keep one row per id")
     table = table.set_column(names.index("id"), "id", ids)
     if "label" in names:
-        label = pc.utf8_trim_whitespace(table["label"])
+        # 0.0 and 1.0 are 0 and 1 (pandas writes a label column with a gap in it as floats)
+        label = pc.replace_substring_regex(pc.utf8_trim_whitespace(table["label"]), pattern=r"^([01])\.0*$",
+                                           replacement=r"\1")
         bad = pc.invert(pc.is_in(label, value_set=pa.array(LABEL_VALUES)))
         if pc.any(bad).as_py():
             i = _first(bad)

@@ -98,7 +98,7 @@ def test_labels_csv_without_label_column_is_refused(ten_patches, tmp_path, no_ra
     read_labels(bad, require_label=False)  # scoring may carry slide ids without labels
 
 
-@pytest.mark.parametrize("value", ["2", "-1", "0.5", "tumour", ""])
+@pytest.mark.parametrize("value", ["2", "-1", "0.5", "tumour", "", "1.01", "10", "01"])
 def test_label_that_is_not_0_or_1_is_refused_naming_row_and_value(ten_patches, tmp_path, value):
     folder, ids = ten_patches
     rows = [f"{i},{1 if n % 2 else 0}\n" for n, i in enumerate(ids)]
@@ -109,6 +109,12 @@ def test_label_that_is_not_0_or_1_is_refused_naming_row_and_value(ten_patches, t
     with pytest.raises(SourceError, match="row 5"):
         pack(PackConfig(input=str(folder), labels=bad, out=str(tmp_path / "shards")))
     assert not (tmp_path / "shards").exists()  # refused before any shard was written
+
+
+def test_labels_written_as_floats_are_read_as_0_and_1(tmp_path):
+    """A label column with a gap in it is written by pandas as 0.0 / 1.0: the same labels."""
+    path = _csv(tmp_path / "labels.csv", "id,label\na,0.0\nb,1.0\nc, 1 \nd,1.000\ne,0\n")
+    assert read_labels(path)["label"].to_pylist() == [0, 1, 1, 1, 0]
 
 
 def test_id_listed_twice_is_refused(ten_patches, tmp_path):
