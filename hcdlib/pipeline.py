@@ -96,8 +96,8 @@ def labelled_ok(batch: dict, *, skipped: str | None = None) -> dict:
     """Training rows: decoded fine and labelled; only what the train loop needs.
 
     The others are recorded, not dropped without a word: with ``skipped`` (a folder URI), each
-    batch that leaves rows out writes their ``id, error`` to ``<skipped>/<chunk>-<row>.csv``
-    (named by its first row, so a retried or re-read batch writes the same file again).
+    batch that leaves rows out writes their ``chunk, row, id, error`` to ``<skipped>/<chunk>-<row>.csv``
+    (named by the batch's first row, so a retried or re-read batch writes the same file again).
     """
     import pandas as pd
 
