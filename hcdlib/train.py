@@ -208,8 +208,9 @@ def train(cfg: TrainConfig) -> dict:
         check_resumable(cfg, run_dir)
         log.info("resuming the training run in %s from its latest checkpoint", run_dir)
     else:  # a fresh run (a spec left by a run that never started training is replaced)
+        if urimod.exists(urimod.join(cfg.out, TRAIN_SPEC)):  # hcd started here before: its record is made again
+            urimod.delete(urimod.join(cfg.out, SKIPPED))
         urimod.write_bytes_atomic(urimod.join(cfg.out, TRAIN_SPEC), json.dumps(spec, indent=1).encode())
-        urimod.delete(urimod.join(cfg.out, SKIPPED))  # hcd's record of an earlier start: made again
     init_ray(cfg.address, dashboard=True)
     resources = ray.cluster_resources()
     n_train, n_all = train_src.num_patches, train_src.num_patches + val_src.num_patches

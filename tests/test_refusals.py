@@ -251,9 +251,15 @@ def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray)
     other = _class_folders(folder, tmp_path / "other", {i: n % 2 for n, i in enumerate(ids[:5])})
     out = tmp_path / "run"
     cfg = TrainConfig(data=both, val_data=held, out=str(out), epochs=2)
+    (out / "skipped").mkdir(parents=True)
+    (out / "skipped" / "mine.txt").write_text("mine")  # the user's, in an --out hcd never trained in
     with pytest.raises(AssertionError, match="Ray was started"):  # a fresh run: spec written, then Ray
         train(cfg)
     assert json.loads((out / TRAIN_SPEC).read_text())["lr"] == cfg.lr
+    assert (out / "skipped" / "mine.txt").read_text() == "mine"
+    with pytest.raises(AssertionError, match="Ray was started"):  # hcd's earlier start: its record is redone
+        train(cfg)
+    assert not (out / "skipped").exists()
     (out / "ray_train").mkdir()  # the run started training
     with pytest.raises(UserError, match=r"holds a run with a different lr \(lr=0.003\); train into another --out"):
         train(cfg.replace(lr=0.01))

@@ -242,7 +242,7 @@ def test_tile_runs_break_at_gaps_rows_and_length():
 
 
 def test_a_slide_whose_resolution_is_a_default_dpi_is_an_error_row_not_a_million_tiles(tmp_path):
-    """72 dpi (352.8 um/px) cut 1-px tiles: a 1,152 px slide became 1.3 million tiles, each scored."""
+    """72 dpi (352.8 um/px) cut 1-px tiles: up to 1.3 million for this 1,152 px slide, each scored."""
     import tifffile
 
     from hcdlib.slides import plan_slide
