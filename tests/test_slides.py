@@ -270,3 +270,81 @@ def test_slides_coarser_than_the_model_are_scored_with_a_warning(ray_session, tm
     coarse = plan_slides([{"slide": path, "slide_id": "s"}], out=str(tmp_path / "o"), mpp=2.0, tissue_threshold=0.5)
     assert coarse[0]["error"] is None and coarse[0]["plan"]["tile_size"] == 47  # 96 px at 0.972 um/px
     assert "1 slides are scanned coarser than the model's 0.972 um/px" in caplog.text and "2.1x" in caplog.text
+
+
+def _tissue_chunk(tmp_path):
+    """A clean slide, the chunk of all its tissue tiles, and the tiles it reads to."""
+    from hcdlib.slides import plan_slide, read_tiles, tile_chunks
+
+    path = tmp_path / "clean.tif"
+    _write_slide(path, _canvas(), PCAM_MPP)
+    planned = plan_slide(str(path), slide_id="s", out=str(tmp_path / "out"), mpp=None, tissue_threshold=0.5)
+    chunk = tile_chunks(planned, 1000)[0]
+    return path, chunk, read_tiles(chunk)
+
+
+def _edit_tile(src, dst, tile: int, *, corrupt: bool) -> None:
+    """Copy slide ``src`` to ``dst`` with level-0 TIFF tile ``tile`` (256 px, row-major) corrupt or missing."""
+    import tifffile
+
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(dst, mode="r+b") as f:
+        page = f.pages[0]
+        if corrupt:  # garbage where the zlib stream was
+            offset, count = page.dataoffsets[tile], page.databytecounts[tile]
+            f.filehandle.seek(offset)
+            f.filehandle.write(b"\x00\xff" * (count // 2))
+        else:  # a sparse TIFF: the tile is not stored at all, and OpenSlide reads it as transparent
+            for name in ("TileOffsets", "TileByteCounts"):
+                values = list(page.tags[name].value)
+                values[tile] = 0
+                page.tags[name].overwrite(values)
+
+
+def _overlaps(xs, ys, x0: int, y0: int, side: int = 256) -> np.ndarray:
+    return (xs < x0 + side) & (xs + T > x0) & (ys < y0 + side) & (ys + T > y0)
+
+
+def test_a_corrupt_tile_in_a_slide_fails_only_the_tiles_over_it(tmp_path):
+    """OpenSlide refuses every read on a handle after one failed: the whole chunk used to be error rows."""
+    from dataclasses import replace
+
+    from hcdlib.slides import read_tiles
+
+    clean, chunk, want = _tissue_chunk(tmp_path)
+    _edit_tile(clean, tmp_path / "corrupt.tif", 4, corrupt=True)  # level-0 tile x, y = 256-512
+    got = read_tiles(replace(chunk, slide=str(tmp_path / "corrupt.tif")))
+    bad = _overlaps(got["x"], got["y"], 256, 256)
+    assert 0 < bad.sum() < len(bad) - 10
+    assert (got["status"][bad] == "error").all() and (got["status"][~bad] == "ok").all()
+    x, y = got["x"][bad][0], got["y"][bad][0]
+    assert f"corrupt.tif: cannot read the tile at x={x}, y={y}: " in got["error"][bad][0]
+    np.testing.assert_array_equal(got["pixels"][~bad], want["pixels"][~bad])
+
+
+def test_tile_pixels_outside_the_scanned_area_are_background_with_a_note(tmp_path):
+    """A sparse slide's missing tile reads transparent: it was scored as black pixels, silently."""
+    from dataclasses import replace
+
+    from hcdlib.slides import read_tiles
+
+    clean, chunk, want = _tissue_chunk(tmp_path)
+    assert (want["note"] == None).all()  # noqa: E711 (elementwise)
+    _edit_tile(clean, tmp_path / "sparse.tif", 4, corrupt=False)
+    got = read_tiles(replace(chunk, slide=str(tmp_path / "sparse.tif")))
+    assert (got["status"] == "ok").all()
+    xs, ys = got["x"], got["y"]
+    hit = _overlaps(xs, ys, 256, 256)
+    inside = (xs >= 256) & (xs + T <= 512) & (ys >= 256) & (ys + T <= 512)
+    assert inside.sum() >= 1 and (hit & ~inside).sum() >= 1
+    assert (got["pixels"][inside] == 255).all()  # the background (white, as in the thumbnail), not black
+    assert all(n.startswith("100% of the tile lies outside the slide's scanned area") for n in got["note"][inside])
+    partly = hit & ~inside
+    assert all(n and not n.startswith("100%") for n in got["note"][partly])
+    for i in np.flatnonzero(partly):  # each pixel: the clean tile's, or white where the TIFF tile is missing
+        py, px = np.mgrid[ys[i]:ys[i] + T, xs[i]:xs[i] + T]
+        gone = (px >= 256) & (px < 512) & (py >= 256) & (py < 512)
+        np.testing.assert_array_equal(got["pixels"][i][gone], 255)
+        np.testing.assert_array_equal(got["pixels"][i][~gone], want["pixels"][i][~gone])
+    assert (got["note"][~hit] == None).all()  # noqa: E711
+    np.testing.assert_array_equal(got["pixels"][~hit], want["pixels"][~hit])
