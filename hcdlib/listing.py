@@ -100,6 +100,17 @@ def _link_problem(path: str, real_root: str) -> str | None:
     return None if stat.S_ISREG(mode) else "symlink to something that is not a regular file; not read"
 
 
+def _is_apple_double(path: str) -> bool:
+    """Whether ``path`` is a macOS metadata file: ``._<name>`` (AppleDouble), or anything under ``__MACOSX/``.
+
+    macOS writes one beside every file it copies to a disk or archive without its metadata
+    support. It is never an image: read as one, ``._<id>.tif`` was an error row under an id no
+    labels CSV has (``evaluate`` then refused the join, and a Kaggle submission had an extra id).
+    """
+    name = path.rsplit("/", 1)[-1]
+    return name.startswith("._") or "/__MACOSX/" in path
+
+
 def list_files(root_uri: str) -> Listing:
     """Every regular file below ``root_uri`` with one listing pass (no stat per file)."""
     fs, root = urimod.resolve(root_uri)
@@ -128,6 +139,11 @@ def list_files(root_uri: str) -> Listing:
             files, refused = [i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File], []
     files.sort()
     refused.sort()
+    apple = [p for p in files if _is_apple_double(p)]
+    if apple:
+        files = [p for p in files if not _is_apple_double(p)]
+        log.warning("%s: %d macOS metadata files (._name, written beside files copied from a Mac) are not read, "
+                    "e.g. %s", root_uri, len(apple), apple[0])
     if refused:
         log.warning("%s: %d entries not read, e.g. %s: %s", root_uri, len(refused), *refused[0])
     return Listing(fs, root, files, refused)

@@ -300,3 +300,21 @@ def test_a_mixed_input_never_leaves_one_kind_unscored_without_a_word(synth_small
     src = open_source(str(scans), tiling=SlideTiling(out=str(tmp_path / "o")))
     assert isinstance(src, SlideSource) and [s["slide_id"] for s in src.slides] == ["s1"]
     assert "1 files that are not slides are not scored (e.g. " in caplog.text and "s1_macro.jpg" in caplog.text
+
+
+def test_macos_metadata_files_are_not_read_as_patches(synth_small, tmp_path, caplog):
+    """A folder copied from a Mac holds ._<id>.tif beside each <id>.tif: they were error rows under unknown ids."""
+    import logging
+
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    kept = sorted(synth_small.glob("*.tif"))[:3]
+    for p in kept:
+        shutil.copy(p, folder / p.name)
+        (folder / f"._{p.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000))
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "x.tif").write_bytes(b"\x00\x05\x16\x07")
+    caplog.set_level(logging.WARNING)
+    src = open_source(str(folder))
+    assert src.layout == KAGGLE and sorted(_read_all(src)["id"].to_pylist()) == sorted(p.stem for p in kept)
+    assert "4 macOS metadata files (._name, written beside files copied from a Mac) are not read" in caplog.text
