@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+# A patch file's extension at the end of an id in a labels CSV (read_labels takes it off).
+ID_EXTENSION = r"(?i)\.(?:" + "|".join(e[1:] for e in IMAGE_EXTS) + ")$"
 # Archives hcd does not read inside: named in the refusal, so the fix is plain.
 ARCHIVE_EXTS = (".zip", ".tar", ".tar.gz", ".tgz", ".7z", ".rar")
 KAGGLE, CLASS_FOLDERS, PARQUET = "kaggle", "class_folders", "parquet"
@@ -189,7 +191,8 @@ def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
     """Read and check a labels CSV (``id,label`` plus optional ``slide_id`` / ``dup_group``).
 
     Labels are exactly 0 or 1 and every id appears once; anything else is refused before any
-    work starts, naming the file, the row (1 = the header) and the value. Without
+    work starts, naming the file, the row (1 = the header) and the value. An id may carry its
+    file's extension (``abc.tif`` is ``abc``). Without
     ``require_label`` a CSV may carry only ids and slide ids (scoring).
     """
     try:
@@ -205,7 +208,9 @@ def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
     names = table.column_names
     if "id" not in names:
         raise SourceError(f"{labels_uri}: labels CSV needs an 'id' column, has {names}")
-    ids = pc.utf8_trim_whitespace(table["id"])
+    # An id is a file name without its extension; one written with it (abc.tif, as a listing of
+    # the files gives it) names the same patch, and matched none: every patch went unlabelled.
+    ids = pc.replace_substring_regex(pc.utf8_trim_whitespace(table["id"]), pattern=ID_EXTENSION, replacement="")
     blank = pc.equal(ids, "")
     if pc.any(blank).as_py():
         raise SourceError(f"{labels_uri}: row {_first(blank) + 2}: empty id")

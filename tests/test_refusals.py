@@ -35,7 +35,7 @@ from hcdlib.models import build_model
 from hcdlib.pack import PackConfig, pack
 from hcdlib.score import ScoreConfig, score
 from hcdlib.slides import slide_id_of
-from hcdlib.sources import SourceError, open_source, read_labels
+from hcdlib.sources import SourceError, check_labelled, open_source, read_labels
 from hcdlib.train import TrainConfig, open_sources
 from hcdlib.transforms import Preprocess
 
@@ -115,6 +115,20 @@ def test_labels_written_as_floats_are_read_as_0_and_1(tmp_path):
     """A label column with a gap in it is written by pandas as 0.0 / 1.0: the same labels."""
     path = _csv(tmp_path / "labels.csv", "id,label\na,0.0\nb,1.0\nc, 1 \nd,1.000\ne,0\n")
     assert read_labels(path)["label"].to_pylist() == [0, 1, 1, 1, 0]
+
+
+def test_ids_written_with_the_file_extension_name_the_same_patches(ten_patches, tmp_path):
+    """A CSV made from a file listing has abc.tif where hcd's id is abc: every patch went unlabelled."""
+    folder, ids = ten_patches
+    rows = "".join(f"{i}{'.tif' if n % 3 else '.TIFF'},{n % 2}\n" for n, i in enumerate(ids))
+    path = _csv(tmp_path / "labels.csv", "id,label\n" + rows + "x.png.jpg,1\n")
+    t = read_labels(path)
+    assert t["id"].to_pylist() == [*ids, "x.png"] and t["label"].to_pylist() == [*(n % 2 for n in range(len(ids))), 1]
+    src = open_source(str(folder), path, require_label=True)
+    assert check_labelled(src, "training")["label"].to_pylist() == [n % 2 for n in range(len(ids))]
+    both = _csv(tmp_path / "both.csv", f"id,label\n{ids[0]},0\n{ids[0]}.tif,0\n")
+    with pytest.raises(SourceError, match=rf"listed more than once, e.g. '{ids[0]}' on rows 2, 3"):
+        read_labels(both)
 
 
 def test_id_listed_twice_is_refused(ten_patches, tmp_path):
