@@ -74,6 +74,9 @@ def read_meta(uri: str) -> dict:
     except FileNotFoundError:
         raise ArtifactError(f"{uri}: not a model artifact (no {META}); pass the <train-out>/model folder") from None
     except OSError as exc:
+        if urimod.is_file(uri):  # the weights or model.json itself, not the folder holding them
+            raise ArtifactError(f"{uri}: a file, not a model artifact; pass the folder that holds {META} and "
+                                f"{WEIGHTS} (<train-out>/model)") from None
         raise ArtifactError(f"{target}: cannot read: {exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{target}: invalid JSON ({exc}); re-export or re-copy the model") from exc

@@ -91,6 +91,12 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_file(uri: str) -> bool:
+    """Whether a file (not a directory) is at ``uri``."""
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def read_bytes(uri: str) -> bytes:
     """Read a whole object."""
     fs, path = resolve(uri)

@@ -528,6 +528,17 @@ def test_bad_model_artifact_is_one_line_before_ray(damage, synth_small, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "model.json"])
+def test_a_model_file_instead_of_its_folder_names_the_folder_to_pass(name, synth_small, tmp_path, capsys, no_ray):
+    """It used to be 'cannot read: ... Not a directory' about a path that does not exist."""
+    m = _artifact(tmp_path)
+    expect = "model." + name.split(".")[1] + ": a file, not a model artifact; pass the folder that holds model.json"
+    with pytest.raises(ArtifactError, match=expect):
+        load_model(str(m / name))
+    _one_line_exit_2(capsys, ["score", "--model", str(m / name), "--input", str(synth_small),
+                              "--out", str(tmp_path / "o")], expect=expect)
+
+
 def _rehash(m: Path, blob: bytes, **meta_changes) -> None:
     """Write ``blob`` as the weights and a model.json whose hash matches it (a consistent-looking artifact)."""
     meta = json.loads((m / "model.json").read_text())
