@@ -22,6 +22,9 @@ from hcdlib.errors import UserError
 
 log = logging.getLogger(__name__)
 
+METRICS = "metrics.json"
+METRICS_SCHEMA = "hcd-metrics/1"
+
 
 def load_labels(uri: str) -> pd.DataFrame:
     """Labels by id from a CSV (``id,label[,slide_id]``) or from any patch source (class folders)."""
@@ -150,12 +153,33 @@ def _slide_heatmaps(preds_uri: str) -> list[tuple[dict, bytes]]:
     return out
 
 
+def check_report_folder(out: str) -> None:
+    """Refuse an ``out`` that holds a report file ``hcd evaluate`` did not write: it would be replaced.
+
+    Its own earlier report (a ``metrics.json`` of hcd's schema beside it) is replaced, so a rerun
+    updates the report. ``--out .`` in a project with its own ``report.html`` must not lose it.
+    """
+    from hcdlib.report import FIGURES, REPORT
+
+    there = [n for n in (METRICS, REPORT, *FIGURES) if urimod.exists(urimod.join(out, n))]
+    if not there:
+        return
+    try:
+        ours = json.loads(urimod.read_bytes(urimod.join(out, METRICS))).get("schema") == METRICS_SCHEMA
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise UserError(f"--out {out} holds {there[0]}, which hcd evaluate did not write and would replace; "
+                        "choose a new or empty folder")
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Compute metrics and write ``metrics.json``, the figures and ``report.html`` to ``cfg.out``."""
     from hcdlib.predictions import read_predictions
-    from hcdlib.report import write_figures, write_html
+    from hcdlib.report import REPORT, write_figures, write_html
 
     urimod.check_folder(cfg.out)
+    check_report_folder(cfg.out)
     preds = read_predictions(cfg.predictions).to_pandas()
     df, counts = join(preds, load_labels(cfg.labels), allow_missing=cfg.allow_missing)
     if df["label"].nunique() < 2:
@@ -163,7 +187,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     threshold = cfg.threshold if cfg.threshold is not None else _model_threshold(cfg.predictions)
     y, p = df["label"].to_numpy(), df["prob"].to_numpy(dtype=float)
     metrics = {
-        "schema": "hcd-metrics/1",
+        "schema": METRICS_SCHEMA,
         "inputs": {"predictions": cfg.predictions, "labels": cfg.labels, "model": str(preds["model"].iloc[0])},
         "join": counts,
         "patch": patch_metrics(y, p, threshold=threshold, target_sensitivity=cfg.target_sensitivity,
@@ -173,9 +197,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     }
     figures = write_figures(df, metrics, cfg)
     body = json.dumps(metrics, indent=1, default=float).encode()
-    urimod.write_bytes_atomic(urimod.join(cfg.out, "metrics.json"), body)
+    urimod.write_bytes_atomic(urimod.join(cfg.out, METRICS), body)
     write_html(metrics, figures, cfg.out, slides=_slide_heatmaps(cfg.predictions))
     ci = metrics["patch"]["roc_auc_ci95"] or (float("nan"), float("nan"))
     log.info("ROC AUC %.3f (95%% CI %.3f-%.3f) on %d patches; report at %s", metrics["patch"]["roc_auc"], *ci,
-             len(y), urimod.join(cfg.out, "report.html"))
+             len(y), urimod.join(cfg.out, REPORT))
     return metrics

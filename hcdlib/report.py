@@ -11,6 +11,7 @@ import pandas as pd
 
 from hcdlib import uri as urimod
 
+REPORT = "report.html"
 FIGURES = ("roc.png", "pr.png", "reliability.png", "histogram.png", "errors.png")
 # What each figure shows and how to read it (the report's captions).
 CAPTIONS = {
@@ -226,6 +227,6 @@ figure{{margin:1em 0}}img{{max-width:100%}}</style></head><body>
 <h2>Figures</h2>{imgs}
 {slides_html}
 </body></html>"""
-    target = urimod.join(out, "report.html")
+    target = urimod.join(out, REPORT)
     urimod.write_bytes_atomic(target, page.encode())
     return target

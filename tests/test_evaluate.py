@@ -218,3 +218,21 @@ def test_slide_report_renders_in_headless_chromium(slide_case, tmp_path):
     yellow = (r > 200) & (g > 150) & (b < 120)
     purple = (r > g + 20) & (b > g + 20) & (g < 120)
     assert yellow.sum() > 2000 and purple.sum() > 2000
+
+
+def test_a_report_folder_holding_files_evaluate_did_not_write_is_refused(case, synth_small, tmp_path):
+    """--out . in a project with its own report.html replaced it; hcd's own earlier report is replaced."""
+    _df, tmp = case
+    cfg = EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"), out=str(tmp_path / "proj"),
+                     bootstrap=10)
+    for name, text in (("report.html", "<p>my notes</p>"), ("roc.png", "mine"), ("metrics.json", '{"auc": 1}')):
+        (tmp_path / "proj").mkdir(exist_ok=True)
+        (tmp_path / "proj" / name).write_text(text)
+        with pytest.raises(UserError, match=rf"--out .*proj holds {name}, which hcd evaluate did not write"):
+            evaluate(cfg)
+        assert (tmp_path / "proj" / name).read_text() == text
+        (tmp_path / "proj" / name).unlink()
+    evaluate(cfg)  # an empty folder, then a rerun over its own report
+    (tmp_path / "proj" / "roc.png").write_bytes(b"stale")
+    evaluate(cfg)
+    assert (tmp_path / "proj" / "roc.png").read_bytes().startswith(b"\x89PNG")
