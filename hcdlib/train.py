@@ -31,11 +31,13 @@ from hcdlib.chunks import Chunk
 from hcdlib.config import TrainConfig
 from hcdlib.errors import UserError
 from hcdlib.sources import FileSource, PatchSource, SourceError, check_labelled, open_source
-from hcdlib.train_loop import TRAIN, VAL
+from hcdlib.train_loop import METRICS_DIR, TRAIN, VAL
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "ray_train"
+# Where a run exports its model artifact, in --out.
+MODEL_DIR = "model"
 
 
 def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, PatchSource]:
@@ -208,6 +210,12 @@ def train(cfg: TrainConfig) -> dict:
         check_resumable(cfg, run_dir)
         log.info("resuming the training run in %s from its latest checkpoint", run_dir)
     else:  # a fresh run (a spec left by a run that never started training is replaced)
+        # An exported model (or metrics) with no run to resume beside it: a user's folder, or a run
+        # whose Ray Train folder was deleted. A new run would replace the model without a word.
+        for name in (MODEL_DIR, METRICS_DIR):
+            if urimod.exists(urimod.join(cfg.out, name)):
+                raise UserError(f"--out {cfg.out} holds {name}/ but no training run to resume ({RUN_NAME}/): a new "
+                                f"run would replace it; train into another --out, or move {name}/ away")
         if urimod.exists(urimod.join(cfg.out, TRAIN_SPEC)):  # hcd started here before: its record is made again
             urimod.delete(urimod.join(cfg.out, SKIPPED))
         urimod.write_bytes_atomic(urimod.join(cfg.out, TRAIN_SPEC), json.dumps(spec, indent=1).encode())
@@ -262,7 +270,7 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
 
     budget = (cfg.time_budget_min or 0) * 60
     bar = progress(budget or cfg.epochs, desc="training", unit="s" if budget else "epoch")
-    fs, path = urimod.resolve(urimod.join(cfg.out, "metrics"))
+    fs, path = urimod.resolve(urimod.join(cfg.out, METRICS_DIR))
     seen: set[str] = set()
     last_line = 0.0
     while not stop.wait(1.0):
@@ -307,7 +315,7 @@ def clear_run(out: str) -> None:
     """
     if not (urimod.exists(urimod.join(out, TRAIN_SPEC)) or urimod.exists(urimod.join(out, RUN_NAME))):
         return
-    for name in (RUN_NAME, "metrics", "model", SKIPPED, TRAIN_SPEC):  # the spec last
+    for name in (RUN_NAME, METRICS_DIR, MODEL_DIR, SKIPPED, TRAIN_SPEC):  # the spec last
         urimod.delete(urimod.join(out, name))
 
 
@@ -395,7 +403,7 @@ def export_best(cfg: TrainConfig, checkpoint) -> dict:
     model, _ = build_model(cfg.arch, weights="none")
     model.load_state_dict(state["best_model"])
     metrics = dict(state["best"]["metrics"], best_epoch=state["best"]["epoch"], epochs_run=state["epoch"])
-    meta = export_model(model, urimod.join(cfg.out, "model"), arch=cfg.arch,
+    meta = export_model(model, urimod.join(cfg.out, MODEL_DIR), arch=cfg.arch,
                         preprocess=preprocess_for(cfg.weights, crop=cfg.crop), metrics=metrics, config=asdict(cfg))
     meta["history"] = state["history"]
     return meta

@@ -31,6 +31,7 @@ STATE_FILE = "state.pt"
 BN_IMAGES = 512
 END_RESERVE_S = 15.0  # of a time budget: the last checkpoint, the export and shutting down
 TRAIN, VAL = "train", "val"  # dataset keys
+METRICS_DIR = "metrics"  # in --out: each epoch's metrics, written by rank 0, followed by the driver
 
 
 def one_cycle(progress: float, *, pct_start: float = 0.25, div: float = 25.0, final_div: float = 1e4) -> float:
@@ -421,7 +422,7 @@ class TrainLoop:
         if self.rank == 0:  # after report: a metrics file means its epoch's checkpoint exists
             from hcdlib import uri as urimod
 
-            urimod.write_bytes_atomic(urimod.join(self.cfg.out, "metrics", f"epoch_{self.epoch:03d}.json"),
+            urimod.write_bytes_atomic(urimod.join(self.cfg.out, METRICS_DIR, f"epoch_{self.epoch:03d}.json"),
                                       json.dumps(stats, indent=1).encode())
 
 

@@ -284,6 +284,22 @@ def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray)
             train(more)
 
 
+@pytest.mark.parametrize("name", ["model", "metrics"])
+def test_a_fresh_train_run_never_replaces_a_model_it_cannot_resume(name, ten_patches, tmp_path, no_ray):
+    """An --out holding model/ (a user's, or a run whose ray_train/ was deleted) had it replaced by the new run."""
+    from hcdlib.train import train
+
+    folder, ids = ten_patches
+    data = _class_folders(folder, tmp_path / "data", {i: n % 2 for n, i in enumerate(ids)})
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    (out / name / "model.json").write_text("mine")
+    with pytest.raises(UserError, match=rf"run holds {name}/ but no training run to resume \(ray_train/\): a new run "
+                                        rf"would replace it; train into another --out, or move {name}/ away"):
+        train(TrainConfig(data=data, out=str(out), epochs=1))
+    assert (out / name / "model.json").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [name]
+
+
 def test_an_out_in_a_bucket_that_does_not_exist_is_one_line(model_dir, synth_small, bucket, capsys, no_ray):
     """The first write used to fail in pyarrow ("Bucket not found") with a traceback."""
     for argv in (["score", "--model", str(model_dir), "--input", str(synth_small)],
