@@ -112,9 +112,7 @@ def _to_part(rows: pa.Table) -> pa.Table:
 def _check_locations(cfg: ScoreConfig) -> None:
     """Refuse an --out that overlaps --input (outputs would be read as input, or input deleted), or a file."""
     urimod.check_folder(cfg.out)
-    if urimod.within(cfg.out, cfg.input):
-        raise UserError(f"--out {cfg.out} is inside --input {cfg.input}: its files would be read as input on the "
-                        "next run; choose an --out outside the input")
+    urimod.check_outside(cfg.out, [("--input", cfg.input)])
     for name in preds.OWNED:
         if urimod.within(cfg.input, urimod.join(cfg.out, name)):
             raise UserError(f"--input {cfg.input} is inside {urimod.join(cfg.out, name)}, where hcd score writes "

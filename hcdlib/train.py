@@ -197,6 +197,7 @@ def train(cfg: TrainConfig) -> dict:
     # worker either, and Ray Train would retry it max_failures times.
     run_dir = urimod.join(cfg.out, RUN_NAME)
     urimod.check_folder(cfg.out)
+    urimod.check_outside(cfg.out, [("--data", cfg.data), ("--val-data", cfg.val_data)])
     if cfg.resume and not urimod.exists(run_dir):
         raise UserError(f"--resume: {cfg.out} has no training run to resume ({run_dir} missing)")
     if cfg.weights != "none":  # a pickle, a truncated file, another arch's weights; ImageNet's that cannot be

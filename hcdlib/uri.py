@@ -152,6 +152,19 @@ def within(child: str, parent: str) -> bool:
     return c == p or c.startswith(p.rstrip("/") + "/")
 
 
+def check_outside(out: str, inputs: list[tuple[str, str | None]]) -> None:
+    """Refuse an ``--out`` that is, or lies inside, one of ``inputs`` (``(flag, uri)`` pairs).
+
+    What a job writes there would be read as input by the next run over that input.
+    """
+    from hcdlib.errors import UserError
+
+    for flag, uri in inputs:
+        if uri and within(out, uri):
+            raise UserError(f"--out {out} is inside {flag} {uri}: its files would be read as input on the next "
+                            "run; choose an --out outside the input")
+
+
 def check_folder(uri: str, flag: str = "--out") -> None:
     """Refuse an output folder below a local file, or in an S3 bucket that does not exist.
 

@@ -284,6 +284,18 @@ def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray)
             train(more)
 
 
+def test_train_out_inside_its_data_is_refused(ten_patches, tmp_path, capsys, no_ray):
+    """Like score's and pack's --out: what training writes there would be listed with the patches next time."""
+    folder, ids = ten_patches
+    data = _class_folders(folder, tmp_path / "data", {i: n % 2 for n, i in enumerate(ids[:6])})
+    held = _class_folders(folder, tmp_path / "held", {i: n % 2 for n, i in enumerate(ids[6:])})
+    for flag, inside in (("--data", f"{data}/run"), ("--val-data", held)):
+        _one_line_exit_2(capsys, ["train", "--data", data, "--val-data", held, "--out", inside],
+                         expect=f"--out {inside} is inside {flag} {held if flag == '--val-data' else data}: its "
+                                "files would be read as input on the next run")
+    assert sorted(p.name for p in Path(data).iterdir()) == ["0", "1"]
+
+
 @pytest.mark.parametrize("name", ["model", "metrics"])
 def test_a_fresh_train_run_never_replaces_a_model_it_cannot_resume(name, ten_patches, tmp_path, no_ray):
     """An --out holding model/ (a user's, or a run whose ray_train/ was deleted) had it replaced by the new run."""
