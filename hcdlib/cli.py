@@ -133,11 +133,16 @@ def run_score(cfg: ScoreConfig) -> int:
         bad = sum(s["status"] != "ok" for s in per)
         slides = (f"\n slides   {len(per) - bad} scored, {bad} failed: heatmaps, GeoJSON and summary.csv in "
                   f"{urimod.join(cfg.out, 'slides')}")
+    errors = f"{m['errors']}" + (f", e.g. {m['error_example']}" if m.get("error_example") else "")
+    noted = ""
+    if m.get("noted"):  # converted on the way in (grey, 16-bit, resized, partly outside a slide's scan)
+        top = next(iter(m["note_examples"]))
+        noted = f"\n notes    {m['noted']} rows scored after a conversion, e.g. {m['note_examples'][top]} x '{top}'"
     log.info(
-        "\n== hcd score summary ==\n rows     %d\n ok       %d\n errors   %d\n dup ids  %d\n"
+        "\n== hcd score summary ==\n rows     %d\n ok       %d\n errors   %s%s\n dup ids  %d\n"
         " wall     %.1fs\n rate     %s patches/s\n model    %s\n manifest %s%s",
-        m["rows"], m["ok"], m["errors"], m["duplicate_input_ids"], wall, f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}",
-        m["model"], m["manifest_uri"], slides)
+        m["rows"], m["ok"], errors, noted, m["duplicate_input_ids"], wall,
+        f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}", m["model"], m["manifest_uri"], slides)
     return 0
 
 

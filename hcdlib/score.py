@@ -276,6 +276,17 @@ def _log_progress(bar, rows_done: int, todo_rows: int, total: int, t0: float, la
     return now
 
 
+def _note_counts(notes: list[pa.ChunkedArray]) -> dict:
+    """How many rows carry a note (a conversion the model's input went through), and the commonest notes.
+
+    A note is said on the console too: a grey or 16-bit archive scored by an H&E model is worth
+    a look before its numbers are trusted.
+    """
+    col = pa.chunked_array([c for n in notes for c in n.chunks], pa.string())
+    top = sorted(pc.value_counts(col.drop_null()).to_pylist(), key=lambda c: -c["counts"])[:5]
+    return {"noted": len(col) - col.null_count, "note_examples": {c["values"]: c["counts"] for c in top}}
+
+
 def _commit(cfg: ScoreConfig, chunks: list[Chunk], spec: dict, wall: float, *, slides: dict | None = None) -> dict:
     """Check every chunk has its part, then write the manifest that makes them visible."""
     expected = {c.key: c.num_rows for c in chunks}
@@ -284,13 +295,18 @@ def _commit(cfg: ScoreConfig, chunks: list[Chunk], spec: dict, wall: float, *, s
     if missing:
         raise RuntimeError(f"{len(missing)} chunks were not scored (first: {missing[0]}); "
                            "rerun the same command to finish them")
-    files, ids, ok = [], [], 0
+    files, ids, notes, ok, error_example = [], [], [], 0, None
     for key in expected:
         path = f"{preds.PARTS}/{preds.part_name(key)}"
-        t = preds.read_part(urimod.join(cfg.out, path), ["id", "status"], expect_rows=expected[key])
+        t = preds.read_part(urimod.join(cfg.out, path), ["id", "status", "error", "note"], expect_rows=expected[key])
         files.append({"path": path, "rows": t.num_rows, "bytes": done[key]})
         ids.append(t["id"])
-        ok += pc.sum(pc.equal(t["status"], "ok")).as_py() or 0
+        notes.append(t["note"])
+        part_ok = pc.sum(pc.equal(t["status"], "ok")).as_py() or 0
+        reasons = t["error"].drop_null() if error_example is None and part_ok < t.num_rows else []
+        if len(reasons):  # the first, for the summary: an error row says why
+            error_example = reasons[0].as_py()
+        ok += part_ok
     id_col = pa.chunked_array(ids, pa.string()) if ids else pa.chunked_array([], pa.string())
     counts = pc.value_counts(id_col)
     dups = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
@@ -299,7 +315,8 @@ def _commit(cfg: ScoreConfig, chunks: list[Chunk], spec: dict, wall: float, *, s
                     len(dups), dups[:5])
     rows = sum(f["rows"] for f in files)
     manifest = {
-        "files": files, "rows": rows, "ok": ok, "errors": rows - ok,
+        "files": files, "rows": rows, "ok": ok, "errors": rows - ok, "error_example": error_example,
+        **_note_counts(notes),
         "duplicate_input_ids": len(dups), "duplicate_id_examples": dups[:20],
         "model": spec["model"], "run": spec, "config": asdict(cfg), "wall_seconds": round(wall, 2),
     }

@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
-from hcdlib.chunks import Chunk, FilesChunk, ShardChunk, footer_bytes
+from hcdlib.chunks import ROW_SCHEMA, Chunk, FilesChunk, ShardChunk, footer_bytes
 from hcdlib.listing import Listing, SourceError, list_files
 from hcdlib.predictions import MANIFEST
 
@@ -331,6 +331,7 @@ def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str,
     with ThreadPoolExecutor(16, thread_name_prefix="hcd-footers") as pool:
         for shard, (md, size) in zip(shards, pool.map(lambda shard: _footer(fs, shard), shards), strict=True):
             uri = urimod.to_uri(fs, shard)
+            _check_shard_schema(uri, md.schema.to_arrow_schema())
             rows["shard"] += [uri] * md.num_row_groups
             rows["row_group"] += list(range(md.num_row_groups))
             rows["num_rows"] += [md.row_group(rg).num_rows for rg in range(md.num_row_groups)]
@@ -338,6 +339,30 @@ def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str,
     items = pa.table(rows, schema=pa.schema([("shard", pa.string()), ("row_group", pa.int64()),
                                              ("num_rows", pa.int64())]))
     return items, footers
+
+
+def _check_shard_schema(uri: str, schema: pa.Schema) -> None:
+    """Refuse a Parquet file whose columns are not a patch shard's (``hcd pack``'s :data:`ROW_SCHEMA`).
+
+    Checked on the driver from the footer: a file without ids would be scored under null ids (the
+    predictions could not be told apart), and a column of another type (a dataset's image struct)
+    failed the read tasks mid-run with a traceback.
+    """
+    fix = "hcd reads the Parquet shards hcd pack writes: pack the patches with hcd pack"
+    missing = [c for c in ("id",) if c not in schema.names]
+    if "image" not in schema.names and "pixels" not in schema.names:
+        missing.append("image (or pixels)")
+    if missing:
+        raise SourceError(f"{uri}: not a patch shard: no {' or '.join(missing)} column (it has "
+                          f"{', '.join(schema.names[:8])}); {fix}")
+    for want in ROW_SCHEMA:
+        if want.name in schema.names:
+            have = schema.field(want.name).type
+            try:
+                pa.array([], have).cast(want.type)
+            except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+                raise SourceError(f"{uri}: column {want.name!r} is {have}, which hcd cannot read as {want.type}; "
+                                  f"{fix}") from None
 
 
 # Each chunk of a shard carries the shard's footer; beyond this size (a shard of very many row

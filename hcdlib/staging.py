@@ -19,10 +19,13 @@ import fcntl
 import hashlib
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+
+import pyarrow.fs as pafs
 
 from hcdlib import uri as urimod
 
@@ -47,33 +50,67 @@ def local_slide(slide_uri: str, *, stage: str | None = None, root: str = STAGE_R
     if not urimod.is_s3(slide_uri):
         yield urimod.resolve(slide_uri)[1]
         return
+    ext = os.path.splitext(slide_uri)[1]
     if stage is None:
-        fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(slide_uri)[1], prefix="hcd-slide-")
-        os.close(fd)
-        try:
-            _download(slide_uri, tmp)
-            yield tmp
-        finally:
-            os.unlink(tmp)
+        with tempfile.TemporaryDirectory(prefix="hcd-slide-") as private:
+            path = os.path.join(private, "slide" + ext)
+            _stage(slide_uri, path, _data_files(slide_uri))
+            yield path
         return
     folder = os.path.join(root, stage)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, hashlib.sha1(slide_uri.encode()).hexdigest()[:20] + os.path.splitext(slide_uri)[1])
+    path = os.path.join(folder, hashlib.sha1(slide_uri.encode()).hexdigest()[:20] + ext)
     with open(path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per slide and node; the others wait for it
         try:
             if not os.path.exists(path):
                 fs, remote = urimod.resolve(slide_uri)
-                _make_room(folder, fs.get_file_info(remote).size)
-                tmp = f"{path}.part-{os.getpid()}"
-                _download(slide_uri, tmp)
-                os.replace(tmp, path)  # a crash mid-download leaves a .part file, never a short slide
+                data = _data_files(slide_uri)
+                _make_room(folder, fs.get_file_info(remote).size + sum(size for _, _, size in data))
+                _stage(slide_uri, path, data)
             now = time.time_ns()  # most recently used (the clock's ns, not the file system's coarser tick)
             os.utime(path, ns=(now, now))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     # Evicted while open (another task needing room) is harmless: an open file outlives its name.
+    # (Not a MIRAX slide's data files, which OpenSlide opens as it reads: those tiles are error rows.)
     yield path
+
+
+def _data_files(slide_uri: str) -> list[tuple[str, str, int]]:
+    """``(uri, path below the data folder, size)`` of each file a multi-file slide keeps beside it.
+
+    A MIRAX slide is ``s.mrxs`` plus a folder ``s/`` (``Slidedat.ini`` and the data files) that
+    OpenSlide finds by the slide's name: staged alone, the .mrxs could not be opened.
+    """
+    base, ext = posixpath.splitext(slide_uri)
+    if ext.lower() != ".mrxs":
+        return []
+    fs, folder = urimod.resolve(base)
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    return [(urimod.to_uri(fs, i.path), posixpath.relpath(i.path, folder), i.size)
+            for i in infos if i.type == pafs.FileType.File]
+
+
+def _stage(slide_uri: str, path: str, data: list[tuple[str, str, int]]) -> None:
+    """Download the slide to ``path`` and its data files into the folder OpenSlide looks for beside it.
+
+    The slide file comes last, by rename: a crash mid-download leaves ``.part`` names, never a
+    short slide or a slide without its data.
+    """
+    pid = os.getpid()
+    if data:
+        folder = os.path.splitext(path)[0]
+        tmp_folder = f"{folder}.part-{pid}"
+        for uri, rel, _ in data:
+            dest = os.path.join(tmp_folder, *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            _download(uri, dest)
+        shutil.rmtree(folder, ignore_errors=True)  # what a crashed staging left
+        os.replace(tmp_folder, folder)
+    tmp = f"{path}.part-{pid}"
+    _download(slide_uri, tmp)
+    os.replace(tmp, path)
 
 
 def _download(slide_uri: str, dest: str) -> None:
@@ -85,8 +122,9 @@ def _download(slide_uri: str, dest: str) -> None:
 
 
 def _make_room(folder: str, need: int) -> None:
-    """Remove the least recently used staged slides until ``need`` more bytes fit the budget."""
-    slides = sorted((e.stat().st_mtime_ns, e.stat().st_size, e.path) for e in os.scandir(folder)
+    """Remove the least recently used staged slides (with their data folders) until ``need`` more bytes fit."""
+    slides = sorted((e.stat().st_mtime_ns, e.stat().st_size + _tree_size(os.path.splitext(e.path)[0]), e.path)
+                    for e in os.scandir(folder)
                     if e.is_file() and not e.name.endswith(".lock") and ".part-" not in e.name)
     used = sum(size for _, size, _ in slides)
     budget = (shutil.disk_usage(folder).free + used) // 2
@@ -94,10 +132,16 @@ def _make_room(folder: str, need: int) -> None:
         if used + need <= budget:
             break
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(path)  # the slide first: a task that finds its name finds its data too
+        shutil.rmtree(os.path.splitext(path)[0], ignore_errors=True)
         used -= size
     if used + need > budget:
         log.warning("staging %d bytes leaves less than half of the free disk in %s", need, folder)
+
+
+def _tree_size(folder: str) -> int:
+    """Bytes of the files below ``folder`` (0 when there is none)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
 def remove_stage(stage: str, root: str = STAGE_ROOT) -> None:

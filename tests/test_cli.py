@@ -77,8 +77,8 @@ def test_help_shows_each_flags_default(capsys):
     assert "(default: 0.5)" in out and "--verbose" in out
 
 
-def test_score_summary_names_the_slide_outputs_and_a_slow_rate(monkeypatch, caplog):
-    """A slide run says where its heatmaps are; one patch in 8 s is 0.12 patches/s, not 0."""
+def test_score_summary_names_the_slide_outputs_a_slow_rate_and_converted_rows(monkeypatch, caplog):
+    """A slide run says where its heatmaps are; one patch in 8 s is 0.12 patches/s, not 0; notes are counted."""
     import logging
 
     import hcdlib.score
@@ -94,7 +94,15 @@ def test_score_summary_names_the_slide_outputs_and_a_slow_rate(monkeypatch, capl
     del manifest["slides"]
     caplog.clear()
     run_score(ScoreConfig(model="m", input="i", out="o"))
-    assert "rate" in caplog.text and "slides" not in caplog.text
+    assert "rate" in caplog.text and "slides" not in caplog.text and "notes" not in caplog.text
+    manifest.update(noted=7, note_examples={"converted L to RGB": 5, "resized 128x128 to 96x96": 2})
+    caplog.clear()
+    run_score(ScoreConfig(model="m", input="i", out="o"))
+    assert " errors   0\n notes    7 rows scored after a conversion, e.g. 5 x 'converted L to RGB'\n" in caplog.text
+    manifest.update(errors=3, error_example="patch a1: image is 128x128, expected 96x96")
+    caplog.clear()
+    run_score(ScoreConfig(model="m", input="i", out="o"))
+    assert " errors   3, e.g. patch a1: image is 128x128, expected 96x96\n notes    7 " in caplog.text
 
 
 def test_evaluate_summary_counts_the_patches_left_out(monkeypatch, caplog):

@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 from conftest import REPO, ray_worker_pids, upload_dir
+from PIL import Image
 
 from hcdlib import predictions as preds
 from hcdlib import read_predictions
@@ -42,7 +43,10 @@ def corrupt_set(synth_small, tmp_path) -> tuple[Path, dict]:
         bad[name[:-4]] = ("empty file", "cannot decode", "not an image")[kind]
     (folder / "again").mkdir()
     shutil.copy(good[0], folder / "again" / good[0].name)  # the same id twice
-    return folder, {"bad": bad, "dup": good[0].stem, "n": 300 + 15 + 1}
+    grey = [f"{900 + i:040x}" for i in range(2)]  # scored after a conversion, with a note
+    for i, name in enumerate(grey):
+        Image.open(good[i]).convert("L").save(folder / f"{name}.tif")
+    return folder, {"bad": bad, "dup": good[0].stem, "grey": grey, "n": 300 + 15 + 1 + 2}
 
 
 def _cfg(model_dir, inp, out, **kw) -> ScoreConfig:
@@ -74,7 +78,10 @@ def test_score_exactly_once_with_corrupt_files(ray_session, model_dir, corrupt_s
     m = score(_cfg(model_dir, folder, tmp_path / "out"))
     assert m["rows"] == info["n"] and m["errors"] == 15 and m["ok"] == info["n"] - 15
     assert m["duplicate_input_ids"] == 1 and m["duplicate_id_examples"] == [info["dup"]]
+    assert m["noted"] == 2 and m["note_examples"] == {"converted L to RGB": 2}
+    assert m["error_example"].split(": ")[0] in {f"patch {i}" for i in info["bad"]}
     t = read_predictions(str(tmp_path / "out")).to_pandas()
+    assert sorted(t[t.note.notna()].id) == info["grey"]
     assert len(t) == info["n"]
     assert t.groupby("source").size().max() == 1  # every input file exactly once
     errors = t[t.status == "error"].set_index("id")
@@ -256,6 +263,7 @@ def test_packed_pixels_score_exactly_as_the_files(ray_session, model_dir, corrup
     b = read_predictions(str(tmp_path / "from-pack")).to_pandas().sort_values(["id", "source"]).reset_index()
     assert files and packed["rows"] == info["n"] and list(a.id) == list(b.id)
     assert list(a.status) == list(b.status) and list(a.error.fillna("")) == list(b.error.fillna(""))
+    assert list(a.note.fillna("")) == list(b.note.fillna("")) and a.note.notna().sum() == len(info["grey"])
     np.testing.assert_allclose(a.prob.to_numpy(), b.prob.to_numpy(), atol=1e-6, equal_nan=True)
     model, meta = load_model(str(model_dir))
     ok = a[a.status == "ok"]

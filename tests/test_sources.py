@@ -318,3 +318,21 @@ def test_macos_metadata_files_are_not_read_as_patches(synth_small, tmp_path, cap
     src = open_source(str(folder))
     assert src.layout == KAGGLE and sorted(_read_all(src)["id"].to_pylist()) == sorted(p.stem for p in kept)
     assert "4 macOS metadata files (._name, written beside files copied from a Mac) are not read" in caplog.text
+
+
+def test_parquet_that_is_not_a_patch_shard_is_refused_at_listing(synth_small, tmp_path):
+    """No id column: scored under null ids; an image struct (a dataset's export): a traceback mid-run."""
+    import pyarrow.parquet as pq
+
+    png = (synth_small / sorted(p.name for p in synth_small.glob("*.tif"))[0]).read_bytes()
+    cases = {
+        "no-id": (pa.table({"image": [png], "label": [1]}), r"not a patch shard: no id column \(it has image, label\)"),
+        "no-image": (pa.table({"id": ["a"], "label": [1]}), "no image \\(or pixels\\) column"),
+        "struct": (pa.table({"id": ["a"], "image": [{"bytes": png, "path": "a.tif"}]}),
+                   r"column 'image' is struct<bytes: binary, path: string>, which hcd cannot read as binary"),
+    }
+    for name, (table, message) in cases.items():
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "data.parquet")
+        with pytest.raises(SourceError, match=rf"{name}/data.parquet: .*{message}.*pack the patches with hcd pack"):
+            open_source(str(tmp_path / name))

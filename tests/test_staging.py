@@ -122,3 +122,36 @@ def test_the_server_sends_a_staged_slide_once(bucket, s3_server, tmp_path):
         tail = boto3.client("s3").get_object(Bucket=bucket_name, Key=key, Range="bytes=-100")["Body"].read()
         assert tail == data[-100:]
     assert sent == {slide[len("s3://"):]: len(data) + 1000 + 100}
+
+
+def test_a_mirax_slide_is_staged_with_its_data_folder(bucket, tmp_path, downloads, monkeypatch):
+    """OpenSlide opens s.mrxs with the folder s/ beside it; staged alone, a MIRAX slide on S3 could not be read."""
+    from collections import namedtuple
+
+    files = {"Slidedat.ini": b"[GENERAL]", "Data0000.dat": b"d" * 300, "more/Data0001.dat": b"e" * 200}
+    for name in ("m1", "m2"):
+        _put(f"{bucket}/x/{name}.mrxs", b"mirax index")
+        for rel, data in files.items():
+            _put(f"{bucket}/x/{name}/{rel}", data)
+    _put(f"{bucket}/x/m1-notes.txt", b"not part of it")
+
+    def staged_as(path: str) -> dict[str, bytes]:
+        folder = Path(path).with_suffix("")
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    with staging.local_slide(f"{bucket}/x/m1.mrxs") as path:  # a private copy
+        assert Path(path).read_bytes() == b"mirax index" and staged_as(path) == files
+    assert not os.path.exists(path) and downloads[-1] == f"{bucket}/x/m1.mrxs"  # the slide file last
+    downloads.clear()
+    for _ in range(2):
+        with staging.local_slide(f"{bucket}/x/m1.mrxs", stage="r", root=str(tmp_path)) as path:
+            assert staged_as(path) == files
+    assert sorted(downloads) == sorted([f"{bucket}/x/m1.mrxs", *(f"{bucket}/x/m1/{r}" for r in files)])
+    # A full disk evicts a slide with its data folder: room for one MIRAX slide (511 bytes) only.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda folder: usage(1200, 511, 1200 - 511))
+    with staging.local_slide(f"{bucket}/x/m2.mrxs", stage="r", root=str(tmp_path)) as second:
+        assert staged_as(second) == files
+    assert not os.path.exists(path) and not os.path.exists(Path(path).with_suffix(""))
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if not p.name.endswith(".lock")) == sorted(
+        [Path(second).name, Path(second).stem])
