@@ -196,28 +196,36 @@ def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
     return spec
 
 
-def _run_pipeline(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, total: int, written: set[str],
-                  actor: type) -> None:
-    """Stream ``todo`` through the model actors.
-
-    Each chunk's part is written once all its rows are in, and its key added to ``written``.
-    """
+def scoring_dataset(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, actor: type = Scorer):
+    """The Ray Dataset that reads and decodes ``todo`` and scores it on ``plan``'s model actors (lazy)."""
     import ray
 
-    expected = {c.key: c.num_rows for c in todo}
     ds = decoded_dataset(todo, resize=cfg.resize, block_rows=cfg.batch_size)
     ds = ds.map_batches(
         actor,
         fn_constructor_kwargs={"model_uri": cfg.model, "sha256": sha256, "tta": cfg.tta,
                                "threads": plan.torch_threads, "batch_size": cfg.batch_size, "compile": cfg.compile},
         compute=ray.data.ActorPoolStrategy(size=plan.actors), batch_format="pyarrow",
-        # Each block (one model batch, cut by the read task) is one call: re-batching to an exact
-        # size would concatenate, i.e. copy, the pixels of neighbouring blocks.
-        batch_size=None, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+        # On CPU each block (one model batch, cut by the read task) is one call: re-batching to an
+        # exact size would concatenate, i.e. copy, the pixels of neighbouring blocks. Ray Data
+        # refuses GPU actors without a batch size (a ValueError that stopped every GPU run); the
+        # blocks are already that size, so batches are mostly whole blocks there too.
+        batch_size=cfg.batch_size if plan.gpus_per_actor else None,
+        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
     # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
-    ds = limit_read_ahead(ds, unit_rows=max(largest_chunk(todo), cfg.batch_size), consumers=plan.actors,
-                          per_consumer=16 if plan.gpus_per_actor else 4)
+    return limit_read_ahead(ds, unit_rows=max(largest_chunk(todo), cfg.batch_size), consumers=plan.actors,
+                            per_consumer=16 if plan.gpus_per_actor else 4)
+
+
+def _run_pipeline(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, total: int, written: set[str],
+                  actor: type) -> None:
+    """Stream ``todo`` through the model actors.
+
+    Each chunk's part is written once all its rows are in, and its key added to ``written``.
+    """
+    expected = {c.key: c.num_rows for c in todo}
+    ds = scoring_dataset(cfg, todo, plan, sha256, actor=actor)
     assembler = preds.ChunkAssembler(expected)
     todo_rows = sum(expected.values())
     bar = progress(todo_rows, desc="scoring", unit="patch")

@@ -231,6 +231,22 @@ def test_actor_plan_leaves_cpu_for_reads():
         plan_actors({"CPU": 2}, actors=2, cpus_per_actor=1)
 
 
+def test_the_pipeline_of_a_gpu_plan_can_be_built(ray_session, model_dir, synth_small):
+    """Ray Data refuses GPU actors without a batch size: every run on a GPU stopped with a ValueError.
+
+    The dataset is built, not run (this machine has no GPU). A run end to end on a Ray that
+    declares a GPU it does not have (the actor falls back to the CPU) gave the CPU plan's output.
+    """
+    from hcdlib.score import scoring_dataset
+    from hcdlib.sources import open_source
+
+    chunks = open_source(str(synth_small)).chunks(64)
+    gpu = plan_actors({"CPU": 16, "GPU": 2})
+    for plan in (gpu, plan_actors({"CPU": 2})):
+        ds = scoring_dataset(_cfg(model_dir, synth_small, "unused"), chunks, plan, "sha")
+        assert "MapBatches(Scorer)" in str(ds)
+
+
 def test_manifest_is_json_with_the_effective_config(ray_session, model_dir, synth_small, tmp_path, monkeypatch):
     # Each model call is one block of one model batch, so a chunk is shared by all actors: the
     # driver sees the actors' output blocks, one per call.
