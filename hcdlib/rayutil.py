@@ -153,6 +153,27 @@ def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: f
     return ActorPlan(n, round(c, 4), 0.0, threads)
 
 
+def is_local(address: str | None) -> bool:
+    """Whether a command with ``--address`` ``address`` starts its own Ray (none given, no ``RAY_ADDRESS``)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_gpus(resources: dict, need: float, *, local: bool, asked: str) -> None:
+    """Refuse GPU requests a local Ray can never meet; on a cluster, say that they wait for GPU nodes.
+
+    Ray schedules an actor or a Train worker that asks for a GPU only where one is free: on a Ray
+    this command started, with fewer GPUs than asked, it waited without a word for ever. A
+    cluster's autoscaler may still add GPU nodes (``cluster/aws.yaml`` starts with none).
+    """
+    have = float(resources.get("GPU", 0))
+    if need <= have:
+        return
+    if local:
+        raise UserError(f"{asked}: {need:g} GPUs in all, and this machine's Ray has {have:g}, so they would wait for "
+                        "ever; ask for fewer, or 0 to run on the CPU")
+    log.warning("%s: %g GPUs in all, and the Ray cluster has %g now; they wait until GPU nodes join", asked, need, have)
+
+
 @contextlib.contextmanager
 def _quiet_core_logs(quiet: bool) -> Iterator[None]:
     """Keep Ray's C++ log lines off the terminal while ``ray.init`` starts this process's core worker.

@@ -132,7 +132,7 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     import ray
 
     from hcdlib.artifact import check_artifact, declares_arch, load_model
-    from hcdlib.rayutil import init_ray, plan_actors
+    from hcdlib.rayutil import check_gpus, init_ray, is_local, plan_actors
     from hcdlib.slides import SlideTiling
 
     t0 = time.perf_counter()
@@ -159,8 +159,11 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     if todo:
         # A manifest from an earlier commit must not list parts this run is about to rewrite.
         urimod.delete(urimod.join(cfg.out, preds.MANIFEST))
-        plan = plan_actors(ray.cluster_resources(), actors=cfg.actors,
+        resources = ray.cluster_resources()
+        plan = plan_actors(resources, actors=cfg.actors,
                            cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)
+        check_gpus(resources, plan.actors * plan.gpus_per_actor, local=is_local(cfg.address),
+                   asked=f"model actors: {plan.actors} x {plan.gpus_per_actor:g} GPU (--actors, --gpus-per-actor)")
         log.debug("model actors: %s", plan)
         written: set[str] = set()
         stopped = None

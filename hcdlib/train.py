@@ -186,7 +186,7 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from hcdlib.models import build_model
-    from hcdlib.rayutil import init_ray
+    from hcdlib.rayutil import check_gpus, init_ray, is_local
     from hcdlib.train_loop import train_loop_per_worker
 
     started_at = time.time()  # the time budget counts from here: start-up is part of the run
@@ -222,6 +222,10 @@ def train(cfg: TrainConfig) -> dict:
         urimod.write_bytes_atomic(urimod.join(cfg.out, TRAIN_SPEC), json.dumps(spec, indent=1).encode())
     init_ray(cfg.address, dashboard=True)
     resources = ray.cluster_resources()
+    scaling, threads = _scaling(cfg, resources)
+    per = scaling.resources_per_worker.get("GPU", 0)
+    check_gpus(resources, scaling.num_workers * per, local=is_local(cfg.address),
+               asked=f"training workers: {scaling.num_workers} x {per:g} GPU (--workers, --gpus-per-worker)")
     n_train, n_all = train_src.num_patches, train_src.num_patches + val_src.num_patches
     cache = caches_decoded(cfg, n_all, resources.get("object_store_memory", 0))
     t_cache = time.perf_counter()
@@ -232,7 +236,6 @@ def train(cfg: TrainConfig) -> dict:
                  "(--cache off reads and decodes every epoch)", n_all, cache_s)
     # Decoded into the cache now, what was left out is known before training starts.
     skipped = report_skipped(cfg, n_all) if cache else None
-    scaling, threads = _scaling(cfg, resources)
     log.debug("Ray Train: %s, %d torch threads per worker", scaling, threads)
     fs, path = urimod.resolve(cfg.out)
     fs.create_dir(path, recursive=True)

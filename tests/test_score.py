@@ -231,6 +231,27 @@ def test_actor_plan_leaves_cpu_for_reads():
         plan_actors({"CPU": 2}, actors=2, cpus_per_actor=1)
 
 
+def test_gpus_a_local_ray_does_not_have_are_refused_and_a_cluster_may_still_add_them(caplog, monkeypatch):
+    """--gpus-per-actor 1 (or --gpus-per-worker 1) on a laptop waited for a GPU for ever, without a word."""
+    import logging
+
+    from hcdlib.rayutil import check_gpus, is_local
+
+    asked = "model actors: 1 x 1 GPU (--actors, --gpus-per-actor)"
+    with pytest.raises(UserError, match=r"model actors: 1 x 1 GPU \(--actors, --gpus-per-actor\): 1 GPUs in all, and "
+                                        r"this machine's Ray has 0, so they would wait for ever; ask for fewer, or 0"):
+        check_gpus({"CPU": 2}, 1.0, local=True, asked=asked)
+    caplog.set_level(logging.WARNING)
+    check_gpus({"CPU": 2, "GPU": 1}, 2.0, local=False, asked=asked)  # an autoscaler may add GPU nodes
+    assert "2 GPUs in all, and the Ray cluster has 1 now; they wait until GPU nodes join" in caplog.text
+    caplog.clear()
+    for need in (0.0, 1.0):
+        check_gpus({"CPU": 2, "GPU": 1}, need, local=True, asked=asked)
+    assert not caplog.text
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert is_local(None) and not is_local("127.0.0.1:6379")
+
+
 def test_the_pipeline_of_a_gpu_plan_can_be_built(ray_session, model_dir, synth_small):
     """Ray Data refuses GPU actors without a batch size: every run on a GPU stopped with a ValueError.
 
