@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -121,6 +122,15 @@ def bucket(s3_server, request):
     name = "hcd-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def copy_patches(synth: Path, folder: Path, n: int) -> list[Path]:
+    """Copy the first ``n`` patches of ``synth`` into a new ``folder``; return the originals."""
+    folder.mkdir()
+    picked = sorted(synth.glob("*.tif"))[:n]
+    for p in picked:
+        shutil.copy(p, folder / p.name)
+    return picked
 
 
 def upload_dir(local: Path, s3_uri: str) -> None:

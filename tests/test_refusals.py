@@ -20,6 +20,7 @@ import pyarrow.csv as pacsv
 import pytest
 import tifffile
 import torch
+from conftest import copy_patches
 from PIL import Image
 
 from hcdlib import chunks, cli
@@ -363,10 +364,7 @@ def test_16_bit_and_float_patches_are_scaled_or_refused_never_clipped(synth_smal
 
 def test_listing_refuses_what_must_not_be_read(synth_small, tmp_path, monkeypatch):
     folder = tmp_path / "in"
-    folder.mkdir()
-    good = sorted(synth_small.glob("*.tif"))[:3]
-    for p in good:
-        shutil.copy(p, folder / p.name)
+    good = copy_patches(synth_small, folder, 3)
     os.mkfifo(folder / "pipe.tif")  # a named pipe: opening it would block forever
     (folder / "passwd.tif").symlink_to("/etc/passwd")
     (folder / "zero.tif").symlink_to("/dev/zero")

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import PCAM_REAL, upload_dir
+from conftest import PCAM_REAL, copy_patches, upload_dir
 
 from hcdlib.decode import decode_patch, decode_table
 from hcdlib.pack import PackConfig, pack
@@ -307,10 +307,8 @@ def test_macos_metadata_files_are_not_read_as_patches(synth_small, tmp_path, cap
     import logging
 
     folder = tmp_path / "copied"
-    folder.mkdir()
-    kept = sorted(synth_small.glob("*.tif"))[:3]
+    kept = copy_patches(synth_small, folder, 3)
     for p in kept:
-        shutil.copy(p, folder / p.name)
         (folder / f"._{p.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000))
     (folder / "__MACOSX").mkdir()
     (folder / "__MACOSX" / "x.tif").write_bytes(b"\x00\x05\x16\x07")
