@@ -107,7 +107,8 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                     return Decoded(None, f"unsupported image format {im.format}", None)
                 w, h = im.size
                 if w * h > MAX_PIXELS:
-                    return Decoded(None, f"image is {w}x{h}: too large to be a patch, not decoded", None)
+                    return Decoded(None, f"image is {w}x{h}: too large to be a patch, not decoded (a whole-slide "
+                                         "image? hcd score --slides tiles it)", None)
                 if (w, h) != (size, size) and not resize:
                     return Decoded(None, f"image is {w}x{h}, expected {size}x{size}", None)
                 if im.mode not in CONVERTIBLE_MODES and im.mode not in SIXTEEN_BIT_GRAY:
