@@ -253,6 +253,7 @@ def read_tiles(chunk: TilesChunk) -> dict:
     plan = chunk.plan
     out = _tile_rows(chunk.slide, chunk.slide_id, xs, ys, plan.tile_size, plan.patch)
     size, level = plan.read_size, plan.level
+    read = np.zeros(len(xs), bool)  # tiles in hand: kept if the slide fails later
     try:
         with local_slide(chunk.slide, stage=chunk.stage) as path, _SlideReader(path) as slide:
             # A run of tiles side by side is one read_region call, cut in memory: one call per
@@ -273,10 +274,11 @@ def read_tiles(chunk: TilesChunk) -> dict:
                         except openslide.OpenSlideError as one:
                             out["status"][i], out["error"][i] = "error", _tile_error(chunk, xs[i], ys[i], one)
                 for start, region in pieces:
-                    _cut_tiles(region, start, out, size=size, background=slide.background)
-    except (openslide.OpenSlideError, OSError) as exc:  # the slide broke after planning: cannot be opened
-        out["status"][:] = "error"
-        out["error"][:] = f"slide {chunk.slide}: cannot read tiles: {exc}"
+                    read[start:start + _cut_tiles(region, start, out, size=size, background=slide.background)] = True
+    except (openslide.OpenSlideError, OSError) as exc:  # the slide broke after planning (cannot be opened)
+        lost = ~read & (out["status"] == "ok")
+        out["status"][lost] = "error"
+        out["error"][lost] = f"slide {chunk.slide}: cannot read tiles: {exc}"
     return out
 
 
@@ -341,12 +343,12 @@ def _background(slide) -> np.ndarray:
         return np.full(3, 255, np.uint8)
 
 
-def _cut_tiles(region, start: int, out: dict, *, size: int, background: np.ndarray) -> None:
+def _cut_tiles(region, start: int, out: dict, *, size: int, background: np.ndarray) -> int:
     """Cut a ``size x (n * size)`` RGBA strip (a PIL image) into ``out``'s tiles ``start .. start + n``.
 
     Transparent pixels (outside the scanned area) are laid over ``background``, as OpenSlide's
     thumbnail lays them, and each tile that has any gets a note with their share. Each tile is
-    resized to the model's patch.
+    resized to the model's patch. Returns ``n``.
     """
     from PIL import Image
 
@@ -368,6 +370,7 @@ def _cut_tiles(region, start: int, out: dict, *, size: int, background: np.ndarr
     for i, tile in enumerate(tiles, start=start):
         out["pixels"][i] = tile if size == patch else np.asarray(
             Image.fromarray(tile).resize((patch, patch), Image.Resampling.BOX))
+    return n
 
 
 def plan_slides(slides: list[dict], *, out: str, mpp: float | None, tissue_threshold: float,

@@ -348,3 +348,24 @@ def test_tile_pixels_outside_the_scanned_area_are_background_with_a_note(tmp_pat
         np.testing.assert_array_equal(got["pixels"][i][~gone], want["pixels"][i][~gone])
     assert (got["note"][~hit] == None).all()  # noqa: E711
     np.testing.assert_array_equal(got["pixels"][~hit], want["pixels"][~hit])
+
+
+def test_tiles_read_before_a_slide_breaks_are_kept(tmp_path, monkeypatch):
+    """A slide that cannot be read any more (its staged copy gone) fails the tiles not yet read, not all."""
+    from hcdlib import slides
+
+    _clean, chunk, want = _tissue_chunk(tmp_path)
+    real, calls = slides._SlideReader.read, []
+
+    def breaks_after_two(self, *args):
+        calls.append(args)
+        if len(calls) > 2:
+            raise OSError("the staged copy went away")
+        return real(self, *args)
+
+    monkeypatch.setattr(slides._SlideReader, "read", breaks_after_two)
+    got = slides.read_tiles(chunk)
+    ok = got["status"] == "ok"
+    assert 0 < ok.sum() < len(ok)
+    np.testing.assert_array_equal(got["pixels"][ok], want["pixels"][ok])
+    assert all(e.endswith("cannot read tiles: the staged copy went away") for e in got["error"][~ok])
