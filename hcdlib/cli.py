@@ -131,8 +131,9 @@ def run_score(cfg: ScoreConfig) -> int:
     if "slides" in m:  # where a pathologist looks next: the heatmaps and the per-slide table
         per = m["slides"]["per_slide"]
         bad = sum(s["status"] != "ok" for s in per)
-        slides = (f"\n slides   {len(per) - bad} scored, {bad} failed: heatmaps, GeoJSON and summary.csv in "
-                  f"{urimod.join(cfg.out, 'slides')}")
+        tiles = sum(s.get("tiles_failed") or 0 for s in per)  # unreadable tiles of slides that were scored
+        slides = (f"\n slides   {len(per) - bad} scored{f' ({tiles} tiles could not be read)' if tiles else ''}, "
+                  f"{bad} failed: heatmaps, GeoJSON and summary.csv in {urimod.join(cfg.out, 'slides')}")
     errors = f"{m['errors']}" + (f", e.g. {m['error_example']}" if m.get("error_example") else "")
     noted = ""
     if m.get("noted"):  # converted on the way in (grey, 16-bit, resized, partly outside a slide's scan)

@@ -91,6 +91,10 @@ def test_score_summary_names_the_slide_outputs_a_slow_rate_and_converted_rows(mo
     assert run_score(ScoreConfig(model="m", input="i", out="o")) == 0
     assert " rate     0.12 patches/s" in caplog.text
     assert " slides   1 scored, 1 failed: heatmaps, GeoJSON and summary.csv in o/slides" in caplog.text
+    manifest["slides"]["per_slide"][0]["tiles_failed"] = 16  # a corrupt tile in the file: its tiles are error rows
+    caplog.clear()
+    run_score(ScoreConfig(model="m", input="i", out="o"))
+    assert " slides   1 scored (16 tiles could not be read), 1 failed: heatmaps" in caplog.text
     del manifest["slides"]
     caplog.clear()
     run_score(ScoreConfig(model="m", input="i", out="o"))
