@@ -336,11 +336,11 @@ def _background(slide) -> np.ndarray:
     """The slide's background colour (OpenSlide's property; white where it has none), as RGB uint8."""
     import openslide
 
-    text = str(slide.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR) or "ffffff")
     try:
-        return np.frombuffer(bytes.fromhex(text[-6:].rjust(6, "f")), np.uint8)
-    except ValueError:
-        return np.full(3, 255, np.uint8)
+        rgb = bytes.fromhex(slide.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR) or "ffffff")
+    except ValueError:  # not hex: a format's quirk, not a reason to lose the slide
+        rgb = b""
+    return np.frombuffer(rgb if len(rgb) == 3 else b"\xff\xff\xff", np.uint8)
 
 
 def _cut_tiles(region, start: int, out: dict, *, size: int, background: np.ndarray) -> int:

@@ -369,3 +369,17 @@ def test_tiles_read_before_a_slide_breaks_are_kept(tmp_path, monkeypatch):
     assert 0 < ok.sum() < len(ok)
     np.testing.assert_array_equal(got["pixels"][ok], want["pixels"][ok])
     assert all(e.endswith("cannot read tiles: the staged copy went away") for e in got["error"][~ok])
+
+
+def test_the_background_colour_is_the_slides_own_and_white_where_unknown():
+    """MIRAX and others name their background colour (hex); a missing or malformed value is white."""
+    from types import SimpleNamespace
+
+    from hcdlib.slides import _background
+
+    def slide(value):
+        return SimpleNamespace(properties={} if value is None else {"openslide.background-color": value})
+
+    assert _background(slide("F0E0D0")).tolist() == [240, 224, 208]
+    for odd in (None, "", "xyz", "FFEEDDCC"):
+        assert _background(slide(odd)).tolist() == [255, 255, 255]
