@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from hcdlib import uri as urimod
 from hcdlib.chunks import ROW_SCHEMA, Chunk, FilesChunk, ShardChunk, footer_bytes
 from hcdlib.listing import Listing, SourceError, list_files
-from hcdlib.predictions import MANIFEST
+from hcdlib.predictions import MANIFEST, PARTS, RUN_SPEC
 
 if TYPE_CHECKING:
     from hcdlib.slides import SlideSource, SlideTiling
@@ -324,6 +324,7 @@ def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str,
             raise SourceError(f"{manifest_uri}: corrupt pack manifest ({exc}); rerun hcd pack to rewrite it") from exc
         shards = [f"{root}/{f['path']}" for f in listed]
     elif manifest:
+        _check_finished(listing, root_uri)
         log.warning("%s: no %s manifest; reading every .parquet file found", root_uri, PACK_MANIFEST)
     rows: dict[str, list] = {"shard": [], "row_group": [], "num_rows": []}
     footers = {}
@@ -339,6 +340,35 @@ def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str,
     items = pa.table(rows, schema=pa.schema([("shard", pa.string()), ("row_group", pa.int64()),
                                              ("num_rows", pa.int64())]))
     return items, footers
+
+
+def _check_finished(listing: Listing, root_uri: str) -> None:
+    """Refuse the output of an hcd run that never committed: its shards are only part of the input.
+
+    ``hcd pack`` writes its run spec first and ``_SUCCESS`` last. Without ``_SUCCESS`` (the pack
+    stopped, or is still running) the shards found are some of the patches, not all: read as they
+    were, an interrupted pack was scored or trained on with one warning line. The same holds
+    for ``--input <pack-out>/parts``.
+    """
+    fs, root = listing.fs, listing.root
+    for folder in (root, root.rsplit("/", 1)[0] if root.rsplit("/", 1)[-1] == PARTS else None):
+        spec = urimod.to_uri(fs, f"{folder}/{RUN_SPEC}") if folder else None
+        if spec is None or not urimod.exists(spec) or _run_job(spec) != "pack":  # predictions: the schema says
+            continue
+        if folder != root and urimod.exists(urimod.to_uri(fs, f"{folder}/{PACK_MANIFEST}")):
+            return  # the parts of a committed pack
+        raise SourceError(f"{root_uri}: the output of an hcd pack that has not finished ({urimod.to_uri(fs, folder)} "
+                          f"has {RUN_SPEC} but no {PACK_MANIFEST}), so its shards hold only some of the patches; "
+                          "run the same hcd pack command again to finish it (it keeps the shards already written)")
+
+
+def _run_job(spec_uri: str) -> str | None:
+    """The ``job`` an hcd run spec names (``pack``), or None for one that names none or cannot be read."""
+    try:
+        spec = json.loads(urimod.read_bytes(spec_uri))
+    except (OSError, ValueError):
+        return None
+    return spec.get("job") if isinstance(spec, dict) else None
 
 
 def _check_shard_schema(uri: str, schema: pa.Schema) -> None:

@@ -5,7 +5,7 @@ import pytest
 from hcdlib.chunks import FilesChunk
 from hcdlib.decode import decode_patch, decode_table
 from hcdlib.pack import PackConfig, pack, read_packed
-from hcdlib.sources import open_source
+from hcdlib.sources import SourceError, open_source
 from hcdlib.synth import SynthConfig, write_synth
 
 
@@ -60,12 +60,18 @@ def test_pack_is_atomic_and_resumable(synth_small, tmp_path, monkeypatch):
     for name in written:
         assert pq.read_metadata(out / "parts" / name).num_rows == 50
     mtimes = {n: (out / "parts" / n).stat().st_mtime_ns for n in written}
+    # The unfinished pack is not an input: its shards are some of the patches (it used to be read
+    # with a warning), nor are its parts/ read on their own.
+    for unfinished in (out, out / "parts"):
+        with pytest.raises(SourceError, match=r"hcd pack that has not finished .* run the same hcd pack command"):
+            open_source(str(unfinished))
 
     monkeypatch.undo()
     manifest = pack(PackConfig(input=str(synth_small), out=str(out), rows_per_file=50, threads=1))
     assert manifest["rows"] == 300 and len(manifest["files"]) == 6
     assert {n: (out / "parts" / n).stat().st_mtime_ns for n in written} == mtimes  # kept, not rewritten
     assert (out / "_SUCCESS").exists()
+    assert open_source(str(out)).num_patches == open_source(str(out / "parts")).num_patches == 300
 
 
 def test_reader_takes_only_manifest_listed_shards(synth_small, tmp_path):
