@@ -280,7 +280,7 @@ def _stem(path: str) -> str:
 
 
 def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, str]],
-                labels: pa.Table | None) -> tuple[str, pa.Table]:
+                labels: pa.Table | None, labels_uri: str | None) -> tuple[str, pa.Table]:
     """One row per image file; refused entries (links outside the root, pipes) come as error rows."""
     entries = sorted([(p, None) for p in images] + refused)
     paths = [p for p, _ in entries]
@@ -300,6 +300,8 @@ def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, st
         table = table.sort_by("pos")
     names = table.column_names
     null_str = pa.nulls(table.num_rows, pa.string())
+    if is_class and "label" in names:
+        _check_folder_labels(table, labels_uri)
     label = table["folder_label"] if is_class or "label" not in names else table["label"]
     slide = table["slide_id"] if "slide_id" in names else null_str
     dup = table["dup_group"] if "dup_group" in names else null_str
@@ -309,6 +311,22 @@ def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, st
     items = pa.table({"id": table["id"], "source": table["source"], "label": label,
                       "slide_id": slide, "group": group, "error": table["error"]})
     return (CLASS_FOLDERS if is_class else KAGGLE), items
+
+
+def _check_folder_labels(table: pa.Table, labels_uri: str | None) -> None:
+    """Refuse class folders that a labels CSV contradicts (``1/abc.jpg``, and ``abc,0`` in the CSV).
+
+    The folder name is the label; the CSV's label was dropped without a word, so whichever of
+    the two the user meant, some patches could be trained or evaluated under the other.
+    """
+    clash = pc.fill_null(pc.not_equal(table["folder_label"], table["label"]), False)
+    n = pc.sum(clash).as_py() or 0
+    if n:
+        i = _first(clash)
+        raise SourceError(f"{labels_uri}: {n} patches have a label other than their class folder's, e.g. "
+                          f"{table['source'][i].as_py()} is in folder {table['folder_label'][i].as_py()}/ and the CSV "
+                          f"says {table['label'][i].as_py()}; move the files to the right folder, or drop the CSV's "
+                          "label column")
 
 
 def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str, tuple[bytes | None, int]]]:
@@ -446,7 +464,7 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
         if labels is None and f"{listing.root}/labels.csv" in files:
             labels = urimod.to_uri(listing.fs, f"{listing.root}/labels.csv")
         table = read_labels(labels, require_label=require_label) if labels else None
-        kind, items = _file_items(listing, images, refused, table)
+        kind, items = _file_items(listing, images, refused, table, labels)
         src = FileSource(uri, items, 0.0, kind=kind)
     elif any(p.lower().endswith(ARCHIVE_EXTS) for p in files):  # Kaggle's download is train.zip
         raise SourceError(f"{uri}: holds archives ({next(p for p in files if p.lower().endswith(ARCHIVE_EXTS))}), "

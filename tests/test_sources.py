@@ -83,6 +83,21 @@ def test_class_folders_local(synth_small, tmp_path, split):
     _check_rows(_read_all(src), synth_small, with_slides=False)
 
 
+def test_class_folders_and_a_labels_csv_that_contradicts_them_are_refused(synth_small, tmp_path):
+    root = _class_folders(synth_small, tmp_path / "cls", None)
+    labels = _labels(synth_small)
+    agree = tmp_path / "agree.csv"
+    agree.write_text("id,label,slide_id\n" + "".join(f"{pid},{lab},{slide}\n" for pid, (lab, slide) in labels.items()))
+    _check_rows(_read_all(open_source(str(root), labels=str(agree))), synth_small, with_slides=True)
+    # one patch relabelled in the CSV: the folder's label used to win without a word
+    flipped = next(pid for pid, (lab, _) in labels.items() if lab == 1)
+    clash = tmp_path / "clash.csv"
+    clash.write_text(agree.read_text().replace(f"{flipped},1,", f"{flipped},0,"))
+    with pytest.raises(SourceError, match=rf"1 patches have a label other than their class folder's, e.g. "
+                                          rf".*1/{flipped}.tif is in folder 1/ and the CSV says 0"):
+        open_source(str(root), labels=str(clash))
+
+
 def test_parquet_shards_local(synth_small, tmp_path):
     pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards"), rows_per_file=128,
                     row_group_size=50))
