@@ -279,6 +279,23 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+# Files beside patches that are not patches and go without a word: labels and notes of a data
+# set, hidden files, hcd's own markers, what Windows leaves in a folder of images.
+_NOT_PATCHES = (".csv", ".txt", ".md", ".json", ".db", ".ini")
+
+
+def _warn_unread(uri: str, files: list[str]) -> None:
+    """Say which files of a patch folder are not read: a .bmp or .webp patch was skipped without a word."""
+    def quiet(p: str) -> bool:
+        name = p.rsplit("/", 1)[-1]
+        return name.startswith((".", "_")) or name.lower().endswith(_NOT_PATCHES)
+
+    other = [p for p in files if not p.lower().endswith(IMAGE_EXTS) and not quiet(p)]
+    if other:
+        log.warning("%s: %d files are not patches and are not read (e.g. %s); hcd reads %s patches: convert the "
+                    "others to one of these", uri, len(other), other[0], "/".join(e[1:] for e in IMAGE_EXTS))
+
+
 def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, str]],
                 labels: pa.Table | None, labels_uri: str | None) -> tuple[str, pa.Table]:
     """One row per image file; refused entries (links outside the root, pipes) come as error rows."""
@@ -461,6 +478,7 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
         items, footers = _parquet_items(listing, uri)
         src: PatchSource = ShardSource(uri, items, 0.0, footers=footers)
     elif images or refused:
+        _warn_unread(uri, files)
         if labels is None and f"{listing.root}/labels.csv" in files:
             labels = urimod.to_uri(listing.fs, f"{listing.root}/labels.csv")
         table = read_labels(labels, require_label=require_label) if labels else None

@@ -315,6 +315,15 @@ def test_a_mixed_input_never_leaves_one_kind_unscored_without_a_word(synth_small
     src = open_source(str(scans), tiling=SlideTiling(out=str(tmp_path / "o")))
     assert isinstance(src, SlideSource) and [s["slide_id"] for s in src.slides] == ["s1"]
     assert "1 files that are not slides are not scored (e.g. " in caplog.text and "s1_macro.jpg" in caplog.text
+    # Patches in a format hcd does not read (.bmp, .webp) beside .tif ones used to be skipped without a word;
+    # a data set's labels, notes and hidden files are not mentioned.
+    caplog.clear()
+    other = tmp_path / "other"
+    copy_patches(synth_small, other, 2)
+    for name in ("x.bmp", "y.webp", "notes.csv", "README.md", ".DS_Store", "Thumbs.db"):
+        (other / name).write_bytes(b"x")
+    assert open_source(str(other)).num_patches == 2
+    assert "2 files are not patches and are not read (e.g. " in caplog.text and "x.bmp" in caplog.text
 
 
 def test_macos_metadata_files_are_not_read_as_patches(synth_small, tmp_path, caplog):
