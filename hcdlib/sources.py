@@ -465,6 +465,12 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
                               "command takes patches (96x96 files or Parquet shards)")
         # Slide folders often keep label and macro images beside the scans: not scored, but said.
         other = [p for p in files if p.lower().endswith(IMAGE_EXTS) and not p.lower().endswith(SLIDE_EXTS)] + parquet
+        if not any(p.lower().endswith(SLIDE_EXTS) for p in files + [p for p, _ in listing.refused]):
+            # a run over nothing used to start Ray and commit an empty result
+            raise SourceError(f"{uri}: no whole-slide images ({', '.join(SLIDE_EXTS)}) to tile"
+                              + (f"; it holds {len(other)} other images (e.g. {other[0]}): patches are scored "
+                                 "without --slides, and a large image is tiled once saved as a tiled TIFF"
+                                 if other else ""))
         if other:
             log.warning("%s: %d files that are not slides are not scored (e.g. %s); patches go in their own --input",
                         uri, len(other), other[0])

@@ -289,6 +289,12 @@ def test_slides_are_a_source_only_where_slides_are_scored(tmp_path):
     assert open_source(str(tmp_path / "b")).layout == KAGGLE
     forced = open_source(str(tmp_path / "b"), tiling=SlideTiling(out=str(tmp_path / "o"), force=True))
     assert isinstance(forced, SlideSource) and [s["slide_id"] for s in forced.slides] == ["s2"]
+    # --slides over a folder with no slide is refused before any work (it started Ray and committed nothing)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "region.png").write_bytes(b"\x89PNG")
+    with pytest.raises(SourceError, match=r"no whole-slide images \(.*\.svs.*\) to tile; it holds 1 other images "
+                                          r"\(e.g. .*region.png\): patches are scored without --slides"):
+        open_source(str(tmp_path / "c"), tiling=SlideTiling(out=str(tmp_path / "o"), force=True))
 
 
 def test_a_mixed_input_never_leaves_one_kind_unscored_without_a_word(synth_small, tmp_path, caplog):
