@@ -278,6 +278,10 @@ def write_submission(predictions: str, out_csv: str, *, overwrite: bool = False)
     if not overwrite and urimod.exists(out_csv):
         raise UserError(f"--out {out_csv} exists: hcd does not replace a file it may not have written; "
                         "choose another --out, or pass --overwrite to replace it")
+    if "slides" in read_manifest(predictions):  # tile ids (<slide>_<x>_<y>) are no patch ids of a submission
+        raise UserError(f"{predictions}: predictions of whole-slide tiles, and a Kaggle submission lists the patch "
+                        f"ids of its test set; pass predictions of patches (the slides' results are in "
+                        f"{urimod.join(predictions, 'slides')})")
     t = read_predictions(predictions, ["id", "prob", "status"])
     label = pc.fill_null(t["prob"], pa.scalar(0.5, pa.float32()))
     t = pa.table({"id": t["id"], "label": label}).group_by("id").aggregate([("label", "min"), ("label", "max"),

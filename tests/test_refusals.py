@@ -474,6 +474,17 @@ def test_submission_has_one_row_per_id(tmp_path):
     assert not (tmp_path / "sub2.csv").exists()
 
 
+def test_submission_of_slide_tiles_is_refused(tmp_path, capsys):
+    """Tile ids (<slide>_<x>_<y>) were written as a Kaggle submission of 'patches'."""
+    out = tmp_path / "out"
+    _committed(out, {"s1": [("s1_0_0", 0.25), ("s1_96_0", 0.5)]})
+    manifest = json.loads((out / preds.MANIFEST).read_text())
+    (out / preds.MANIFEST).write_text(json.dumps({**manifest, "slides": {"scored": 1, "failed": 0}}))
+    _one_line_exit_2(capsys, ["submission", "--predictions", str(out), "--out", str(tmp_path / "sub.csv")],
+                     expect="predictions of whole-slide tiles, and a Kaggle submission lists the patch ids")
+    assert not (tmp_path / "sub.csv").exists()
+
+
 def test_submission_never_replaces_a_file_without_overwrite(tmp_path, capsys):
     """``--out train_labels.csv`` by mistake used to replace the user's labels without a word."""
     out = tmp_path / "out"

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hcdlib.predictions import read_manifest, read_predictions
+from hcdlib.errors import UserError
+from hcdlib.predictions import read_manifest, read_predictions, write_submission
 from hcdlib.score import ScoreConfig, score
 from hcdlib.slides import PCAM_MPP, plan_level, tissue_mask, tissue_tiles
 from hcdlib.synth import synth_slide_pixels, write_slide_tiff
@@ -184,6 +185,8 @@ def test_score_a_slide_archive(ray_session, model_dir, slide_dir, tmp_path):
     summary = pd.read_csv(out / "slides" / "summary.csv")
     assert set(summary.slide_id) == {"s1_pcam_res", "s2_double_res", "s3_corrupt", "s4_no_mpp"}
     assert read_manifest(str(out))["rows"] == 2 * len(expected) + 2
+    with pytest.raises(UserError, match="predictions of whole-slide tiles, and a Kaggle submission"):
+        write_submission(str(out), str(tmp_path / "submission.csv"))
 
 
 def test_mpp_override_reads_a_slide_without_metadata(ray_session, model_dir, slide_dir, tmp_path):
