@@ -142,6 +142,7 @@ def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, ti
     import openslide
 
     base = {"slide": slide_uri, "slide_id": slide_id, "key": slide_key(slide_uri)}
+    path = None
     try:
         with local_slide(slide_uri, stage=stage) as path, openslide.OpenSlide(path) as s:
             slide_mpp = mpp or float(s.properties.get(openslide.PROPERTY_NAME_MPP_X) or 0)
@@ -156,7 +157,8 @@ def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, ti
             w, h = s.dimensions
             thumb = np.asarray(s.get_thumbnail((THUMB_SIDE, THUMB_SIDE)).convert("RGB"))
     except (openslide.OpenSlideError, OSError, ValueError) as exc:
-        return {**base, "error": f"slide {slide_uri}: cannot read: {exc}"}
+        hint = _untiled_hint(path) if isinstance(exc, openslide.OpenSlideUnsupportedFormatError) else ""
+        return {**base, "error": f"slide {slide_uri}: cannot read: {exc}{hint}"}
     xs, ys = tissue_tiles(tissue_mask(thumb), width=w, height=h, tile=plan.tile_size, threshold=tissue_threshold)
     from PIL import Image
 
@@ -164,6 +166,26 @@ def plan_slide(slide_uri: str, *, slide_id: str, out: str, mpp: float | None, ti
     Image.fromarray(thumb).save(buf, format="PNG", compress_level=1)  # 3x faster than the default, 15% larger
     urimod.write_bytes_atomic(urimod.join(out, "slides", f"{base['key']}.thumbnail.png"), buf.getvalue())
     return {**base, "error": None, "plan": plan.__dict__, "width": w, "height": h, "xs": xs, "ys": ys}
+
+
+def _untiled_hint(path: str | None) -> str:
+    """Why OpenSlide refused a TIFF that is not tiled (an image exported in strips), with the fix; else ''.
+
+    OpenSlide reads a generic TIFF only when it is tiled; a TIFF in strips was refused as an
+    "Unsupported or missing image file", which says nothing about what to do.
+    """
+    from PIL import TiffImagePlugin
+
+    try:
+        with open(path, "rb") as f:  # the header only: no pixels are decoded
+            tags = TiffImagePlugin.TiffImageFile(f).tag_v2
+    except (OSError, SyntaxError, ValueError, TypeError):  # not a TIFF (PIL says SyntaxError), or none
+        return ""
+    if TiffImagePlugin.TILEWIDTH in tags:
+        return ""
+    return ("; it is a TIFF stored in strips, and OpenSlide reads tiled TIFFs only: convert it to a tiled "
+            "pyramidal TIFF (e.g. vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg), or cut it "
+            "into 96x96 patches")
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,28 @@ def test_a_slide_whose_resolution_is_a_default_dpi_is_an_error_row_not_a_million
     assert given["error"] is None and given["plan"]["tile_size"] == 96 and 0 < len(given["xs"]) <= 144
 
 
+def test_a_tiff_in_strips_is_an_error_row_that_says_how_to_tile_it(tmp_path):
+    """OpenSlide reads tiled TIFFs only; it refused one in strips as an 'Unsupported or missing image file'."""
+    import tifffile
+
+    from hcdlib.slides import plan_slide
+
+    pixels = synth_slide_pixels(8, 8, seed=2)
+    for name, tile in (("strips.tif", None), ("tiled.tif", (256, 256))):
+        tifffile.imwrite(tmp_path / name, pixels, tile=tile, resolution=(1e4 / PCAM_MPP,) * 2,
+                         resolutionunit="CENTIMETER")
+    planned = plan_slide(str(tmp_path / "strips.tif"), slide_id="s", out=str(tmp_path / "o"), mpp=None,
+                         tissue_threshold=0.5)
+    assert "cannot read: Unsupported or missing image file; it is a TIFF stored in strips" in planned["error"]
+    assert "vips tiffsave in.tif out.tif --tile --pyramid" in planned["error"]
+    tiled = plan_slide(str(tmp_path / "tiled.tif"), slide_id="s", out=str(tmp_path / "o"), mpp=None,
+                       tissue_threshold=0.5)
+    assert tiled["error"] is None and tiled["plan"]["tile_size"] == 96 and len(tiled["xs"]) > 0
+    (tmp_path / "not.tif").write_bytes(b"not an image")  # no hint where the file is no TIFF at all
+    assert plan_slide(str(tmp_path / "not.tif"), slide_id="n", out=str(tmp_path / "o"), mpp=None,
+                      tissue_threshold=0.5)["error"].endswith("cannot read: Unsupported or missing image file")
+
+
 def test_slides_coarser_than_the_model_are_scored_with_a_warning(ray_session, tmp_path, caplog):
     import logging
 
