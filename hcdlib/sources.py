@@ -311,6 +311,11 @@ def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, st
         "pos": pa.array(range(len(paths)), pa.int64()),
     })
     if labels is not None:
+        if labels.num_rows and not pc.any(pc.is_in(table["id"], value_set=labels["id"])).as_py():
+            # every patch unlabelled: training refused "no label" without saying why, and scoring lost the slide ids
+            raise SourceError(f"{labels_uri}: none of its {labels.num_rows} ids names a patch of the input (e.g. "
+                              f"{labels['id'][0].as_py()!r} in the CSV, {table['id'][0].as_py()!r} from "
+                              f"{table['source'][0].as_py()}); an id is the patch's file name without its extension")
         keep = [c for c in ("id", "label", "slide_id", "dup_group") if c in labels.column_names]
         table = table.join(labels.select(keep), "id", join_type="left outer")
         # join() does not keep order; restore the listing order so chunks are stable.

@@ -73,6 +73,12 @@ def test_kaggle_layout_explicit_labels_csv(synth_small, tmp_path):
     # without labels the ids still come through, unlabelled (the Kaggle test set)
     unlabelled = _read_all(open_source(str(folder)))
     assert unlabelled["label"].null_count == 20
+    # a CSV none of whose ids is a patch's (paths for ids) is refused with an example of each
+    paths = tmp_path / "paths.csv"
+    paths.write_text("id,label\n" + "".join(f"train/{p.stem},{labels[p.stem][0]}\n" for p in folder.iterdir()))
+    with pytest.raises(SourceError, match=r"paths.csv: none of its 20 ids names a patch of the input \(e.g. "
+                                          r"'train/\w+' in the CSV, '\w+' from .*\); an id is the patch's file name"):
+        open_source(str(folder), labels=str(paths))
 
 
 @pytest.mark.parametrize("split", ["train", None])
