@@ -132,7 +132,11 @@ def run_score(cfg: ScoreConfig) -> int:
         per = m["slides"]["per_slide"]
         bad = sum(s["status"] != "ok" for s in per)
         tiles = sum(s.get("tiles_failed") or 0 for s in per)  # unreadable tiles of slides that were scored
-        slides = (f"\n slides   {len(per) - bad} scored{f' ({tiles} tiles could not be read)' if tiles else ''}, "
+        # a slide with no tissue tile (glass, a failed scan) has no prediction row: say so here
+        empty = sum(s["status"] == "ok" and not (s.get("tiles_scored") or s.get("tiles_failed")) for s in per)
+        notes = [f"{tiles} tiles could not be read"] * bool(tiles) + [f"{empty} with no tissue tile"] * bool(empty)
+        said = f" ({', '.join(notes)})" if notes else ""
+        slides = (f"\n slides   {len(per) - bad} scored{said}, "
                   f"{bad} failed: heatmaps, GeoJSON and summary.csv in {urimod.join(cfg.out, 'slides')}")
     errors = f"{m['errors']}" + (f", e.g. {m['error_example']}" if m.get("error_example") else "")
     noted = ""

@@ -85,7 +85,8 @@ def test_score_summary_names_the_slide_outputs_a_slow_rate_and_converted_rows(mo
     from hcdlib.cli import run_score
 
     manifest = {"rows": 1, "ok": 1, "errors": 0, "duplicate_input_ids": 0, "wall_seconds": 8.0, "model": "m",
-                "manifest_uri": "o/_SUCCESS", "slides": {"per_slide": [{"status": "ok"}, {"status": "error"}]}}
+                "manifest_uri": "o/_SUCCESS",
+                "slides": {"per_slide": [{"status": "ok", "tiles_scored": 5}, {"status": "error"}]}}
     monkeypatch.setattr(hcdlib.score, "score", lambda cfg: manifest)
     caplog.set_level(logging.INFO)
     assert run_score(ScoreConfig(model="m", input="i", out="o")) == 0
@@ -95,6 +96,11 @@ def test_score_summary_names_the_slide_outputs_a_slow_rate_and_converted_rows(mo
     caplog.clear()
     run_score(ScoreConfig(model="m", input="i", out="o"))
     assert " slides   1 scored (16 tiles could not be read), 1 failed: heatmaps" in caplog.text
+    # a slide of glass has no tissue tile, so no prediction row: the summary counts it
+    manifest["slides"]["per_slide"].append({"status": "ok", "tiles_scored": 0, "tiles_failed": 0})
+    caplog.clear()
+    run_score(ScoreConfig(model="m", input="i", out="o"))
+    assert " slides   2 scored (16 tiles could not be read, 1 with no tissue tile), 1 failed: heatmaps" in caplog.text
     del manifest["slides"]
     caplog.clear()
     run_score(ScoreConfig(model="m", input="i", out="o"))
