@@ -106,6 +106,21 @@ def test_partial_join_is_refused_unless_allowed(case, synth_small, tmp_path):
     assert m["join"]["missing_labels"] == 50 and m["patch"]["n"] == 250
 
 
+def test_an_id_predicted_twice_counts_once_and_two_images_under_one_id_are_refused(case, synth_small, tmp_path):
+    """Each row of an id listed twice was evaluated against its one label, without a word."""
+    df, _tmp = case
+    twice = pd.concat([df, df.iloc[:7]])  # the same 7 patches in a second folder: the same predictions
+    _write_predictions(tmp_path / "twice", twice.drop(columns="label"))
+    cfg = EvalConfig(predictions=str(tmp_path / "twice"), labels=str(synth_small / "labels.csv"),
+                     out=str(tmp_path / "r"), bootstrap=10)
+    m = evaluate(cfg)
+    assert m["patch"]["n"] == len(df) and m["patch"]["roc_auc"] == pytest.approx(roc_auc_score(df.label, df.prob))
+    clash = pd.concat([df, df.iloc[:2].assign(prob=0.99)])  # two other images under the same two ids
+    _write_predictions(tmp_path / "clash", clash.drop(columns="label"))
+    with pytest.raises(UserError, match=rf"2 ids have rows with different predictions .*e.g. .*{df.id[0]}"):
+        evaluate(EvalConfig(**{**cfg.__dict__, "predictions": str(tmp_path / "clash")}))
+
+
 def test_figures_and_self_contained_html(case, synth_small):
     _df, tmp = case
     evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
