@@ -272,6 +272,11 @@ def check_labelled(src: PatchSource, what: str) -> pa.Table:
         i = _first(bad)
         raise SourceError(f"{src.uri}: label {label[i].as_py()} (patch {t['id'][i].as_py()}) is not 0 or 1; "
                           "labels are exactly 0 (normal) or 1 (tumour)")
+    counts = pc.value_counts(t["id"])
+    twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(twice):  # a labels CSV has one row per id: two images of one name share its label
+        log.warning("%s: %d ids name more than one %s patch (e.g. %s), and each takes its id's one label; rename the "
+                    "files if they are different images", src.uri, len(twice), what, twice[0].as_py())
     return t
 
 

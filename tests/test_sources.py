@@ -14,6 +14,7 @@ from hcdlib.sources import (
     KAGGLE,
     PARQUET,
     SourceError,
+    check_labelled,
     open_source,
 )
 
@@ -102,6 +103,21 @@ def test_class_folders_and_a_labels_csv_that_contradicts_them_are_refused(synth_
     with pytest.raises(SourceError, match=rf"1 patches have a label other than their class folder's, e.g. "
                                           rf".*1/{flipped}.tif is in folder 1/ and the CSV says 0"):
         open_source(str(root), labels=str(clash))
+
+
+def test_one_id_naming_two_labelled_patches_is_said(synth_small, tmp_path, caplog):
+    """Two images under one name (a/x.tif, b/x.tif) both took the CSV's one label for x without a word."""
+    import logging
+
+    for sub in ("a", "b"):
+        copy_patches(synth_small, tmp_path / sub, 3 if sub == "a" else 5)
+    caplog.set_level(logging.WARNING)
+    t = check_labelled(open_source(str(tmp_path), labels=str(synth_small / "labels.csv")), "training")
+    assert t.num_rows == 8
+    assert "3 ids name more than one training patch (e.g. " in caplog.text
+    caplog.clear()
+    check_labelled(open_source(str(tmp_path / "b"), labels=str(synth_small / "labels.csv")), "training")
+    assert "name more than one" not in caplog.text
 
 
 def test_parquet_shards_local(synth_small, tmp_path):
