@@ -235,7 +235,8 @@ def train(cfg: TrainConfig) -> dict:
         log.info("decoded the %d listed patches into Ray's object store in %.0f s: epochs read them from memory "
                  "(--cache off reads and decodes every epoch)", n_all, cache_s)
     # Decoded into the cache now, what was left out is known before training starts.
-    skipped = report_skipped(cfg, n_all) if cache else None
+    listed = {TRAIN: n_train, VAL: val_src.num_patches}
+    skipped = report_skipped(cfg, listed) if cache else None
     log.debug("Ray Train: %s, %d torch threads per worker", scaling, threads)
     fs, path = urimod.resolve(cfg.out)
     fs.create_dir(path, recursive=True)
@@ -260,7 +261,7 @@ def train(cfg: TrainConfig) -> dict:
         stop.set()
         watcher.join(10)
     if skipped is None:  # streamed: decoded during the epochs, so known now
-        skipped = report_skipped(cfg, n_all)
+        skipped = report_skipped(cfg, listed)
     return dict(export_best(cfg, result.checkpoint), data_cache_s=cache_s, skipped=skipped)
 
 
@@ -310,6 +311,7 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
 TRAIN_SPEC = "_TRAIN.json"
 # Where the patches that training left out (could not be decoded) are recorded, in --out.
 SKIPPED = "skipped"
+SPLIT_NAMES = {TRAIN: "training", VAL: "validation"}
 
 
 def clear_run(out: str) -> None:
@@ -323,19 +325,30 @@ def clear_run(out: str) -> None:
         urimod.delete(urimod.join(out, name))
 
 
-def report_skipped(cfg: TrainConfig, listed: int) -> int:
+def report_skipped(cfg: TrainConfig, listed: dict[str, int]) -> int:
     """Say how many listed patches training leaves out, with an example; return the count.
 
     A patch that cannot be decoded cannot train; it is recorded in ``<out>/skipped/`` (id and
-    reason) by the read stage, and said here, never dropped without a word.
+    reason) by the read stage, and said here, never dropped without a word. ``listed``: the
+    patches listed per split. A split that lost every patch is refused: with no training patch the
+    run ended in a traceback, and with no validation patch no epoch could be chosen.
     """
     from hcdlib.pipeline import skipped_rows
 
-    t = pa.concat_tables([skipped_rows(urimod.join(cfg.out, SKIPPED, key)) for key in (TRAIN, VAL)])
-    if t.num_rows:
-        log.warning("%d of the %d listed training and validation patches could not be decoded and are left out "
-                    "(e.g. %s: %s); each is listed in %s", t.num_rows, listed, t["id"][0].as_py(),
-                    t["error"][0].as_py(), urimod.join(cfg.out, SKIPPED))
+    per = {key: skipped_rows(urimod.join(cfg.out, SKIPPED, key)) for key in (TRAIN, VAL)}
+    t = pa.concat_tables(per.values())
+    if not t.num_rows:
+        return 0
+    for key, rows in per.items():
+        if rows.num_rows and rows.num_rows >= listed[key]:
+            raise UserError(f"none of the {listed[key]} {SPLIT_NAMES[key]} patches could be decoded (e.g. "
+                            f"{rows['id'][0].as_py()}: {rows['error'][0].as_py()}); each is listed in "
+                            f"{urimod.join(cfg.out, SKIPPED, key)}; hcd trains on 96x96 RGB patches (tif, png or "
+                            "jpg): convert them")
+    example = f"{t['id'][0].as_py()}: {t['error'][0].as_py()}"
+    log.warning("%d of the %d listed training and validation patches could not be decoded and are left out "
+                "(e.g. %s); each is listed in %s", t.num_rows, sum(listed.values()), example,
+                urimod.join(cfg.out, SKIPPED))
     return t.num_rows
 
 
@@ -398,10 +411,12 @@ def export_best(cfg: TrainConfig, checkpoint) -> dict:
         raise RuntimeError(f"training in {cfg.out} produced no checkpoint")
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    if state["step"] == 0:  # an untrained model looks like any other artifact: never export one
+    if state["step"] == 0 and cfg.time_budget_min:  # an untrained model looks like any other: never export one
         raise UserError(f"--time-budget-min {cfg.time_budget_min:g}: the budget ran out before the first training "
                         f"step ({state['elapsed']:.0f} s went to starting Ray and reading the data); nothing was "
                         "exported: give a larger budget")
+    if state["step"] == 0:
+        raise RuntimeError(f"training in {cfg.out} ran no step, and no time budget stopped it")
     if state["best_model"] is None:
         raise RuntimeError("no epoch produced a validation AUC (is the validation set one class only?)")
     model, _ = build_model(cfg.arch, weights="none")

@@ -399,6 +399,33 @@ def test_patches_that_cannot_train_are_recorded_not_dropped_without_a_word(tmp_p
         == [0, 1] and not (tmp_path / "clean").exists()  # nothing left out: nothing written
 
 
+def test_a_split_none_of_whose_patches_decode_is_refused(tmp_path, caplog):
+    """128x128 patches everywhere: training used to run epochs on nothing and end in a traceback."""
+    import logging
+
+    from hcdlib.pipeline import labelled_ok
+    from hcdlib.train import report_skipped
+
+    def read(key: str, n: int, bad: int) -> None:
+        status = np.array(["error"] * bad + ["ok"] * (n - bad), dtype=object)
+        labelled_ok({"chunk": np.array([f"{key}-0"] * n, dtype=object), "row": np.arange(n),
+                     "id": np.array([f"{key}{i}" for i in range(n)], dtype=object), "status": status,
+                     "error": np.where(status == "error", "image is 128x128, expected 96x96", None),
+                     "label": np.array([i % 2 for i in range(n)], dtype=object),
+                     "pixels": np.zeros((n, 96, 96, 3), np.uint8)}, skipped=str(tmp_path / "run" / "skipped" / key))
+
+    cfg = TrainConfig(data="d", out=str(tmp_path / "run"))
+    read("train", 4, 1)
+    read("val", 3, 3)
+    with pytest.raises(UserError, match=r"none of the 3 validation patches could be decoded \(e.g. val0: image is "
+                                        r"128x128, expected 96x96\); each is listed in .*skipped/val; hcd trains on "
+                                        r"96x96 RGB patches"):
+        report_skipped(cfg, {"train": 4, "val": 3})
+    caplog.set_level(logging.WARNING)
+    assert report_skipped(cfg, {"train": 4, "val": 5}) == 4  # two validation patches decoded: said, not refused
+    assert "4 of the 9 listed training and validation patches could not be decoded" in caplog.text
+
+
 def test_training_says_which_patches_it_could_not_decode(ray_session, synth_600, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_600, data)
