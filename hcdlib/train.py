@@ -418,7 +418,10 @@ def export_best(cfg: TrainConfig, checkpoint) -> dict:
     if state["step"] == 0:
         raise RuntimeError(f"training in {cfg.out} ran no step, and no time budget stopped it")
     if state["best_model"] is None:
-        raise RuntimeError("no epoch produced a validation AUC (is the validation set one class only?)")
+        # listed with both classes (checked before Ray), so the patches that decoded are of one class
+        raise UserError(f"no epoch produced a validation AUC: the validation patches that could be decoded are of "
+                        f"one class (those left out are listed in {urimod.join(cfg.out, SKIPPED, VAL)}); give "
+                        "validation data of both classes that decode")
     model, _ = build_model(cfg.arch, weights="none")
     model.load_state_dict(state["best_model"])
     metrics = dict(state["best"]["metrics"], best_epoch=state["best"]["epoch"], epochs_run=state["epoch"])
