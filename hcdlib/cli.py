@@ -33,7 +33,7 @@ from hcdlib.config import (
     TrainConfig,
     flag_name,
 )
-from hcdlib.errors import RunStopped, UserError
+from hcdlib.errors import RunStopped, UserError, storage_fault
 
 log = logging.getLogger("hcd")
 
@@ -255,6 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as exc:  # storage or a node went away: committed work is kept, a rerun resumes
         log.debug("run stopped", exc_info=exc)
         log.error("%s", " ".join(str(exc).split()))
+        return 3
+    except OSError as exc:
+        if not storage_fault(exc):
+            raise
+        # S3 refused or did not answer before the run began (the same in a run is RunStopped, above)
+        log.debug("storage fault", exc_info=exc)
+        log.error("%s; check the URI, the network and the AWS settings (AWS_ENDPOINT_URL_S3, AWS_REGION, "
+                  "credentials), then rerun", " ".join(str(exc).split()))
         return 3
     # Anything else is a bug or a fault of the machine: it keeps its traceback and exit code 1.
 

@@ -67,6 +67,15 @@ def outside_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+def storage_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is object storage failing a request (pyarrow's S3 errors say ``AWS Error``).
+
+    Raised on the driver before any work (listing the input, reading the model, checking --out):
+    an endpoint that does not answer, credentials it refuses, a bucket this identity may not read.
+    """
+    return isinstance(exc, OSError) and "AWS Error" in str(exc)
+
+
 def release_frames(exc: BaseException) -> None:
     """Drop the local variables of the finished frames behind ``exc`` and its causes.
 

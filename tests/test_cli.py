@@ -69,6 +69,23 @@ def test_bad_input_gives_a_clear_error_and_exit_code(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_s3_that_does_not_answer_is_one_line_and_exit_code_3(tmp_path):
+    """An S3 endpoint where nothing listens ended the command in pyarrow's traceback (exit code 1)."""
+    import os
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "secret-not-shown", "AWS_REGION": "us-east-1"}
+    res = subprocess.run([sys.executable, "-m", "hcdlib.cli", "pack", "--input", "s3://no-bucket/patches",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 3 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "secret-not-shown" not in res.stderr
+    assert "no-bucket" in res.stderr and "check the URI, the network and the AWS settings" in res.stderr
+
+
 def test_help_shows_each_flags_default(capsys):
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["score", "--help"])
