@@ -133,7 +133,7 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
 
     from hcdlib.artifact import check_artifact, declares_arch, load_model
     from hcdlib.rayutil import check_gpus, init_ray, is_local, plan_actors
-    from hcdlib.slides import SlideTiling
+    from hcdlib.slides import SlideSource, SlideTiling
 
     t0 = time.perf_counter()
     cfg = cfg.located("model", "input", "out", "labels")  # Ray's processes do not share our working directory
@@ -146,6 +146,10 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     tiling = SlideTiling(out=cfg.out, target_mpp=pre.mpp, patch=pre.size, mpp=cfg.mpp,
                          tissue_threshold=cfg.tissue_threshold, force=cfg.slides)
     src = open_source(cfg.input, cfg.labels, tiling=tiling)  # the one listing of the input
+    if cfg.mpp is not None and src.layout != SlideSource.layout:
+        raise UserError(f"--mpp {cfg.mpp:g} sets the resolution of whole-slide images, and {cfg.input} holds patches "
+                        "(scored as they are, at the model's resolution); drop --mpp, or pass --slides if the "
+                        ".tif files are slides")
     spec = _run_spec(cfg, meta, src.fingerprint())
     preds.claim_output(cfg.out, spec, overwrite=cfg.overwrite)
     init_ray(cfg.address)  # slides are planned in Ray tasks; patch runs need it next anyway

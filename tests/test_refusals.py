@@ -322,6 +322,14 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_one_line(model_dir, synth_sma
     urimod.check_folder(f"{bucket}/not/yet/written")  # a bucket that exists: its folders need not
 
 
+def test_mpp_for_patches_is_refused(model_dir, synth_small, tmp_path, capsys, no_ray):
+    """--mpp on patches was ignored without a word: they were scored as they were."""
+    _one_line_exit_2(capsys, ["score", "--model", str(model_dir), "--input", str(synth_small), "--out",
+                              str(tmp_path / "o"), "--mpp", "0.5"],
+                     expect=f"--mpp 0.5 sets the resolution of whole-slide images, and {synth_small} holds patches")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("argv", [["score", "--model", "m", "--input", "{uri}", "--out", "o"],
                                   ["train", "--data", "d", "--out", "{uri}"],
                                   ["pack", "--input", "{uri}", "--out", "o"]])
