@@ -176,9 +176,12 @@ class TrainConfig(Settings):
     address: str | None = setting(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
 
     def check(self) -> None:
-        """ImageNet weights exist only for the torchvision architectures."""
+        """ImageNet weights exist only for the torchvision architectures; --val-labels needs --val-data."""
         if self.weights == "imagenet" and self.arch == "hcdnet":
             raise UserError("hcdnet has no ImageNet weights; use --weights none or a torchvision --arch")
+        if self.val_labels and not self.val_data:  # it was ignored: validation came from --data, with --labels
+            raise UserError("--val-labels labels --val-data, which is not given; without --val-data, validation is "
+                            "held out of --data and labelled by --labels")
 
 
 @dataclass(frozen=True)

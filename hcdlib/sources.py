@@ -473,6 +473,9 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
         if tiling is None:
             raise SourceError(f"{uri}: holds whole-slide images; hcd score tiles and scores them, but this "
                               "command takes patches (96x96 files or Parquet shards)")
+        if labels:
+            raise SourceError(f"{labels}: a labels CSV for {uri}, which holds whole-slide images; a slide's tiles "
+                              "take its path below the input as slide id: drop --labels")
         # Slide folders often keep label and macro images beside the scans: not scored, but said.
         other = [p for p in files if p.lower().endswith(IMAGE_EXTS) and not p.lower().endswith(SLIDE_EXTS)] + parquet
         if not any(p.lower().endswith(SLIDE_EXTS) for p in files + [p for p, _ in listing.refused]):
@@ -491,6 +494,9 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
         raise SourceError(f"{uri}: holds both Parquet shards ({len(parquet)}, e.g. {parquet[0]}) and patch images "
                           f"({len(images) + len(refused)}); give each kind its own --input")
     if parquet:
+        if labels:  # it was ignored: training then said the patches had no label, scoring kept the packed slide ids
+            raise SourceError(f"{labels}: a labels CSV for {uri}, which holds Parquet shards; shards carry the labels "
+                              "and slide ids hcd pack gave them: pack the patches again with --labels")
         items, footers = _parquet_items(listing, uri)
         src: PatchSource = ShardSource(uri, items, 0.0, footers=footers)
     elif images or refused:

@@ -123,6 +123,10 @@ def test_one_id_naming_two_labelled_patches_is_said(synth_small, tmp_path, caplo
 def test_parquet_shards_local(synth_small, tmp_path):
     pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards"), rows_per_file=128,
                     row_group_size=50))
+    # shards carry the labels hcd pack gave them: a labels CSV beside them was ignored without a word
+    with pytest.raises(SourceError, match=r"labels.csv: a labels CSV for .*shards, which holds Parquet shards; "
+                                          r"shards carry the labels and slide ids hcd pack gave them"):
+        open_source(str(tmp_path / "shards"), labels=str(synth_small / "labels.csv"))
     src = open_source(str(tmp_path / "shards"))
     assert src.layout == PARQUET and src.num_patches == 300
     assert len(src.chunks()) == 3 + 3 + 1  # row groups of 50 in shards of 128, 128, 44
@@ -305,6 +309,9 @@ def test_slides_are_a_source_only_where_slides_are_scored(tmp_path):
     src = open_source(str(tmp_path / "a"), tiling=SlideTiling(out=str(tmp_path / "o")))
     assert isinstance(src, SlideSource) and [s["slide_id"] for s in src.slides] == ["s1"]
     assert len(src.fingerprint()) == 16
+    (tmp_path / "l.csv").write_text("id,slide_id\nx,s1\n")
+    with pytest.raises(SourceError, match="holds whole-slide images; a slide's tiles take its path below the input"):
+        open_source(str(tmp_path / "a"), str(tmp_path / "l.csv"), tiling=SlideTiling(out=str(tmp_path / "o")))
     # a .tif is a patch unless --slides says the folder holds slides
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "s2.tif").write_bytes(b"II*\x00")

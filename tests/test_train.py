@@ -128,6 +128,8 @@ def test_data_is_kept_decoded_only_where_it_fits_or_is_asked_for():
     assert not caches_decoded(cfg, 220_025, store)  # Kaggle's training set: 5.7 GiB, over half
     assert caches_decoded(_cfg("d", "o", cache="on"), 10**7, store)
     assert not caches_decoded(_cfg("d", "o", cache="off"), 10, store)
+    with pytest.raises(UserError, match="--val-labels labels --val-data, which is not given"):
+        TrainConfig(data="d", out="o", val_labels="v.csv")  # it was ignored
     with pytest.raises(UserError, match="--cache must be one of auto, on, off"):
         _cfg("d", "o", cache="always")
 
