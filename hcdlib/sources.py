@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -308,6 +309,8 @@ def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, st
     paths = [p for p, _ in entries]
     parents = [os.path.basename(os.path.dirname(p)) for p in paths]
     is_class = all(p.isdigit() for p in parents) and os.path.dirname(paths[0]) != listing.root
+    if is_class:
+        _warn_splits(listing.root, paths)
     table = pa.table({
         "id": pa.array([_stem(p) for p in paths], pa.string()),
         "source": pa.array([urimod.to_uri(listing.fs, p) for p in paths], pa.string()),
@@ -338,6 +341,19 @@ def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, st
     items = pa.table({"id": table["id"], "source": table["source"], "label": label,
                       "slide_id": slide, "group": group, "error": table["error"]})
     return (CLASS_FOLDERS if is_class else KAGGLE), items
+
+
+def _warn_splits(root: str, paths: list[str]) -> None:
+    """Say when class folders lie under several folders (``train/0``, ``valid/0``): all are one source.
+
+    Pointing ``hcd train --data`` at a data set's root (PCam's ``train/`` and ``valid/``) trained
+    on its validation split too, without a word.
+    """
+    splits = sorted({os.path.dirname(os.path.dirname(p)) for p in paths})
+    if len(splits) > 1:
+        names = ", ".join(posixpath.relpath(s, root) + "/" for s in splits[:4])
+        log.warning("%s: class folders under %d folders (%s) are read as one source; pass one of them to use one "
+                    "split alone", root, len(splits), names)
 
 
 def _check_folder_labels(table: pa.Table, labels_uri: str | None) -> None:

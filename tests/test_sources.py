@@ -90,6 +90,19 @@ def test_class_folders_local(synth_small, tmp_path, split):
     _check_rows(_read_all(src), synth_small, with_slides=False)
 
 
+def test_class_folders_under_two_splits_are_said_to_be_one_source(synth_small, tmp_path, caplog):
+    """A data set's root (train/0, valid/0, ...) given as --data trained on its validation split too, silently."""
+    import logging
+
+    for split in ("train", "valid"):
+        _class_folders(synth_small, tmp_path / "root", split)
+    caplog.set_level(logging.WARNING)
+    assert open_source(str(tmp_path / "root")).num_patches == 600
+    assert "class folders under 2 folders (train/, valid/) are read as one source; pass one of them" in caplog.text
+    caplog.clear()
+    assert open_source(str(tmp_path / "root" / "valid")).num_patches == 300 and not caplog.text
+
+
 def test_class_folders_and_a_labels_csv_that_contradicts_them_are_refused(synth_small, tmp_path):
     root = _class_folders(synth_small, tmp_path / "cls", None)
     labels = _labels(synth_small)
