@@ -404,7 +404,7 @@ def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str,
 
 
 def _check_finished(listing: Listing, root_uri: str) -> None:
-    """Refuse the output of an hcd run that never committed: its shards are only part of the input.
+    """Refuse the output of an hcd pack that never committed: its shards are only part of the input.
 
     ``hcd pack`` writes its run spec first and ``_SUCCESS`` last. Without ``_SUCCESS`` (the pack
     stopped, or is still running) the shards found are some of the patches, not all: read as they
