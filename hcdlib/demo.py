@@ -21,6 +21,7 @@ import numpy as np
 
 from hcdlib import uri as urimod
 from hcdlib.config import DemoConfig
+from hcdlib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,31 @@ def tile_auc(rows, truth: dict) -> tuple[float, int]:
     return (float(roc_auc_score(y, p)) if len(set(y)) == 2 else float("nan")), len(pairs)
 
 
+# What the demo writes in its --out: an earlier demo's output is written again, nothing else is touched.
+STAGES = ("run", "predictions", "report", "slide", "slide_predictions")
+HEATMAP, SLIDE_FILE = "slide_heatmap.png", "demo_slide.tif"
+
+
+def check_demo_folder(out: str) -> None:
+    """Refuse an --out that holds anything but an earlier demo's output.
+
+    The demo scores every slide in ``<out>/slide/`` and writes ``<out>/slide_heatmap.png``: in a
+    user's folder it would have scored their slides as part of the demo and replaced that file.
+    """
+    import pyarrow.fs as pafs
+
+    urimod.check_folder(out)
+    fs, root = urimod.resolve(out)
+    slide = f"{root}/slide"
+    found = [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
+    found += [i.path for i in fs.get_file_info(pafs.FileSelector(slide, allow_not_found=True))]
+    ours = {f"{root}/{n}" for n in (*STAGES, HEATMAP)} | {f"{slide}/{SLIDE_FILE}"}
+    theirs = sorted(p for p in found if p not in ours)
+    if theirs:
+        raise UserError(f"--out {out} holds {urimod.to_uri(fs, theirs[0])}, which the demo did not write (it scores "
+                        "every slide in <out>/slide and writes its own files there): choose a new or empty folder")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; return where each output went and the headline numbers."""
     import pyarrow.parquet as pq
@@ -90,8 +116,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from hcdlib.slides import slide_key
     from hcdlib.train import TrainConfig, clear_run, train
 
-    urimod.check_folder(cfg.out)
-    paths = {k: urimod.join(cfg.out, k) for k in ("run", "predictions", "report", "slide", "slide_predictions")}
+    check_demo_folder(cfg.out)
+    paths = {k: urimod.join(cfg.out, k) for k in STAGES}
     init_ray(dashboard=True)  # the demo trains (Ray Train needs the dashboard), then scores
     log.info("[1/4] training hcdnet for up to %.1f minutes on %d real PCam patches", cfg.minutes, 900)
     # Each demo trains afresh: a rerun (another --minutes, a newer hcd) shows what it says it does.
@@ -103,7 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     scored = score(ScoreConfig(model=model_uri, input=sample_uri("test"), out=paths["predictions"], overwrite=True))
     metrics = evaluate(EvalConfig(predictions=paths["predictions"], labels=sample_uri("test"), out=paths["report"]))
     log.info("[3/4] assembling a slide from 140 held-out patches and scoring it tile by tile")
-    slide_path = urimod.join(paths["slide"], "demo_slide.tif")
+    slide_path = urimod.join(paths["slide"], SLIDE_FILE)
     urimod.resolve(paths["slide"])[0].create_dir(urimod.resolve(paths["slide"])[1], recursive=True)
     truth = write_demo_slide(pq.read_table(urimod.join(sample_uri("slide"), "part-00000.parquet")), slide_path)
     score(ScoreConfig(model=model_uri, input=paths["slide"], out=paths["slide_predictions"], slides=True,
@@ -115,7 +141,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                            threshold=0.5)
     key = slide_key(rows[0]["source"])  # the slide as hcd score listed it (an absolute URI), not as written here
     thumb = urimod.read_bytes(urimod.join(paths["slide_predictions"], "slides", f"{key}.thumbnail.png"))
-    heatmap = urimod.join(cfg.out, "slide_heatmap.png")
+    heatmap = urimod.join(cfg.out, HEATMAP)
     urimod.write_bytes_atomic(heatmap, heatmap_png(
         thumb, [r for r in rows if r["status"] == "ok"], width=truth["width"], height=truth["height"],
         title=f"demo slide: tile AUC {auc:.3f} against the known tumour region (dashed)", truth=known))

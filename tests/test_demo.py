@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hcdlib.decode import decode_patch
-from hcdlib.demo import DemoConfig, layout_slide, run_demo, tile_auc, write_demo_slide
+from hcdlib.demo import DemoConfig, check_demo_folder, layout_slide, run_demo, tile_auc, write_demo_slide
+from hcdlib.errors import UserError
 from hcdlib.predictions import read_manifest, read_predictions
 from hcdlib.sample import MAX_BYTES, SAMPLE_DIR, SPLITS, sample_uri
 from hcdlib.score import ScoreConfig, score
@@ -39,6 +40,19 @@ def test_slide_layout_puts_each_patch_in_its_cell():
     assert sorted(i for _, _, i in cells) == list(range(16))
     assert all(1 <= c <= 4 and 1 <= r <= 4 for c, r, _ in cells)  # one tile of glass all round
     assert len({(c, r) for c, r, _ in cells}) == 16
+
+
+def test_the_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    """It scored every slide in <out>/slide (a user's slides too) and replaced <out>/slide_heatmap.png."""
+    check_demo_folder(str(tmp_path / "new"))
+    (tmp_path / "mine" / "slide").mkdir(parents=True)
+    (tmp_path / "mine" / "slide" / "case1.svs").write_bytes(b"a user's slide")
+    with pytest.raises(UserError, match=r"--out .*mine holds .*slide/case1.svs, which the demo did not write"):
+        check_demo_folder(str(tmp_path / "mine"))
+    (tmp_path / "mine" / "slide" / "case1.svs").unlink()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match=r"notes\.txt, which the demo did not write"):
+        check_demo_folder(str(tmp_path / "mine"))
 
 
 @pytest.mark.slow
@@ -82,3 +96,4 @@ def test_demo_runs_every_stage_end_to_end(ray_session, tmp_path, monkeypatch):
     assert Path(out["heatmap"]).read_bytes()[:4] == b"\x89PNG"
     slide = read_manifest(out["slide_predictions"])
     assert slide["errors"] == 0 and slide["slides"]["per_slide"][0]["slide_id"] == "demo_slide"
+    check_demo_folder("demo")  # everything it wrote is its own: a rerun writes it again
