@@ -525,8 +525,9 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
     elif any(p.lower().endswith(ARCHIVE_EXTS) for p in files):  # Kaggle's download is train.zip
         raise SourceError(f"{uri}: holds archives ({next(p for p in files if p.lower().endswith(ARCHIVE_EXTS))}), "
                           "not patches; unpack them and pass the folder")
-    else:
-        raise SourceError(f"{uri}: no patch images ({', '.join(IMAGE_EXTS)}) or Parquet shards found")
+    else:  # name what is there: PCam's own release is HDF5 (camelyonpatch_*.h5), for one
+        there = f"; it holds {len(files)} other files, e.g. {files[0]}" if files else ""
+        raise SourceError(f"{uri}: no patch images ({', '.join(IMAGE_EXTS)}) or Parquet shards found{there}")
     src = dataclasses.replace(src, list_seconds=time.perf_counter() - t0)
     log.debug("listed %s: layout %s, %d entries in %.2fs", uri, src.layout, src.items.num_rows, src.list_seconds)
     return src

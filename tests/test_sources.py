@@ -212,8 +212,10 @@ def test_missing_and_empty_inputs_name_the_uri(tmp_path):
     with pytest.raises(SourceError, match=f"{tmp_path}/nope: no such file"):
         open_source(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "readme.txt").write_text("x")
-    with pytest.raises(SourceError, match="no patch images"):
+    with pytest.raises(SourceError, match=r"no patch images \(.*\) or Parquet shards found$"):
+        open_source(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "camelyonpatch_level_2_split_test_x.h5").write_bytes(b"\x89HDF")  # PCam's own release
+    with pytest.raises(SourceError, match=r"no patch images .* found; it holds 1 other files, e.g. .*test_x.h5"):
         open_source(str(tmp_path / "empty"))
     (tmp_path / "train.zip").write_bytes(b"PK\x03\x04")  # Kaggle's download, passed as it came
     for uri in (tmp_path / "train.zip", tmp_path):
