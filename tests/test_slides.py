@@ -133,6 +133,29 @@ def _check_geojson(gj: dict, rows: pd.DataFrame, *, tile: int, tumour_tiles: int
     assert len(regions) < tumour_tiles  # merged into polygons, not one square per tile
 
 
+@pytest.mark.parametrize("aspect", [0.3, 1.0, 2.0, 6.0])
+def test_heatmap_panels_take_the_slides_shape_and_fit_the_figure(aspect):
+    """Placed by hand (constrained layout drew each figure twice): panels of the slide's aspect, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hcdlib.slide_maps import _heatmap_axes
+
+    fig, left, right, bar = _heatmap_axes(plt, aspect)
+    try:
+        w_in, h_in = fig.get_size_inches()
+        boxes = [ax.get_position() for ax in (left, right, bar)]
+        assert w_in <= 12.0 + 1e-9 and all(0 <= b.x0 < b.x1 <= 1 and 0 <= b.y0 < b.y1 <= 1 for b in boxes)
+        for b in boxes[:2]:
+            assert b.width * w_in / (b.height * h_in) == pytest.approx(aspect, rel=1e-6)
+        assert boxes[0].x1 < boxes[1].x0 and boxes[1].x1 < boxes[2].x0  # slide, heatmap, colour bar
+        assert boxes[1].y1 < 1 - 0.5 / h_in  # room above for the titles
+    finally:
+        plt.close(fig)
+
+
 def test_tumour_regions_merge_tiles_into_polygons():
     from hcdlib.slide_maps import geojson, tumour_regions
 
