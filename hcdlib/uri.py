@@ -165,6 +165,11 @@ def check_outside(out: str, inputs: list[tuple[str, str | None]]) -> None:
                             "run; choose an --out outside the input")
 
 
+# Names of files, not folders: an --out ending so was meant as one file (a CSV of predictions, say).
+FILE_SUFFIXES = (".csv", ".tsv", ".parquet", ".json", ".txt", ".xlsx", ".html", ".png", ".pt", ".pth",
+                 ".safetensors", ".zip")
+
+
 def check_folder(uri: str, flag: str = "--out") -> None:
     """Refuse an output folder below a local file, or in an S3 bucket that does not exist.
 
@@ -173,6 +178,12 @@ def check_folder(uri: str, flag: str = "--out") -> None:
     """
     from hcdlib.errors import UserError
 
+    suffix = os.path.splitext(uri.rstrip("/"))[1].lower()
+    if suffix in FILE_SUFFIXES and not (not is_s3(uri) and os.path.exists(resolve(uri)[1])):
+        # `--out preds.csv` made a folder of that name holding Parquet parts: not the file it names.
+        # (An existing folder of that name is an earlier run's; an existing file is refused below.)
+        raise UserError(f"{flag} {uri} names a {suffix} file, and {flag} is a folder that hcd writes several files "
+                        "into; give a folder name" + (" (hcd submission --out writes one CSV)" * (suffix == ".csv")))
     if is_s3(uri):  # no folders to be in the way; but the bucket must be there (hcd creates none)
         fs, path = resolve(uri)
         bucket = path.split("/")[0]

@@ -230,6 +230,19 @@ def test_an_out_that_a_file_stands_in_is_one_line(argv, model_dir, synth_small, 
     assert blocker.read_text() == "mine"
 
 
+@pytest.mark.parametrize("argv", [
+    ["score", "--model", "{model}", "--input", "{input}"], ["pack", "--input", "{input}"],
+    ["train", "--data", "{input}"], ["evaluate", "--predictions", "{input}", "--labels", "{labels}"]])
+def test_an_out_named_like_a_file_is_one_line(argv, model_dir, synth_small, tmp_path, capsys, no_ray):
+    """`--out preds.csv` made a folder of that name, holding Parquet parts: not the CSV a user meant."""
+    args = [a.format(model=model_dir, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
+    for name, hint in (("preds.csv", " (hcd submission --out writes one CSV)"), ("model.pt", "")):
+        line = _one_line_exit_2(capsys, [*args, "--out", str(tmp_path / name)],
+                                expect=f"names a {name[name.index('.'):]} file, and --out is a folder")
+        assert line.endswith("give a folder name" + hint)
+        assert not (tmp_path / name).exists()
+
+
 def test_a_split_by_slide_does_not_warn(synth_small, tmp_path, caplog, no_ray):
     caplog.set_level(logging.WARNING)
     train_src, val_src = open_sources(TrainConfig(data=str(synth_small), out=str(tmp_path / "run")))
