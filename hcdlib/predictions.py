@@ -275,6 +275,9 @@ def write_submission(predictions: str, out_csv: str, *, overwrite: bool = False)
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
+    if urimod.exists(out_csv) and not urimod.is_file(out_csv):  # with --overwrite it ended in a traceback
+        raise UserError(f"--out {out_csv} is a folder; give the CSV's file name, e.g. "
+                        f"{urimod.join(out_csv, 'submission.csv')}")
     if not overwrite and urimod.exists(out_csv):
         raise UserError(f"--out {out_csv} exists: hcd does not replace a file it may not have written; "
                         "choose another --out, or pass --overwrite to replace it")

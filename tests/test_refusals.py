@@ -516,6 +516,10 @@ def test_submission_never_replaces_a_file_without_overwrite(tmp_path, capsys):
                      expect=f"--out {theirs} exists: hcd does not replace a file it may not have written")
     assert theirs.read_text() == "id,label\np1,1\np2,0\n"
     assert cli.main(["submission", "--predictions", str(out), "--out", str(theirs), "--overwrite"]) == 0
+    for flags in ([], ["--overwrite"]):  # a folder: with --overwrite, os.replace's IsADirectoryError traceback
+        _one_line_exit_2(capsys, ["submission", "--predictions", str(out), "--out", str(tmp_path), *flags],
+                         expect=f"--out {tmp_path} is a folder; give the CSV's file name, e.g. "
+                                f"{tmp_path}/submission.csv")
     assert pacsv.read_csv(theirs).to_pydict() == {"id": ["p1", "p2"], "label": [0.25, 0.5]}
 
 
