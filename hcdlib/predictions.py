@@ -60,6 +60,9 @@ def read_manifest(out: str) -> dict:
     try:
         data = urimod.read_bytes(target)
     except FileNotFoundError:
+        if not urimod.exists(urimod.join(out, RUN_SPEC)):  # no run ever started there: the wrong folder
+            raise NotCommittedError(f"{out}: not the output of an hcd run (no {MANIFEST} or {RUN_SPEC}); pass the "
+                                    "--out of hcd score") from None
         raise NotCommittedError(f"{out}: no {MANIFEST} manifest; the run did not finish "
                                 "(rerun the same command to resume it)") from None
     try:

@@ -463,6 +463,20 @@ def test_truncated_manifest_is_named(tmp_path):
         preds.read_predictions(str(out))
 
 
+def test_readers_tell_an_unfinished_run_from_a_folder_that_holds_none(synth_small, tmp_path, capsys):
+    """`evaluate --predictions <a patch folder>` was told to rerun 'the same command' to resume."""
+    _one_line_exit_2(capsys, ["evaluate", "--predictions", str(synth_small), "--labels",
+                              str(synth_small / "labels.csv"), "--out", str(tmp_path / "r")],
+                     expect=f"{synth_small}: not the output of an hcd run (no _SUCCESS or _RUN.json); pass the "
+                            "--out of hcd score")
+    out = tmp_path / "out"
+    _committed(out, {"a": [("p1", 0.1)]})
+    (out / preds.RUN_SPEC).write_text("{}")
+    (out / preds.MANIFEST).unlink()  # a run that stopped before its commit
+    with pytest.raises(preds.NotCommittedError, match="no _SUCCESS manifest; the run did not finish"):
+        preds.read_predictions(str(out))
+
+
 def test_zero_byte_and_short_parts_are_not_done(tmp_path):
     out = tmp_path / "out"
     _committed(out, {"a": [("p1", 0.1), ("p2", 0.2)], "b": [("p3", 0.3)], "c": [("p4", 0.4)]})
