@@ -136,9 +136,14 @@ def check_run_spec(out: str, spec: dict, *, fix: str, name: str = RUN_SPEC) -> b
         raise CorruptOutputError(f"{target}: corrupt run spec ({exc}); {fix}") from exc
     diff = [k for k in spec if old.get(k) != spec[k]]
     if diff:
-        raise UserError(f"{out} holds a run with a different {', '.join(diff)} "
-                        f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); {fix}")
+        said = ", ".join(f"{k} ({old.get(k)!r} there, {spec[k]!r} now{_SPEC_MEANS.get(k, '')})" for k in diff)
+        raise UserError(f"{out} holds a run with a different {said}; {fix}")
     return True
+
+
+# What a run spec's less plain keys mean, in a refusal: a hash alone did not say what changed.
+_SPEC_MEANS = {f"{k}_fingerprint": f": files of {flag} were added, removed or changed in size since"
+               for k, flag in (("input", "--input"), ("train", "--data"), ("val", "the validation data"))}
 
 
 def claim_output(out: str, spec: dict, *, overwrite: bool) -> None:

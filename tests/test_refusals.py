@@ -289,9 +289,11 @@ def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray)
         train(cfg)
     assert not (out / "skipped").exists()
     (out / "ray_train").mkdir()  # the run started training
-    with pytest.raises(UserError, match=r"holds a run with a different lr \(lr=0.003\); train into another --out"):
+    with pytest.raises(UserError, match=r"holds a run with a different lr \(0.003 there, 0.01 now\); train into "
+                                        r"another --out"):
         train(cfg.replace(lr=0.01))
-    with pytest.raises(UserError, match=r"different data, train_fingerprint \(data='.*both'"):
+    with pytest.raises(UserError, match=r"different data \('.*both' there, '.*' now\), train_fingerprint \('\w+' "
+                                        r"there, '\w+' now: files of --data were added, removed or changed in size"):
         train(cfg.replace(data=other))
     for more in (cfg.replace(epochs=5), cfg.replace(time_budget_min=3.0, cache="off")):  # the same run, longer
         with pytest.raises(AssertionError, match="Ray was started"):
