@@ -143,7 +143,8 @@ class TrainConfig(Settings):
     val_fraction: float = setting(0.15, "share of --data's slide groups held out when there is no --val-data",
                                   lo=0, hi=1, lo_open=True)
     arch: str = setting("hcdnet", "hcdnet is small and fast on CPU; the others are torchvision CNNs", choices=ARCHES)
-    weights: str = setting("none", "none | imagenet | URI of a state dict (safetensors or a tensors-only .pt)")
+    weights: str = setting("none", "none | imagenet | URI of a state dict (safetensors or a tensors-only .pt) "
+                                   "or of an hcd model folder (<train-out>/model) to start from")
     epochs: int = setting(40, "maximum epochs", lo=1)
     batch_size: int = setting(128, "per-worker batch size", lo=1)
     lr: float = setting(3e-3, "peak learning rate of the one-cycle schedule", lo=0, hi=10, lo_open=True)

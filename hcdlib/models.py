@@ -109,12 +109,15 @@ def build_model(arch: str, *, weights: str = "none", crop: int = 96,
 
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``uri``: safetensors, or a torch file loaded with ``weights_only=True``.
+    """A state dict from ``uri``: safetensors, a torch file loaded with ``weights_only=True``, or an hcd model folder.
 
     Never unpickles code: a pickle that holds anything but tensors is refused with one line.
     """
     from hcdlib import uri as urimod
+    from hcdlib.artifact import WEIGHTS
 
+    if urimod.exists(urimod.join(uri, WEIGHTS)):  # an hcd model folder (<train-out>/model): its weights
+        uri = urimod.join(uri, WEIGHTS)
     try:
         data = urimod.read_bytes(uri)
     except OSError as exc:

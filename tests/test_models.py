@@ -36,6 +36,15 @@ def test_weights_from_a_state_dict_uri(tmp_path):
         assert torch.equal(model.state_dict()[k], v)
 
 
+def test_weights_from_an_hcd_model_folder(tmp_path):
+    """--weights <train-out>/model (to start from an earlier run) was 'cannot read: is a directory'."""
+    src, pre = build_model("hcdnet")
+    export_model(src, str(tmp_path / "model"), arch="hcdnet", preprocess=pre, metrics={}, config={})
+    model, _ = build_model("hcdnet", weights=str(tmp_path / "model"))
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
 def test_pickled_code_is_never_loaded(tmp_path):
     class Evil:
         def __reduce__(self):
