@@ -134,7 +134,8 @@ def run_score(cfg: ScoreConfig) -> int:
         tiles = sum(s.get("tiles_failed") or 0 for s in per)  # unreadable tiles of slides that were scored
         # a slide with no tissue tile (glass, a failed scan) has no prediction row: say so here
         empty = sum(s["status"] == "ok" and not (s.get("tiles_scored") or s.get("tiles_failed")) for s in per)
-        notes = [f"{tiles} tiles could not be read"] * bool(tiles) + [f"{empty} with no tissue tile"] * bool(empty)
+        notes = [f"{tiles} tiles could not be read"] if tiles else []
+        notes += [f"{empty} with no tissue tile"] if empty else []
         said = f" ({', '.join(notes)})" if notes else ""
         slides = (f"\n slides   {len(per) - bad} scored{said}, "
                   f"{bad} failed: heatmaps, GeoJSON and summary.csv in {urimod.join(cfg.out, 'slides')}")

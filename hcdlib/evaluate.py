@@ -37,31 +37,9 @@ def load_labels(uri: str) -> pd.DataFrame:
     return check_labelled(open_source(uri), "labelled").to_pandas()  # Parquet: the label columns alone
 
 
-def _once_per_id(preds: pd.DataFrame) -> pd.DataFrame:
-    """One row per id: an id predicted twice alike (the same patch in two folders) counts once.
-
-    An id whose rows differ names two images, and its one label cannot be both's: refused, as
-    ``hcd submission`` refuses it. Before, each row was evaluated against that label, silently.
-    """
-    twice = preds["id"].duplicated(keep=False)
-    if not twice.any():
-        return preds
-    rows = preds[twice]
-    differ = rows.groupby("id")[["prob", "status"]].nunique(dropna=False).max(axis=1) > 1
-    if differ.any():
-        ids = differ[differ].index[:5].tolist()
-        raise UserError(f"{int(differ.sum())} ids have rows with different predictions (different images under one "
-                        f"name), e.g. {', '.join(map(str, ids))}, and one label cannot be right for both; rename or "
-                        "remove them and score again")
-    log.warning("%d ids appear more than once with the same prediction (the same patch twice); each is evaluated once",
-                rows["id"].nunique())
-    return preds.drop_duplicates("id")
-
-
 def join(preds: pd.DataFrame, labels: pd.DataFrame, *, allow_missing: bool) -> tuple[pd.DataFrame, dict]:
     """Inner join on id, with counts of what did not match; refuses a partial join unless allowed."""
     labels = labels.dropna(subset=["label"]).drop_duplicates("id")
-    preds = _once_per_id(preds)
     pred_ids, label_ids = set(preds["id"]), set(labels["id"])
     no_label = sorted(pred_ids - label_ids)
     no_pred = sorted(label_ids - pred_ids)
@@ -197,12 +175,12 @@ def check_report_folder(out: str) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Compute metrics and write ``metrics.json``, the figures and ``report.html`` to ``cfg.out``."""
-    from hcdlib.predictions import read_predictions
+    from hcdlib.predictions import once_per_id, read_predictions
     from hcdlib.report import REPORT, write_figures, write_html
 
     urimod.check_folder(cfg.out)
     check_report_folder(cfg.out)
-    preds = read_predictions(cfg.predictions).to_pandas()
+    preds = once_per_id(read_predictions(cfg.predictions), cfg.predictions, then="each is evaluated once").to_pandas()
     df, counts = join(preds, load_labels(cfg.labels), allow_missing=cfg.allow_missing)
     if df["label"].nunique() < 2:
         raise UserError(f"{cfg.labels}: the evaluated patches hold one class only; AUC is undefined")

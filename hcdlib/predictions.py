@@ -269,6 +269,33 @@ def write_manifest(out: str, manifest: dict) -> str:
     return target
 
 
+def once_per_id(t: pa.Table, predictions: str, *, then: str) -> pa.Table:
+    """``t`` (prediction rows) with one row per id, or a refusal naming ids whose rows differ.
+
+    Rows of one id with the same ``prob`` and ``status`` are the same patch listed twice (in two
+    folders): the first is kept, with a warning that ends with ``then``. Rows that differ are two
+    images under one name: no label (evaluate) or submission row can be right for both, so they
+    are refused.
+    """
+    import pyarrow.compute as pc
+
+    if pc.count_distinct(t["id"]).as_py() == t.num_rows:
+        return t
+    distinct = t.select(["id", "prob", "status"]).group_by(["id", "prob", "status"], use_threads=False).aggregate([])
+    per_id = distinct.group_by("id", use_threads=False).aggregate([([], "count_all")])
+    clash = pc.filter(per_id["id"], pc.greater(per_id["count_all"], 1))
+    if len(clash):
+        raise UserError(f"{predictions}: {len(clash)} ids have rows with different predictions (different images "
+                        f"under one name), e.g. {', '.join(clash.to_pylist()[:5])}; rename or remove them and "
+                        "score again")
+    rows = pa.table({"id": t["id"], "row": pa.array(range(t.num_rows), pa.int64())})
+    first = rows.group_by("id", use_threads=False).aggregate([("row", "min"), ([], "count_all")])
+    log.warning("%d ids appear more than once with the same prediction (the same patch twice); %s",
+                pc.sum(pc.greater(first["count_all"], 1)).as_py(), then)
+    keep = first["row_min"]
+    return t.take(pc.take(keep, pc.sort_indices(keep)))  # in the order they came
+
+
 def write_submission(predictions: str, out_csv: str, *, overwrite: bool = False) -> int:
     """Write the Kaggle submission CSV (``id,label`` = P(tumour), ids sorted); return rows.
 
@@ -293,21 +320,10 @@ def write_submission(predictions: str, out_csv: str, *, overwrite: bool = False)
         raise UserError(f"{predictions}: predictions of whole-slide tiles, and a Kaggle submission lists the patch "
                         f"ids of its test set; pass predictions of patches (the slides' results are in "
                         f"{urimod.join(predictions, 'slides')})")
-    t = read_predictions(predictions, ["id", "prob", "status"])
-    label = pc.fill_null(t["prob"], pa.scalar(0.5, pa.float32()))
-    t = pa.table({"id": t["id"], "label": label}).group_by("id").aggregate([("label", "min"), ("label", "max"),
-                                                                             ("label", "count")])
-    clash = pc.not_equal(t["label_min"], t["label_max"])
-    if pc.any(clash).as_py():
-        ids = pc.filter(t["id"], clash).to_pylist()
-        raise UserError(f"{predictions}: {len(ids)} ids have rows with different predictions (different "
-                        f"images under one name), e.g. {', '.join(ids[:5])}; rename or remove them and score again")
-    dups = pc.sum(pc.greater(t["label_count"], 1)).as_py() or 0
-    if dups:
-        log.warning("%d ids appear more than once with the same prediction; written once each", dups)
+    t = once_per_id(read_predictions(predictions, ["id", "prob", "status"]), predictions, then="written once each")
+    t = pa.table({"id": t["id"], "label": pc.fill_null(t["prob"], pa.scalar(0.5, pa.float32()))})
     t = t.sort_by("id")
-    label = t["label_min"]
     buf = io.BytesIO()
-    pacsv.write_csv(pa.table({"id": t["id"], "label": label}), buf)
+    pacsv.write_csv(t, buf)
     urimod.write_bytes_atomic(out_csv, buf.getvalue())
     return t.num_rows
