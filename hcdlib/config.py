@@ -33,9 +33,12 @@ MPP_RANGE = (0.05, 20.0)
 
 
 def setting(default=MISSING, help: str = "", *, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, choices: tuple | None = None):
-    """A config field with its help text and allowed values (a field without default is required)."""
-    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+            lo_open: bool = False, choices: tuple | None = None, output: bool = False):
+    """A config field with its help text and allowed values (a field without default is required).
+
+    ``output``: the location the command writes to (checked by :func:`hcdlib.uri.check_kept`).
+    """
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "output": output}
     return field(default=default, metadata=meta)
 
 
@@ -61,6 +64,10 @@ class Settings:
             if choices is not None and value not in choices:
                 raise UserError(f"{flag_name(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
             check_range(flag_name(f.name), value, f.metadata["lo"], f.metadata["hi"], lo_open=f.metadata["lo_open"])
+            if f.metadata["output"]:
+                from hcdlib.uri import check_kept
+
+                check_kept(value, flag_name(f.name))
         self.check()
 
     def check(self) -> None:
@@ -81,7 +88,7 @@ class Settings:
 class SynthConfig(Settings):
     """Write synthetic H&E patches (Kaggle layout + labels.csv)."""
 
-    out: str = setting(help="output folder URI (local path or s3://)")
+    out: str = setting(help="output folder URI (local path or s3://)", output=True)
     n: int = setting(2000, "number of patches", lo=1)
     slides: int = setting(8, "number of simulated slides", lo=1)
     seed: int = setting(0, "random seed (output is deterministic)")
@@ -94,7 +101,7 @@ class PackConfig(Settings):
     """Pack any patch source into Parquet shards (few large objects instead of millions)."""
 
     input: str = setting(help="patch source URI (folder, class folders, shards)")
-    out: str = setting(help="output folder URI for the shards")
+    out: str = setting(help="output folder URI for the shards", output=True)
     labels: str | None = setting(None, "labels CSV URI (id,label[,slide_id])")
     rows_per_file: int = setting(10_000, "patches per shard", lo=1)
     row_group_size: int = setting(1024, "patches per row group: the unit of scoring work and resume", lo=1)
@@ -108,7 +115,7 @@ class ScoreConfig(Settings):
 
     model: str = setting(help="model artifact URI (the <train-out>/model folder)")
     input: str = setting(help="patch source or slide folder URI")
-    out: str = setting(help="output URI for predictions")
+    out: str = setting(help="output URI for predictions", output=True)
     labels: str | None = setting(None, "labels CSV URI (optional; carried for slide ids)")
     tta: int = setting(1, "test-time augmentation: 1 none, 4 rotations, 8 dihedral group", choices=TTA_CHOICES)
     batch_size: int = setting(256, "patches per model call", lo=1)
@@ -136,7 +143,7 @@ class TrainConfig(Settings):
     """
 
     data: str = setting(help="training patch source URI")
-    out: str = setting(help="run folder URI: checkpoints, metrics, model/")
+    out: str = setting(help="run folder URI: checkpoints, metrics, model/", output=True)
     labels: str | None = setting(None, "labels CSV URI for --data")
     val_data: str | None = setting(None, "validation source URI (default: hold out groups of --data)")
     val_labels: str | None = setting(None, "labels CSV URI for --val-data")
@@ -191,7 +198,7 @@ class EvalConfig(Settings):
 
     predictions: str = setting(help="output URI of hcd score")
     labels: str = setting(help="labels CSV (id,label[,slide_id]) or a labelled patch source")
-    out: str = setting(help="report folder URI")
+    out: str = setting(help="report folder URI", output=True)
     allow_missing: bool = setting(False, "evaluate over a partial join (counted)")
     target_sensitivity: float = setting(0.95, "operating point to report", lo=0, hi=1, lo_open=True)
     threshold: float | None = setting(None, "decision threshold (default: the model's, else 0.5)", lo=0, hi=1)
@@ -206,7 +213,7 @@ class SubmissionConfig(Settings):
     """Write a Kaggle submission CSV (id,label) from committed predictions."""
 
     predictions: str = setting(help="output URI of hcd score")
-    out: str = setting(help="CSV URI to write (an existing file is refused unless --overwrite)")
+    out: str = setting(help="CSV URI to write (an existing file is refused unless --overwrite)", output=True)
     overwrite: bool = setting(False, "replace an existing --out file")
 
 
@@ -217,7 +224,7 @@ class DemoConfig(Settings):
     Trains, scores, evaluates, and scores a slide assembled from held-out patches.
     """
 
-    out: str = setting("hcd-demo", "folder for everything the demo writes")
+    out: str = setting("hcd-demo", "folder for everything the demo writes", output=True)
     minutes: float = setting(2.0, "training time budget", lo=0, lo_open=True)
 
 
@@ -229,7 +236,7 @@ class BenchScoreConfig(Settings):
     arch: str = setting("resnet18", "architecture", choices=ARCHES)
     batch_size: int = setting(256, "patches per model call", lo=1)
     tta: int = setting(1, "test-time augmentation", choices=TTA_CHOICES)
-    work: str = setting("bench-out", "local folder for data and outputs")
+    work: str = setting("bench-out", "local folder for data and outputs", output=True)
     mem_factor: int = setting(5, "memory check at this many times N", lo=1)
     s3_uri: str | None = setting(None, "score shards already at this S3 URI for (e) (default: a local moto server)")
     skip_s3: bool = setting(False, "leave out (e)")
@@ -247,7 +254,7 @@ class BenchTrainConfig(Settings):
 
     train: str = setting(help="training patch source (e.g. pcam-real/train)")
     valid: str = setting(help="validation patch source (e.g. pcam-real/valid)")
-    out: str = setting("bench-out/train", "output folder")
+    out: str = setting("bench-out/train", "output folder", output=True)
     minutes: float = setting(30.0, "training time budget", lo=0, lo_open=True)
     throughput: bool = setting(False, "images/s of Ray Train vs a plain PyTorch loop")
     throughput_n: int = setting(4096, "patches for the throughput epochs", lo=1)

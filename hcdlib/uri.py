@@ -165,6 +165,30 @@ def check_outside(out: str, inputs: list[tuple[str, str | None]]) -> None:
                             "run; choose an --out outside the input")
 
 
+# Where Ray runs a job's driver when `ray job submit --working-dir` is given: a temporary copy of
+# that folder under the session's runtime_resources/, which Ray deletes once no job uses it.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the driver only
+_RAY_COPY_MARK = f"{os.sep}runtime_resources{os.sep}"
+
+
+def check_kept(uri: str, flag: str) -> None:
+    """Refuse a relative output path in a Ray job whose working directory is Ray's temporary copy.
+
+    ``ray job submit --working-dir . -- python jobs/score.py --out preds`` wrote the predictions
+    into that copy, not beside the user's files, where Ray deletes them later without a word.
+    """
+    from hcdlib.errors import UserError
+
+    local = uri[len("file://"):] if uri.startswith("file://") else uri
+    if is_s3(uri) or os.path.isabs(os.path.expanduser(local)) or not os.environ.get(RAY_JOB_ENV):
+        return
+    cwd = os.getcwd()
+    if _RAY_COPY_MARK in cwd + os.sep:
+        raise UserError(f"{flag} {uri}: a relative path in a Ray job lies in the job's working directory, Ray's "
+                        f"temporary copy of --working-dir ({cwd}), which Ray deletes after the job; give an "
+                        "absolute path (on storage every node of the cluster sees) or an s3:// URI")
+
+
 # Names of files, not folders: an --out ending so was meant as one file (a CSV of predictions, say).
 FILE_SUFFIXES = (".csv", ".tsv", ".parquet", ".json", ".txt", ".xlsx", ".html", ".png", ".pt", ".pth",
                  ".safetensors", ".zip")

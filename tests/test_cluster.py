@@ -110,6 +110,12 @@ def test_two_node_cluster_ray_job_submit(synth_small, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         nodes = {t.get("node_id") for t in json.loads(res.stdout)}
         assert {info["head_node_id"], info["worker_node_id"]} <= nodes
+        # a relative --out would land in Ray's temporary copy of --working-dir: refused, naming it
+        rel = _job(dash, "hcd-relative", "python", "jobs/score.py", "--model", str(run / "model"),
+                   "--input", str(synth_small), "--out", "preds", env=env)
+        assert "Job 'hcd-relative' failed" in _status(dash, "hcd-relative", env)
+        assert re.search(r"--out preds: a relative path in a Ray job lies in the job's working directory, Ray's "
+                         r"temporary copy of --working-dir \(\S+/runtime_resources/", rel.stdout + rel.stderr)
         # a submission without the cluster's token is refused
         bad = _job(dash, "hcd-intruder", "echo", "hi", env=dict(env, RAY_AUTH_TOKEN="not-the-token"))
         assert bad.returncode != 0 and "token" in (bad.stdout + bad.stderr).lower()

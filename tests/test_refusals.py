@@ -243,6 +243,38 @@ def test_an_out_named_like_a_file_is_one_line(argv, model_dir, synth_small, tmp_
         assert not (tmp_path / name).exists()
 
 
+@pytest.mark.parametrize("argv", [
+    ["score", "--model", "{model}", "--input", "{input}"], ["pack", "--input", "{input}"],
+    ["train", "--data", "{input}"], ["evaluate", "--predictions", "{input}", "--labels", "{labels}"],
+    ["submission", "--predictions", "{input}"], ["synth", "--n", "5"], ["demo"]])
+def test_a_relative_out_in_a_ray_jobs_working_dir_copy_is_one_line(argv, model_dir, synth_small, tmp_path, capsys,
+                                                                    monkeypatch, no_ray):
+    """A relative --out in `ray job submit --working-dir .` went into Ray's copy of the folder, deleted later.
+
+    The user's own folder never saw the predictions.
+    """
+    args = [a.format(model=model_dir, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1234"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv(urimod.RAY_JOB_ENV, "{}")
+    out = "preds.csv" if argv[0] == "submission" else "preds"
+    line = _one_line_exit_2(capsys, [*args, "--out", out], expect=f"--out {out}: a relative path in a Ray job lies")
+    assert str(copy) in line and line.endswith("give an absolute path (on storage every node of the cluster sees) "
+                                               "or an s3:// URI")
+    assert list(copy.iterdir()) == []
+    if argv[0] == "demo":  # its default --out is relative too
+        _one_line_exit_2(capsys, args, expect="--out hcd-demo: a relative path in a Ray job lies")
+    # an absolute --out, a Ray job run from elsewhere, and a plain command are not affected
+    urimod.check_kept(str(tmp_path / "preds"), "--out")
+    urimod.check_kept("s3://bucket/preds", "--out")
+    monkeypatch.chdir(tmp_path)
+    urimod.check_kept("preds", "--out")
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv(urimod.RAY_JOB_ENV)
+    urimod.check_kept("preds", "--out")
+
+
 def test_a_split_by_slide_does_not_warn(synth_small, tmp_path, caplog, no_ray):
     caplog.set_level(logging.WARNING)
     train_src, val_src = open_sources(TrainConfig(data=str(synth_small), out=str(tmp_path / "run")))
