@@ -119,6 +119,38 @@ def check_split(train: tuple[PatchSource, pa.Table], val: tuple[PatchSource, pa.
                           f"training patches in {train_src.uri} (e.g. {example}), so the validation AUC would count "
                           "patches the model learnt; validate on patches kept out of --data, or leave out --val-data "
                           "to hold out slide groups of --data")
+    if held_out:  # split_by_group kept every slide and duplicate group on one side
+        return
+    # Pixel-identical copies (one duplicate group of a labels CSV, no slide to tell) are the same
+    # patch under two ids: as above, refused.
+    dup = _overlap(_dup_groups(val_src), _dup_groups(train_src))
+    if dup:
+        raise SourceError(f"{val_src.uri}: {dup[0]} of its {val_t.num_rows} validation patches are in duplicate "
+                          f"groups (dup_group) that training patches in {train_src.uri} are in too (e.g. group "
+                          f"{dup[1]}), so the validation AUC would count copies of patches the model learnt; keep "
+                          "each duplicate group on one side")
+    # Patches of one slide on both sides: allowed (some data sets cannot be split otherwise), said.
+    slides = _overlap(val_t["slide_id"], pc.drop_null(train_t["slide_id"]))
+    if slides:
+        log.warning("%s: %d of its %d validation patches come from slides that training patches come from too "
+                    "(e.g. slide %s): the validation AUC, which picks the exported epoch, is optimistic; validate on "
+                    "other slides", val_src.uri, slides[0], val_t.num_rows, slides[1])
+
+
+def _dup_groups(src: PatchSource) -> pa.ChunkedArray:
+    """Each patch's duplicate group, where it has one and no slide (``group`` is then that group or the id)."""
+    items = src.items
+    if "group" not in items.column_names:  # shards carry no groups
+        return pa.chunked_array([], pa.string())
+    mine = pc.and_(items["slide_id"].is_null(), pc.not_equal(items["group"], items["id"]))
+    return pc.filter(items["group"], mine)
+
+
+def _overlap(values: pa.ChunkedArray, others: pa.ChunkedArray) -> tuple[int, str] | None:
+    """How many of ``values`` (nulls never) are among ``others``, and the first; None when none."""
+    shared = pc.fill_null(pc.is_in(values, value_set=others.combine_chunks()), False)
+    n = pc.sum(shared).as_py() or 0
+    return (n, values[pc.index(shared, True).as_py()].as_py()) if n else None
 
 
 # Of Ray's object store, what decoded training + validation patches may fill under --cache auto.

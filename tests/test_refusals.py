@@ -216,6 +216,36 @@ def test_train_refuses_one_class_and_validation_on_training_patches(ten_patches,
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_duplicate_groups_and_says_slides_on_both_sides(ten_patches, tmp_path, caplog, no_ray):
+    """--val-data with copies of training patches (one dup_group) or their slides validated without a word."""
+    folder, ids = ten_patches
+    both = _class_folders(folder, tmp_path / "both", {i: n % 2 for n, i in enumerate(ids[:6])})
+    held = _class_folders(folder, tmp_path / "held", {i: n % 2 for n, i in enumerate(ids[6:])})
+    out = str(tmp_path / "run")
+
+    def labels(name: str, rows: dict[str, tuple[str, str]]) -> str:  # id -> (slide_id, dup_group)
+        path = tmp_path / f"{name}.csv"
+        path.write_text("id,label,slide_id,dup_group\n" + "".join(
+            f"{i},{n % 2},{s},{d}\n" for n, (i, (s, d)) in enumerate(rows.items())))
+        return str(path)
+
+    caplog.set_level(logging.WARNING)
+    train_csv = labels("t", {i: ("", f"g{n}") for n, i in enumerate(ids[:6])})
+    # a proper split: other groups, other slides
+    open_sources(TrainConfig(data=both, labels=train_csv, val_data=held, out=out,
+                             val_labels=labels("v0", {i: ("", f"h{n}") for n, i in enumerate(ids[6:])})))
+    assert "validation" not in caplog.text
+    dups = labels("v1", {i: ("", f"g{n % 3}") for n, i in enumerate(ids[6:])})  # g0 and g1, g2 are training's
+    with pytest.raises(SourceError, match=r"held: 4 of its 4 validation patches are in duplicate groups "
+                                          r"\(dup_group\) that training patches .* \(e.g. group g0\)"):
+        open_sources(TrainConfig(data=both, labels=train_csv, val_data=held, val_labels=dups, out=out))
+    slide_csv = labels("t2", {i: (f"s{n % 2}", "") for n, i in enumerate(ids[:6])})
+    same = labels("v2", {i: (f"s{n}", "") for n, i in enumerate(ids[6:])})  # s0, s1 are training's slides
+    open_sources(TrainConfig(data=both, labels=slide_csv, val_data=held, val_labels=same, out=out))
+    assert ("2 of its 4 validation patches come from slides that training patches come from too (e.g. slide s0)"
+            in caplog.text)
+
+
 @pytest.mark.parametrize("argv", [
     ["score", "--model", "{model}", "--input", "{input}"], ["pack", "--input", "{input}"],
     ["train", "--data", "{input}"], ["evaluate", "--predictions", "{input}", "--labels", "{labels}"],
