@@ -26,6 +26,10 @@ CONVERTIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "
 SIXTEEN_BIT_GRAY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Largest image we agree to decode when resizing is allowed (a 4096x4096 tile).
 MAX_PIXELS = 4096 * 4096
+# An image this wide or tall is no patch: its error names --slides.
+SLIDE_EDGE = 1000
+# Modes with transparency. Where a patch is transparent there is no tissue: glass, which is white.
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
 class Decoded(NamedTuple):
@@ -87,6 +91,22 @@ def raw_tiff_pixels(data: bytes, size: int = PATCH_SIZE) -> np.ndarray | None:
     return np.frombuffer(data, dtype=np.uint8, count=expected, offset=start).reshape(size, size, 3)
 
 
+def _on_glass(im: Image.Image) -> tuple[Image.Image, str]:
+    """An image with transparency as RGB over white, and the note that says what was done.
+
+    Dropping the alpha channel (PIL's ``convert("RGB")``) leaves whatever colour the transparent
+    pixels hold, often black: dark pixels scored as if they were tissue.
+    """
+    rgba = im.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"))
+    if alpha.min() == 255:
+        return rgba.convert("RGB"), f"converted {im.mode} to RGB"
+    # One wording for every such patch (no share of pixels): the manifest counts notes alike.
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return (Image.alpha_composite(white, rgba).convert("RGB"),
+            f"converted {im.mode} to RGB; transparent pixels shown over white (glass)")
+
+
 def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = False) -> Decoded:
     """Decode encoded image bytes to a ``size x size x 3`` uint8 RGB array.
 
@@ -110,7 +130,8 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                     return Decoded(None, f"image is {w}x{h}: too large to be a patch, not decoded (a whole-slide "
                                          "image? hcd score --slides tiles it)", None)
                 if (w, h) != (size, size) and not resize:
-                    return Decoded(None, f"image is {w}x{h}, expected {size}x{size}", None)
+                    hint = " (a whole-slide image? hcd score --slides tiles it)" if max(w, h) >= SLIDE_EDGE else ""
+                    return Decoded(None, f"image is {w}x{h}, expected {size}x{size}{hint}", None)
                 if im.mode not in CONVERTIBLE_MODES and im.mode not in SIXTEEN_BIT_GRAY:
                     return Decoded(None, f"pixel format {im.mode} cannot be converted to 8-bit RGB faithfully "
                                          "(convert the patch to 8-bit RGB)", None)
@@ -123,7 +144,10 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                     wide = np.asarray(im).astype(np.uint32)
                     im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
                     notes.append("scaled 16-bit grayscale to 8 bits")
-                if im.mode != "RGB":
+                if im.mode in ALPHA_MODES or "transparency" in im.info:  # (a palette or RGB PNG with a tRNS key)
+                    im, note = _on_glass(im)
+                    notes.append(note)
+                elif im.mode != "RGB":
                     notes.append(f"converted {im.mode} to RGB")
                     im = im.convert("RGB")
                 if (w, h) != (size, size):

@@ -71,6 +71,28 @@ def test_non_rgb_converted_with_note(img, mode):
     assert res.note == f"converted {mode} to RGB"
 
 
+def test_transparent_pixels_are_glass_not_their_hidden_colour():
+    """Dropping alpha left the colour under transparent pixels (black here): dark 'tissue' no one scanned."""
+    rgba = np.dstack([RGB, np.full((96, 96), 255, np.uint8)])
+    rgba[:, :48] = 0  # the left half: transparent, black beneath
+    res = decode_patch(_encode(Image.fromarray(rgba), "PNG"))
+    assert res.error is None and res.note == "converted RGBA to RGB; transparent pixels shown over white (glass)"
+    assert (res.pixels[:, :48] == 255).all()
+    np.testing.assert_array_equal(res.pixels[:, 48:], RGB[:, 48:])
+    # a palette PNG with a transparent entry (tRNS) is the same case
+    pal = Image.fromarray(RGB).convert("P")
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])
+    res = decode_patch(_encode(pal, "PNG"))
+    assert res.note == "converted P to RGB; transparent pixels shown over white (glass)"
+    assert (res.pixels[0, 0] == 255).all()
+
+
+def test_an_image_the_size_of_a_slide_names_slides():
+    big = decode_patch(_encode(np.zeros((1200, 1000, 3), np.uint8), "PNG"))
+    assert big.error == "image is 1000x1200, expected 96x96 (a whole-slide image? hcd score --slides tiles it)"
+    assert decode_patch(_encode(np.zeros((128, 128, 3), np.uint8), "PNG")).error == "image is 128x128, expected 96x96"
+
+
 def test_resize_only_when_asked():
     data = _encode(np.zeros((192, 192, 3), np.uint8), "PNG")
     assert decode_patch(data).error == "image is 192x192, expected 96x96"
