@@ -266,8 +266,11 @@ def check_labelled(src: PatchSource, what: str) -> pa.Table:
     label = t["label"]
     if label.null_count:
         i = _first(label.is_null())
+        # Shards carry the labels their pack gave them, and refuse --labels: the fix is a repack.
+        fix = ("they were packed without labels: pack the patches again with hcd pack --labels <CSV>"
+               if src.layout == PARQUET else "give a labels CSV (--labels) that lists every patch")
         raise SourceError(f"{src.uri}: {label.null_count} of {len(label)} {what} patches have no label "
-                          f"(e.g. {t['id'][i].as_py()}); give a labels CSV (--labels) that lists every patch")
+                          f"(e.g. {t['id'][i].as_py()}); {fix}")
     bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int64())))
     if pc.any(bad).as_py():
         i = _first(bad)

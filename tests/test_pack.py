@@ -85,6 +85,20 @@ def test_reader_takes_only_manifest_listed_shards(synth_small, tmp_path):
     assert rows == 300
 
 
+def test_shards_packed_without_labels_say_to_repack_with_them(synth_small, tmp_path):
+    """The fix used to be "give --labels", which shards refuse: the user went round in a circle."""
+    from hcdlib.sources import check_labelled
+
+    plain = tmp_path / "plain"
+    for p in sorted(synth_small.glob("*.tif"))[:20]:  # the patches without their labels.csv (a test set)
+        plain.mkdir(exist_ok=True)
+        (plain / p.name).write_bytes(p.read_bytes())
+    pack(PackConfig(input=str(plain), out=str(tmp_path / "shards")))
+    with pytest.raises(SourceError, match=r"20 of 20 training patches have no label .*; they were packed without "
+                                          r"labels: pack the patches again with hcd pack --labels <CSV>$"):
+        check_labelled(open_source(str(tmp_path / "shards")), "training")
+
+
 def test_repacking_shards_reruns_and_refuses_foreign_files(synth_small, tmp_path):
     from hcdlib.errors import UserError
 
