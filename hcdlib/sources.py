@@ -16,6 +16,7 @@ units of reading, scoring and resuming, each of which reads itself.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import io
@@ -200,10 +201,13 @@ def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
         raw = urimod.read_bytes(labels_uri)
     except OSError as exc:
         raise SourceError(f"{labels_uri}: cannot read labels CSV: {exc}") from exc
+    names, delimiter = _csv_header(raw)
     try:
-        table = pacsv.read_csv(io.BytesIO(raw), convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in ("id", "label", "slide_id", "dup_group")},
-            strings_can_be_null=False))
+        table = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+                               parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                               convert_options=pacsv.ConvertOptions(
+                                   column_types={c: pa.string() for c in LABEL_CSV_COLUMNS},
+                                   strings_can_be_null=False))
     except pa.ArrowInvalid as exc:
         raise SourceError(f"{labels_uri}: not a readable CSV: {str(exc).splitlines()[0]}") from exc
     names = table.column_names
@@ -240,6 +244,22 @@ def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
             v = table[col]
             table = table.set_column(names.index(col), col, pc.if_else(pc.equal(v, ""), None, v))
     return table
+
+
+# The columns a labels CSV may have; its header may spell them in capitals (``ID,Label``).
+LABEL_CSV_COLUMNS = ("id", "label", "slide_id", "dup_group")
+
+
+def _csv_header(raw: bytes) -> tuple[list[str], str]:
+    """A labels CSV's column names, with hcd's own in lower case, and its delimiter.
+
+    ``ID,Label`` (a spreadsheet's header) was refused for want of an ``id`` column, and so was a
+    spreadsheet's semicolon- or tab-separated export: their header is unambiguous, so it is read.
+    """
+    first = raw.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
+    delimiter = next((d for d in (",", ";", "\t") if d in first), ",")
+    names = [n.strip() for n in next(csv.reader([first], delimiter=delimiter), [])]
+    return [n.lower() if n.lower() in LABEL_CSV_COLUMNS and n.lower() not in names else n for n in names], delimiter
 
 
 def _first(mask: pa.ChunkedArray | pa.Array) -> int:

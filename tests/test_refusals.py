@@ -118,6 +118,20 @@ def test_labels_written_as_floats_are_read_as_0_and_1(tmp_path):
     assert read_labels(path)["label"].to_pylist() == [0, 1, 1, 1, 0]
 
 
+@pytest.mark.parametrize("text", [
+    "ID,Label,Slide_ID\n007,1,s1\n008,0,s2\n",                   # a spreadsheet's capitals
+    "\ufeffid;label;slide_id\r\n007;1;s1\r\n008;0;s2\r\n",       # Excel's UTF-8 export in a comma-decimal locale
+    '"id"\t"label"\t"slide_id"\n"007"\t"1"\ts1\n008\t0\ts2\n',    # tab-separated, quoted
+])
+def test_labels_csv_from_a_spreadsheet_is_read(tmp_path, text):
+    """Each of these was refused for want of an 'id' column; ids keep their leading zeros."""
+    t = read_labels(_csv(tmp_path / "labels.csv", text))
+    assert t.select(["id", "label", "slide_id"]).to_pylist() == [{"id": "007", "label": 1, "slide_id": "s1"},
+                                                                 {"id": "008", "label": 0, "slide_id": "s2"}]
+    with pytest.raises(SourceError, match=r"needs an 'id' column, has \['image_id', 'label'\]"):
+        read_labels(_csv(tmp_path / "other.csv", "image_id,label\na,1\n"))
+
+
 def test_ids_written_with_the_file_extension_name_the_same_patches(ten_patches, tmp_path):
     """A CSV made from a file listing has abc.tif where hcd's id is abc: every patch went unlabelled."""
     folder, ids = ten_patches
