@@ -119,6 +119,23 @@ def _check_locations(cfg: ScoreConfig) -> None:
                             "its outputs; choose another --out")
 
 
+# Below this validation AUC a model tells tumour from normal too poorly for its probabilities to
+# be read as evidence (a run of a few steps; a label column that meant something else).
+WEAK_AUC = 0.75
+
+
+def _warn_weak(uri: str, meta: dict) -> None:
+    """Say so when the model's own validation AUC (recorded at export) is weak: it scores like any other."""
+    m = meta.get("metrics") or {}
+    auc = m.get("val_auc")
+    if auc is None or auc >= WEAK_AUC:
+        return
+    how = "worse than chance: its probabilities point the wrong way" if auc < 0.5 else "its probabilities are weak"
+    log.warning("%s: this model's validation AUC is %.3f (epoch %s, %s patches), %s; scored anyway, but train it "
+                "longer or on more data before reading them as evidence", uri, auc, m.get("epoch", "?"),
+                m.get("val_n", "?"), how)
+
+
 def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     """Run one scoring job to completion (resuming if ``cfg.out`` holds a partial run).
 
@@ -141,6 +158,7 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     meta = checked[0]
     if not declares_arch(checked[1]):
         load_model(cfg.model, checked=checked)  # raises ArtifactError if the weights do not fit
+    _warn_weak(cfg.model, meta)
     _check_locations(cfg)
     pre = Preprocess.from_dict(meta["preprocess"])  # slides are cut at the model's resolution and patch
     tiling = SlideTiling(out=cfg.out, target_mpp=pre.mpp, patch=pre.size, mpp=cfg.mpp,

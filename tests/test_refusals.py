@@ -431,6 +431,22 @@ def test_an_s3_uri_with_credentials_is_refused_without_repeating_them(argv, caps
     assert "s3cr3tKEY" not in line and "AKIAEXAMPLE" not in line
 
 
+def test_scoring_with_a_model_of_weak_validation_auc_says_so(tmp_path, caplog):
+    """A model exported after a few steps scores like any other: its probabilities looked like evidence."""
+    from hcdlib.score import _warn_weak
+
+    caplog.set_level(logging.WARNING)
+    model, pre = build_model("hcdnet")
+    for auc, said in ((0.31, "worse than chance: its probabilities point the wrong way"),
+                      (0.62, "its probabilities are weak"), (0.93, None)):
+        out = tmp_path / f"m{auc}"
+        export_model(model, str(out), arch="hcdnet", preprocess=pre, metrics={"val_auc": auc, "epoch": 1, "val_n": 198})
+        caplog.clear()
+        _warn_weak(str(out), check_artifact(str(out))[0])
+        line = f"this model's validation AUC is {auc:.3f} (epoch 1, 198 patches), {said}; scored anyway"
+        assert line in caplog.text if said else caplog.text == ""
+
+
 # ---- pixel formats --------------------------------------------------------------------------
 
 def _tif(arr: np.ndarray) -> bytes:
