@@ -199,6 +199,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     body = json.dumps(metrics, indent=1, default=float).encode()
     urimod.write_bytes_atomic(urimod.join(cfg.out, METRICS), body)
     write_html(metrics, figures, cfg.out, slides=_slide_heatmaps(cfg.predictions))
+    if metrics["patch"]["roc_auc"] < 0.5:  # a classifier worse than chance is most often a label mix-up
+        log.warning("ROC AUC %.3f is below chance: the model ranks normal patches above tumour ones; check that 1 "
+                    "means tumour in %s and in the labels the model was trained on", metrics["patch"]["roc_auc"],
+                    cfg.labels)
     ci = metrics["patch"]["roc_auc_ci95"] or (float("nan"), float("nan"))
     log.info("ROC AUC %.3f (95%% CI %.3f-%.3f) on %d patches; report at %s", metrics["patch"]["roc_auc"], *ci,
              len(y), urimod.join(cfg.out, REPORT))

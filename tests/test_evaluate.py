@@ -121,6 +121,24 @@ def test_an_id_predicted_twice_counts_once_and_two_images_under_one_id_are_refus
         evaluate(EvalConfig(**{**cfg.__dict__, "predictions": str(tmp_path / "clash")}))
 
 
+def test_an_auc_below_chance_says_the_labels_may_be_inverted(case, synth_small, tmp_path, caplog):
+    """Labels where 1 means normal gave a report of AUC 0.1 and no word about why."""
+    import logging
+
+    df, tmp = case
+    flipped = tmp_path / "flipped.csv"
+    df.assign(label=1 - df.label)[["id", "label"]].to_csv(flipped, index=False)
+    caplog.set_level(logging.WARNING)
+    cfg = EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"), out=str(tmp / "r"),
+                     bootstrap=10)
+    evaluate(cfg)
+    assert "below chance" not in caplog.text
+    m = evaluate(EvalConfig(**{**cfg.__dict__, "labels": str(flipped), "out": str(tmp / "r2")}))
+    assert m["patch"]["roc_auc"] < 0.5
+    assert (f"ROC AUC {m['patch']['roc_auc']:.3f} is below chance: the model ranks normal patches above tumour ones; "
+            f"check that 1 means tumour in {flipped}") in caplog.text
+
+
 def test_figures_and_self_contained_html(case, synth_small):
     _df, tmp = case
     evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
