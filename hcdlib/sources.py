@@ -398,18 +398,24 @@ def _check_folder_labels(table: pa.Table, labels_uri: str | None) -> None:
 def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str, tuple[bytes | None, int]]]:
     """One row per row group of every shard (shard, row_group, num_rows), and each shard's footer and size."""
     fs, root, files = listing.fs, listing.root, listing.files
-    manifest = f"{root}/{PACK_MANIFEST}" if len(files) > 1 or files[0] != root else None
     shards = [p for p in files if p.endswith(".parquet")]
-    if manifest and manifest in files:
-        manifest_uri = urimod.to_uri(fs, manifest)
+    manifest_uri = urimod.to_uri(fs, f"{root}/{PACK_MANIFEST}")
+    raw = urimod.read_bytes(manifest_uri) if f"{root}/{PACK_MANIFEST}" in files else None
+    if raw and raw.strip():  # hcd pack's manifest: exactly the shards it committed
         try:
-            listed = json.loads(urimod.read_bytes(manifest_uri))["files"]
+            listed = json.loads(raw)["files"]
         except (ValueError, KeyError, TypeError) as exc:
             raise SourceError(f"{manifest_uri}: corrupt pack manifest ({exc}); rerun hcd pack to rewrite it") from exc
         shards = [f"{root}/{f['path']}" for f in listed]
-    elif manifest:
+        gone = sorted(set(shards) - set(files))
+        if gone:  # removed or moved since the pack: read, they failed as "not a readable Parquet shard"
+            raise SourceError(f"{root_uri}: {len(gone)} of the {len(shards)} shards its {PACK_MANIFEST} lists are "
+                              f"missing (e.g. {urimod.to_uri(fs, gone[0])}); run the same hcd pack command again to "
+                              "write them again (it keeps the shards that are there)")
+    elif raw is None and files != [root]:  # a folder of shards without a manifest (one file given needs none)
         _check_finished(listing, root_uri)
         log.warning("%s: no %s manifest; reading every .parquet file found", root_uri, PACK_MANIFEST)
+    # (An empty _SUCCESS is Spark's and Hadoop's marker beside their part files: every file is read.)
     rows: dict[str, list] = {"shard": [], "row_group": [], "num_rows": []}
     footers = {}
     # Footers are read concurrently: each is two round trips on S3, and an archive has thousands.
@@ -532,6 +538,9 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
     if parquet and (images or refused):  # either kind alone would leave the other unscored without a word
         raise SourceError(f"{uri}: holds both Parquet shards ({len(parquet)}, e.g. {parquet[0]}) and patch images "
                           f"({len(images) + len(refused)}); give each kind its own --input")
+    if not parquet and not images and f"{listing.root}/{RUN_SPEC}" in files and \
+            _run_job(urimod.to_uri(listing.fs, f"{listing.root}/{RUN_SPEC}")) == "pack":
+        parquet = [f"{listing.root}/{RUN_SPEC}"]  # a pack whose shards are all gone: said as when some are
     if parquet:
         if labels:  # it was ignored: training then said the patches had no label, scoring kept the packed slide ids
             raise SourceError(f"{labels}: a labels CSV for {uri}, which holds Parquet shards; shards carry the labels "

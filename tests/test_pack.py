@@ -99,6 +99,35 @@ def test_shards_packed_without_labels_say_to_repack_with_them(synth_small, tmp_p
         check_labelled(open_source(str(tmp_path / "shards")), "training")
 
 
+def test_a_pack_missing_shards_its_manifest_lists_says_so_and_a_rerun_restores_them(synth_small, tmp_path, caplog):
+    """A removed shard failed as 'not a readable Parquet shard', all of them as 'no patch images'."""
+    import logging
+
+    out = tmp_path / "shards"
+    pack(PackConfig(input=str(synth_small), out=str(out), rows_per_file=100))
+    parts = sorted((out / "parts").glob("*.parquet"))
+    parts[1].unlink()
+    fix = "run the same hcd pack command again to write them again"
+    missing = rf"1 of the 3 shards its _SUCCESS lists are missing \(e\.g\. {parts[1]}\); {fix}"
+    with pytest.raises(SourceError, match=missing):
+        open_source(str(out))
+    for p in parts:
+        p.unlink(missing_ok=True)
+    with pytest.raises(SourceError, match=r"3 of the 3 shards its _SUCCESS lists are missing"):
+        open_source(str(out))
+    pack(PackConfig(input=str(synth_small), out=str(out), rows_per_file=100))
+    assert open_source(str(out)).num_patches == 300
+    # Spark and Hadoop leave an empty _SUCCESS beside their part files: a marker, not a manifest
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    for p in parts:
+        (spark / p.name).write_bytes(p.read_bytes())
+    (spark / "_SUCCESS").write_bytes(b"")
+    caplog.set_level(logging.WARNING)
+    assert open_source(str(spark)).num_patches == 300
+    assert caplog.text == ""
+
+
 def test_repacking_shards_reruns_and_refuses_foreign_files(synth_small, tmp_path):
     from hcdlib.errors import UserError
 
