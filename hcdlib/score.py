@@ -113,6 +113,9 @@ def _check_locations(cfg: ScoreConfig) -> None:
     """Refuse an --out that overlaps --input (outputs would be read as input, or input deleted), or a file."""
     urimod.check_folder(cfg.out)
     urimod.check_outside(cfg.out, [("--input", cfg.input)])
+    if urimod.within(cfg.out, cfg.model):  # the artifact's folder is the model: nothing else belongs there
+        raise UserError(f"--out {cfg.out} is inside --model {cfg.model}: the predictions would be written into the "
+                        "model artifact's folder; choose an --out outside it")
     for name in preds.OWNED:
         if urimod.within(cfg.input, urimod.join(cfg.out, name)):
             raise UserError(f"--input {cfg.input} is inside {urimod.join(cfg.out, name)}, where hcd score writes "

@@ -319,6 +319,17 @@ def test_a_relative_out_in_a_ray_jobs_working_dir_copy_is_one_line(argv, model_d
     urimod.check_kept("preds", "--out")
 
 
+def test_score_out_inside_the_model_folder_is_one_line(model_dir, synth_small, tmp_path, capsys, no_ray):
+    """Predictions were written into the model artifact's folder, beside its weights."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model, model / "preds"):
+        _one_line_exit_2(capsys, ["score", "--model", str(model), "--input", str(synth_small), "--out", str(out)],
+                         expect=f"--out {out} is inside --model {model}: the predictions would be written into")
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
 def test_a_split_by_slide_does_not_warn(synth_small, tmp_path, caplog, no_ray):
     caplog.set_level(logging.WARNING)
     train_src, val_src = open_sources(TrainConfig(data=str(synth_small), out=str(tmp_path / "run")))
