@@ -288,7 +288,8 @@ def check_labelled(src: PatchSource, what: str) -> pa.Table:
         i = _first(label.is_null())
         # Shards carry the labels their pack gave them, and refuse --labels: the fix is a repack.
         fix = ("they were packed without labels: pack the patches again with hcd pack --labels <CSV>"
-               if src.layout == PARQUET else "give a labels CSV (--labels) that lists every patch")
+               if src.layout == PARQUET else "give a labels CSV (--labels) that lists every patch, or put the "
+               "patches in class folders 0/ and 1/ (or normal/ and tumor/)")
         raise SourceError(f"{src.uri}: {label.null_count} of {len(label)} {what} patches have no label "
                           f"(e.g. {t['id'][i].as_py()}); {fix}")
     bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int64())))
@@ -325,19 +326,25 @@ def _warn_unread(uri: str, files: list[str]) -> None:
                     "others to one of these", uri, len(other), other[0], "/".join(e[1:] for e in IMAGE_EXTS))
 
 
+# Class folders named for their class, as CAMELYON-derived data sets name them, beside 0/ and 1/.
+CLASS_NAMES = {"normal": 0, "tumor": 1, "tumour": 1}
+
+
 def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, str]],
                 labels: pa.Table | None, labels_uri: str | None) -> tuple[str, pa.Table]:
     """One row per image file; refused entries (links outside the root, pipes) come as error rows."""
     entries = sorted([(p, None) for p in images] + refused)
     paths = [p for p, _ in entries]
     parents = [os.path.basename(os.path.dirname(p)) for p in paths]
-    is_class = all(p.isdigit() for p in parents) and os.path.dirname(paths[0]) != listing.root
+    is_class = (all(p.isdigit() or p.lower() in CLASS_NAMES for p in parents)
+                and os.path.dirname(paths[0]) != listing.root)
     if is_class:
         _warn_splits(listing.root, paths)
     table = pa.table({
         "id": pa.array([_stem(p) for p in paths], pa.string()),
         "source": pa.array([urimod.to_uri(listing.fs, p) for p in paths], pa.string()),
-        "folder_label": pa.array([int(p) for p in parents] if is_class else [None] * len(paths), pa.int64()),
+        "folder_label": pa.array([int(p) if p.isdigit() else CLASS_NAMES[p.lower()] for p in parents] if is_class
+                                 else [None] * len(paths), pa.int64()),
         "error": pa.array([e for _, e in entries], pa.string()),
         "pos": pa.array(range(len(paths)), pa.int64()),
     })
@@ -379,6 +386,10 @@ def _warn_splits(root: str, paths: list[str]) -> None:
                     "split alone", root, len(splits), names)
 
 
+def _parent(path: str) -> str:
+    return posixpath.basename(posixpath.dirname(path))
+
+
 def _check_folder_labels(table: pa.Table, labels_uri: str | None) -> None:
     """Refuse class folders that a labels CSV contradicts (``1/abc.jpg``, and ``abc,0`` in the CSV).
 
@@ -389,10 +400,11 @@ def _check_folder_labels(table: pa.Table, labels_uri: str | None) -> None:
     n = pc.sum(clash).as_py() or 0
     if n:
         i = _first(clash)
-        raise SourceError(f"{labels_uri}: {n} patches have a label other than their class folder's, e.g. "
-                          f"{table['source'][i].as_py()} is in folder {table['folder_label'][i].as_py()}/ and the CSV "
-                          f"says {table['label'][i].as_py()}; move the files to the right folder, or drop the CSV's "
-                          "label column")
+        source = table["source"][i].as_py()
+        raise SourceError(f"{labels_uri}: {n} patches have a label other than their class folder's, e.g. {source} is "
+                          f"in folder {_parent(source)}/ (label {table['folder_label'][i].as_py()}) and the CSV says "
+                          f"{table['label'][i].as_py()}; move the files to the right folder, or drop the CSV's label "
+                          "column")
 
 
 def _parquet_items(listing: Listing, root_uri: str) -> tuple[pa.Table, dict[str, tuple[bytes | None, int]]]:

@@ -114,8 +114,28 @@ def test_class_folders_and_a_labels_csv_that_contradicts_them_are_refused(synth_
     clash = tmp_path / "clash.csv"
     clash.write_text(agree.read_text().replace(f"{flipped},1,", f"{flipped},0,"))
     with pytest.raises(SourceError, match=rf"1 patches have a label other than their class folder's, e.g. "
-                                          rf".*1/{flipped}.tif is in folder 1/ and the CSV says 0"):
+                                          rf".*1/{flipped}.tif is in folder 1/ \(label 1\) and the CSV says 0"):
         open_source(str(root), labels=str(clash))
+
+
+def test_class_folders_named_normal_and_tumor_are_labelled(synth_small, tmp_path):
+    """normal/ and tumor/ (as CAMELYON-derived sets name them) were read as unlabelled patches: training refused."""
+    from hcdlib.sources import check_labelled
+
+    labels = _labels(synth_small)
+    root = tmp_path / "named"
+    for n, (pid, (label, _)) in enumerate(labels.items()):
+        d = root / (["Normal", "normal"][n % 2] if label == 0 else ["TUMOR", "tumour", "tumor"][n % 3])
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synth_small / f"{pid}.tif", d / f"{pid}.tif")
+    t = check_labelled(open_source(str(root)), "training")
+    got = dict(zip(t["id"].to_pylist(), t["label"].to_pylist(), strict=True))
+    assert got == {i: lab for i, (lab, _) in labels.items()}
+    other = tmp_path / "other" / "tumour_cells"  # not a class name: unlabelled, and the fix names the folders
+    other.mkdir(parents=True)
+    shutil.copy(synth_small / f"{next(iter(labels))}.tif", other)
+    with pytest.raises(SourceError, match=r"or put the patches in class folders 0/ and 1/ \(or normal/ and tumor/\)"):
+        check_labelled(open_source(str(tmp_path / "other")), "training")
 
 
 def test_one_id_naming_two_labelled_patches_is_said(synth_small, tmp_path, caplog):
