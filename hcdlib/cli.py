@@ -33,7 +33,7 @@ from hcdlib.config import (
     TrainConfig,
     flag_name,
 )
-from hcdlib.errors import RunStopped, UserError, storage_fault
+from hcdlib.errors import Interrupted, RunStopped, UserError, storage_fault
 
 log = logging.getLogger("hcd")
 
@@ -253,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # the user can fix it: one line naming the thing and the fix
         log.error("%s", " ".join(str(exc).split()))
         return 2
+    except Interrupted as exc:  # Ctrl-C where hcd counts what is kept
+        log.error("%s", " ".join(str(exc).split()))
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C anywhere else: hcd writes a file whole (a temporary name, then a rename)
+        log.error("interrupted; what was committed is kept: rerun the same command to resume")
+        return 130
     except RunStopped as exc:  # storage or a node went away: committed work is kept, a rerun resumes
         log.debug("run stopped", exc_info=exc)
         log.error("%s", " ".join(str(exc).split()))

@@ -39,6 +39,13 @@ class RunStopped(RuntimeError):
     """
 
 
+class Interrupted(RunStopped):
+    """The user stopped the run (Ctrl-C, SIGINT); committed work is kept and a rerun resumes.
+
+    ``hcd`` prints the message as one line and exits with code 130, as a shell does for Ctrl-C.
+    """
+
+
 def _chain(exc: BaseException):
     """``exc`` and every exception behind it (causes, contexts, a Ray task error's ``cause``), once each."""
     seen: set[int] = set()

@@ -30,7 +30,7 @@ from hcdlib import uri as urimod
 from hcdlib.chunks import Chunk, largest_chunk
 from hcdlib.config import ScoreConfig
 from hcdlib.console import progress
-from hcdlib.errors import RunStopped, UserError, outside_cause, release_frames
+from hcdlib.errors import Interrupted, RunStopped, UserError, outside_cause, release_frames
 from hcdlib.pipeline import decoded_dataset, limit_read_ahead
 from hcdlib.sources import open_source
 from hcdlib.transforms import Preprocess
@@ -192,8 +192,13 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
         log.debug("model actors: %s", plan)
         written: set[str] = set()
         stopped = None
+        stop = RunStopped
         try:
             _run_pipeline(cfg, todo, plan, meta["sha256"], total=total, written=written, actor=actor)
+        except KeyboardInterrupt as exc:  # Ctrl-C: the parts in flight were finished (_run_pipeline)
+            log.debug("scoring interrupted", exc_info=exc)
+            stopped, stop = "interrupted", Interrupted
+            release_frames(exc)
         except Exception as exc:
             cause = outside_cause(exc)
             if cause is None:  # a bug: its own traceback
@@ -207,8 +212,8 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
             # first, so a notebook or a retry loop does not find every CPU held by the dead run.
             gc.collect()
             kept = len(chunks) - len(todo) + len(written)
-            raise RunStopped(f"scoring stopped: {stopped}; {kept} of {len(chunks)} chunks are committed and kept: "
-                             "rerun the same command to finish the rest")
+            raise stop(f"scoring stopped: {stopped}; {kept} of {len(chunks)} chunks are committed and kept: "
+                       "rerun the same command to finish the rest")
     extra = src.finish(cfg.out, threshold=float(meta.get("threshold", 0.5)))  # slides: heatmaps, GeoJSON
     return _commit(cfg, chunks, spec, time.perf_counter() - t0, slides=extra)
 

@@ -29,7 +29,7 @@ from hcdlib import predictions as preds
 from hcdlib import uri as urimod
 from hcdlib.chunks import Chunk
 from hcdlib.config import TrainConfig
-from hcdlib.errors import UserError
+from hcdlib.errors import Interrupted, UserError
 from hcdlib.sources import FileSource, PatchSource, SourceError, check_labelled, open_source
 from hcdlib.train_loop import METRICS_DIR, TRAIN, VAL
 
@@ -289,6 +289,12 @@ def train(cfg: TrainConfig) -> dict:
     watcher.start()
     try:
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C: Ray Train takes SIGINT itself (it aborts the run), then ray.get ends in SystemExit(1),
+        # which left the command without a word.
+        log.debug("training interrupted", exc_info=exc)
+        raise Interrupted(f"training interrupted; the checkpoints written so far are kept in "
+                          f"{urimod.join(cfg.out, RUN_NAME)}: rerun the same command to resume from the last") from None
     finally:
         stop.set()
         watcher.join(10)

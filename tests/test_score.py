@@ -133,8 +133,10 @@ def _start_score_job(ray_session, model_dir, data, out) -> subprocess.Popen:
     args = ["--model", str(model_dir), "--input", str(data), "--out", str(out), "--chunk-size", "64",
             "--tta", "8", "--batch-size", "32"]
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    # SIGINT as a terminal delivers it, even where this test runs with it ignored (a background job)
     return subprocess.Popen([sys.executable, str(REPO / "jobs" / "score.py"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _parts(out: Path) -> dict[str, int]:
@@ -186,6 +188,24 @@ def test_killed_driver_resumes_to_exact_output(ray_session, model_dir, synth_120
     assert m["rows"] == 1200 and len(after) == 19
     ids = read_predictions(str(out))["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 1200
+
+
+def test_ctrl_c_says_what_is_kept_in_one_line_and_the_rerun_finishes(ray_session, model_dir, synth_1200, tmp_path):
+    """Ctrl-C ended in a KeyboardInterrupt traceback, exit code 1, with no word of what was kept."""
+    out = tmp_path / "out"
+    proc = _start_score_job(ray_session, model_dir, synth_1200, out)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(_parts(out)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    kept = _parts(out)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert 2 <= len(kept) < 19, "the driver was not interrupted mid-run"
+    assert err.strip().splitlines()[-1] == (f"scoring stopped: interrupted; {len(kept)} of 19 chunks are committed "
+                                            "and kept: rerun the same command to finish the rest")
+    m = score(_cfg(model_dir, synth_1200, out, tta=8, batch_size=32))
+    assert m["rows"] == 1200 and all(_parts(out)[n] == t for n, t in kept.items())
 
 
 def test_score_on_s3_input_and_output(ray_session, model_dir, synth_small, bucket):

@@ -214,6 +214,25 @@ def test_killed_worker_restarts_from_checkpoint(ray_session, synth_600, tmp_path
     assert (out / "model" / "model.json").exists()
 
 
+def test_ctrl_c_says_what_is_kept_in_one_line(ray_session, synth_600, tmp_path):
+    """Ray Train takes SIGINT itself, then ray.get ends in SystemExit(1): the command stopped without a word."""
+    out = tmp_path / "run"
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    args = ["--data", str(synth_600), "--out", str(out), "--epochs", "20", "--batch-size", "32"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (out / "metrics" / "epoch_001.json").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"training interrupted; the checkpoints written so far are kept in "
+                                            f"{out / 'ray_train'}: rerun the same command to resume from the last")
+    assert list((out / "ray_train").glob("checkpoint_*")) and not (out / "model").exists()
+
+
 def test_checkpoints_and_model_on_s3(ray_session, synth_600, bucket):
     from hcdlib.uri import exists
 
