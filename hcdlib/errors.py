@@ -2,8 +2,10 @@
 
 :class:`UserError` is raised for anything the person at the keyboard can put right: a bad flag,
 a missing or malformed input, a refused overwrite, a labels file with values that are not 0/1,
-a corrupt model artifact. ``hcd`` prints its message as one line and exits with code 2. Every
-other exception is a bug (or a fault of the machine) and keeps its traceback and exit code 1.
+a corrupt model artifact. ``hcd`` prints its message as one line and exits with code 2.
+:class:`RunStopped` (storage or a node went away; exit code 3) and :class:`Interrupted` (Ctrl-C;
+exit code 130) keep what was committed and say so in one line. Every other exception is a bug
+(or a fault of the machine) and keeps its traceback and exit code 1.
 """
 
 from __future__ import annotations
