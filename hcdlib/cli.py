@@ -181,14 +181,18 @@ def run_submission(cfg: SubmissionConfig) -> int:
 def run_evaluate(cfg: EvalConfig) -> int:
     """``hcd evaluate``."""
     from hcdlib.evaluate import evaluate
+    from hcdlib.report import PLURAL, unit_of
 
     m = evaluate(cfg)
-    p, failed = m["patch"], m["join"]["error_rows"]
-    # Patches that failed to decode have no probability: the metrics cover the others, and say so.
-    errors = f"\n errors   {failed} labelled patches failed to decode: not in the metrics" if failed else ""
-    log.info("\n== hcd evaluate summary ==\n patches  %d%s\n ROC AUC  %.4f (95%% CI %.4f-%.4f)\n PR AUC   %.4f\n"
-             " report   %s", p["n"], errors, p["roc_auc"], *(p["roc_auc_ci95"] or (float("nan"),) * 2), p["pr_auc"],
-             f"{cfg.out}/report.html")
+    p, failed, unit = m["patch"], m["join"]["error_rows"], unit_of(m)
+    # Patches that failed to decode (slides that could not be read) have no probability: the
+    # metrics cover the others, and say so.
+    why = "failed to decode" if unit == "patch" else "had no tile scored"
+    errors = f"\n errors   {failed} labelled {PLURAL[unit]} {why}: not in the metrics" if failed else ""
+    per = " (each scored by its highest tile probability)" if unit == "slide" else ""
+    log.info("\n== hcd evaluate summary ==\n %-8s %d%s%s\n ROC AUC  %.4f (95%% CI %.4f-%.4f)\n PR AUC   %.4f\n"
+             " report   %s", PLURAL[unit], p["n"], per, errors, p["roc_auc"],
+             *(p["roc_auc_ci95"] or (float("nan"),) * 2), p["pr_auc"], f"{cfg.out}/report.html")
     return 0
 
 

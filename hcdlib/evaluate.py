@@ -130,6 +130,31 @@ def slide_metrics(df: pd.DataFrame, *, top_k: int) -> dict | None:
     }
 
 
+def labels_name_slides(preds: pd.DataFrame, labels: pd.DataFrame) -> bool:
+    """Whether the labels are per slide (their ids are the slide ids of tile predictions), not per tile.
+
+    A slide archive's labels are the pathologist's call per slide (CAMELYON16's reference table);
+    against tile ids they joined nothing, and the refusal spoke of a partial join.
+    """
+    if "x" not in preds or preds["x"].isna().all() or preds["slide_id"].isna().all():
+        return False
+    ids = set(labels["id"])
+    return not ids & set(preds["id"]) and bool(ids & set(preds["slide_id"].dropna()))
+
+
+def per_slide(tiles: pd.DataFrame) -> pd.DataFrame:
+    """Tile predictions as one row per slide, scored by its highest tile probability.
+
+    The maximum is CAMELYON16's slide score: one tumour focus makes a slide positive. A slide
+    none of whose tiles was scored (unreadable) is an error row, as a patch that did not decode.
+    """
+    best = tiles[tiles["status"] == "ok"].groupby("slide_id")["prob"].max()
+    slides = tiles.groupby("slide_id", as_index=False).agg(source=("source", "first"), model=("model", "first"))
+    slides["prob"] = slides["slide_id"].map(best)
+    slides["status"] = np.where(slides["prob"].notna(), "ok", "error")
+    return slides.rename(columns={"slide_id": "id"})[["id", "prob", "status", "source", "model"]]
+
+
 def _model_threshold(preds_uri: str) -> float:
     """The threshold stored in the scoring run's model artifact, when it can be read."""
     from hcdlib.predictions import read_manifest
@@ -176,23 +201,32 @@ def check_report_folder(out: str) -> None:
 def evaluate(cfg: EvalConfig) -> dict:
     """Compute metrics and write ``metrics.json``, the figures and ``report.html`` to ``cfg.out``."""
     from hcdlib.predictions import once_per_id, read_predictions
-    from hcdlib.report import REPORT, write_figures, write_html
+    from hcdlib.report import PLURAL, REPORT, write_figures, write_html
 
     urimod.check_folder(cfg.out)
     check_report_folder(cfg.out)
     preds = once_per_id(read_predictions(cfg.predictions), cfg.predictions, then="each is evaluated once").to_pandas()
-    df, counts = join(preds, load_labels(cfg.labels), allow_missing=cfg.allow_missing)
+    labels = load_labels(cfg.labels)
+    unit, tiles = "patch", None
+    if labels_name_slides(preds, labels):  # labels per slide, predictions per tile: evaluated per slide
+        unit, tiles = "slide", preds
+        preds = per_slide(tiles)
+    df, counts = join(preds, labels, allow_missing=cfg.allow_missing)
     if df["label"].nunique() < 2:
-        raise UserError(f"{cfg.labels}: the evaluated patches hold one class only; AUC is undefined")
+        raise UserError(f"{cfg.labels}: the evaluated {PLURAL[unit]} hold one class only; AUC is undefined")
+    if tiles is not None:  # each scored tile with its slide's label: the slide table's max and top-k mean
+        tiles = tiles[tiles["status"] == "ok"].merge(df[["id", "label"]].rename(columns={"id": "slide_id"}),
+                                                     on="slide_id")
     threshold = cfg.threshold if cfg.threshold is not None else _model_threshold(cfg.predictions)
     y, p = df["label"].to_numpy(), df["prob"].to_numpy(dtype=float)
     metrics = {
         "schema": METRICS_SCHEMA,
+        "unit": unit,  # what each evaluated row is: a patch (or tile), or a slide scored by its highest tile
         "inputs": {"predictions": cfg.predictions, "labels": cfg.labels, "model": str(preds["model"].iloc[0])},
         "join": counts,
         "patch": patch_metrics(y, p, threshold=threshold, target_sensitivity=cfg.target_sensitivity,
                                bootstrap=cfg.bootstrap, seed=cfg.seed),
-        "slide": slide_metrics(df, top_k=cfg.top_k),
+        "slide": slide_metrics(df if tiles is None else tiles, top_k=cfg.top_k),
         "config": asdict(cfg),
     }
     figures = write_figures(df, metrics, cfg)
@@ -200,10 +234,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     urimod.write_bytes_atomic(urimod.join(cfg.out, METRICS), body)
     write_html(metrics, figures, cfg.out, slides=_slide_heatmaps(cfg.predictions))
     if metrics["patch"]["roc_auc"] < 0.5:  # a classifier worse than chance is most often a label mix-up
-        log.warning("ROC AUC %.3f is below chance: the model ranks normal patches above tumour ones; check that 1 "
+        log.warning("ROC AUC %.3f is below chance: the model ranks normal %s above tumour ones; check that 1 "
                     "means tumour in %s and in the labels the model was trained on", metrics["patch"]["roc_auc"],
-                    cfg.labels)
+                    PLURAL[unit], cfg.labels)
     ci = metrics["patch"]["roc_auc_ci95"] or (float("nan"), float("nan"))
-    log.info("ROC AUC %.3f (95%% CI %.3f-%.3f) on %d patches; report at %s", metrics["patch"]["roc_auc"], *ci,
-             len(y), urimod.join(cfg.out, REPORT))
+    log.info("ROC AUC %.3f (95%% CI %.3f-%.3f) on %d %s; report at %s", metrics["patch"]["roc_auc"], *ci,
+             len(y), PLURAL[unit], urimod.join(cfg.out, REPORT))
     return metrics

@@ -27,6 +27,21 @@ CAPTIONS = {
                   "(probability above each). Look here for artefacts, stain or labels to check.",
 }
 FIG_SIZE_PX = (800, 600)  # every figure but the error grid
+
+
+# What each evaluated row can be (metrics.json's "unit"), and its plural for the report's words.
+PLURAL = {"patch": "patches", "slide": "slides"}
+
+
+def unit_of(m: dict) -> str:
+    """What each evaluated row is: ``patch``, or ``slide`` (labels per slide, scored by its highest tile)."""
+    return m.get("unit", "patch")
+
+
+def caption(name: str, m: dict) -> str:
+    """The caption of figure ``name``, in the words of the evaluated unit (patches or slides)."""
+    text = CAPTIONS.get(name, name)
+    return text.replace("patches", "slides").replace("patch", "slide") if unit_of(m) == "slide" else text
 DPI = 100
 
 
@@ -62,7 +77,7 @@ def _roc(df, m) -> bytes:
         op = m["patch"][key]
         ax.plot(1 - op["specificity"], op["sensitivity"], marker, label=f"{key.replace('_', ' ')} "
                 f"(t={op['threshold']:.2f})")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, patch level")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, {unit_of(m)} level")
     ax.legend(loc="lower right")
     return _done(fig, plt)
 
@@ -75,7 +90,7 @@ def _pr(df, m) -> bytes:
     ax = fig.add_subplot()
     ax.plot(rec, prec, label=f"PR AUC {m['patch']['pr_auc']:.3f}")
     ax.axhline(df["label"].mean(), ls="--", color="grey", lw=1, label="prevalence")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall, patch level")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"Precision-recall, {unit_of(m)} level")
     ax.legend(loc="lower left")
     return _done(fig, plt)
 
@@ -100,7 +115,7 @@ def _histogram(df, m) -> bytes:
     for label, name in ((0, "normal (label 0)"), (1, "tumour (label 1)")):
         ax.hist(df.loc[df["label"] == label, "prob"], bins=bins, alpha=0.6, label=name)
     ax.axvline(m["patch"]["at_model_threshold"]["threshold"], color="k", lw=1, label="model threshold")
-    ax.set(xlabel="predicted P(tumour)", ylabel="patches", title="Probabilities per class", yscale="log")
+    ax.set(xlabel="predicted P(tumour)", ylabel=PLURAL[unit_of(m)], title="Probabilities per class", yscale="log")
     ax.legend()
     return _done(fig, plt)
 
@@ -155,8 +170,9 @@ def write_figures(df: pd.DataFrame, metrics: dict, cfg) -> dict[str, bytes]:
         "pr.png": _pr(df, metrics),
         "reliability.png": _reliability(df, metrics),
         "histogram.png": _histogram(df, metrics),
-        "errors.png": _errors(df, metrics, cfg.grid),
     }
+    if unit_of(metrics) == "patch":  # a slide's pixels are its heatmap, in the slides section
+        figures["errors.png"] = _errors(df, metrics, cfg.grid)
     for name, data in figures.items():
         urimod.write_bytes_atomic(urimod.join(cfg.out, name), data)
     return figures
@@ -196,7 +212,8 @@ def write_html(metrics: dict, figures: dict[str, bytes], out: str, *,
         ops.append((key.replace("_", " "), f"threshold {op['threshold']:.3f}: sensitivity {fmt(op['sensitivity'])}, "
                     f"specificity {fmt(op['specificity'])}, accuracy {fmt(op['accuracy'])}; "
                     f"TP {cm['tp']} FP {cm['fp']} TN {cm['tn']} FN {cm['fn']}"))
-    table = _rows([("patches evaluated", p["n"]), ("tumour patches", p["positives"]),
+    u = unit_of(metrics)
+    table = _rows([(f"{PLURAL[u]} evaluated", p["n"]), (f"tumour {PLURAL[u]}", p["positives"]),
                    ("ROC AUC", f"{fmt(p['roc_auc'])} (95% CI {fmt(ci[0])}-{fmt(ci[1])})" if ci else fmt(p["roc_auc"])),
                    ("PR AUC", fmt(p["pr_auc"])), ("Brier score", fmt(p["brier"])), ("ECE", fmt(p["ece"])), *ops])
     join = metrics["join"]
@@ -210,9 +227,11 @@ def write_html(metrics: dict, figures: dict[str, bytes], out: str, *,
                                          (f"AUC (top-{slide['top_k']} mean)",
                                           slide["auc_topk_mean"] if why == "" else why)]) + "</table>"
     imgs = "".join(f'<figure><img src="{png_data_uri(data)}" data-file="{escape(name)}" alt="{escape(name)}">'
-                   f"<figcaption>{escape(CAPTIONS.get(name, name))}</figcaption></figure>"
+                   f"<figcaption>{escape(caption(name, metrics))}</figcaption></figure>"
                    for name, data in figures.items())
     slides_html = _slides_html(slides) if slides else ""
+    heading = ("Slide level: each slide scored by its highest tile probability, against the labels per slide"
+               if u == "slide" else "Patch level")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hcd evaluation report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
@@ -221,7 +240,7 @@ figure{{margin:1em 0}}img{{max-width:100%}}</style></head><body>
 <h1>hcd evaluation report</h1>
 <p>Model <code>{escape(metrics['inputs']['model'])}</code>; predictions <code>{escape(metrics['inputs']['predictions'])}
 </code>; labels <code>{escape(metrics['inputs']['labels'])}</code>.</p>
-<h2>Patch level</h2><table>{table}</table>
+<h2>{heading}</h2><table>{table}</table>
 <h2>Inputs joined</h2><table>{join_rows}</table>
 <h2>Slide level</h2>{slide_html}
 <h2>Figures</h2>{imgs}

@@ -228,6 +228,48 @@ def _screenshot(html: Path, tmp: Path, *, height: int) -> np.ndarray:
     return np.asarray(Image.open(shot).convert("RGB")).astype(int)
 
 
+def test_labels_per_slide_evaluate_tile_predictions_per_slide(tmp_path, caplog, capsys):
+    """A slide archive's labels name slides; against tile ids they joined nothing ("partial join")."""
+    import logging
+
+    rng = np.random.default_rng(1)
+    rows, truth = [], {}
+    for k in range(8):  # 8 slides of 12 tiles; tumour slides have a focus of 2 tiles
+        sid, tumour = f"case_{k:02d}", k % 2
+        truth[sid] = tumour
+        for i in range(12):
+            p = rng.uniform(0.0, 0.4) + (0.5 if tumour and i < 2 else 0.0) + (0.3 if k == 2 and i == 5 else 0.0)
+            rows.append({"id": f"{sid}_{i * 96}_0", "prob": p, "slide_id": sid, "source": f"/s/{sid}.svs",
+                         "status": "ok"})
+    rows += [{"id": "broken_0_0", "prob": None, "slide_id": "broken", "source": "/s/broken.svs", "status": "error"}]
+    df = pd.DataFrame(rows)
+    out = tmp_path / "preds"
+    _write_predictions(out, df)
+    t = pa.Table.from_pandas(df.assign(x=0, y=0, error=None, note=None, model="test-model"), preserve_index=False)
+    preds.write_part(str(out / "parts" / "part-0.parquet"), t.select(["id", "prob", "status", "error", "note", "source",
+                                                                      "slide_id", "x", "y", "model"]))
+    labels = tmp_path / "slides.csv"
+    pd.DataFrame({"id": [*truth, "broken"], "label": [*truth.values(), 1]}).to_csv(labels, index=False)
+    caplog.set_level(logging.INFO)
+    m = evaluate(EvalConfig(predictions=str(out), labels=str(labels), out=str(tmp_path / "r"), bootstrap=10))
+    best = df[df.status == "ok"].groupby("slide_id")["prob"].max()
+    assert m["unit"] == "slide" and m["patch"]["n"] == 8 and m["join"]["error_rows"] == 1
+    assert m["patch"]["roc_auc"] == pytest.approx(roc_auc_score([truth[s] for s in best.index], best.to_numpy()))
+    assert m["slide"]["slides"] == 8 and m["slide"]["auc_max"] == pytest.approx(m["patch"]["roc_auc"])
+    assert m["slide"]["auc_topk_mean"] is not None
+    assert "on 8 slides" in caplog.text
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "<h2>Slide level: each slide scored by its highest tile probability" in html
+    assert "<th>slides evaluated</th><td>8</td>" in html and "normal slides scored" not in html
+    assert not (tmp_path / "r" / "errors.png").exists() and (tmp_path / "r" / "roc.png").exists()
+    from hcdlib import cli
+
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--predictions", str(out), "--labels", str(labels), "--out", str(tmp_path / "r")]) == 0
+    assert (" slides   8 (each scored by its highest tile probability)\n errors   1 labelled slides had no tile "
+            "scored: not in the metrics\n ROC AUC  ") in capsys.readouterr().err
+
+
 def test_report_renders_in_headless_chromium(case, synth_small):
     _df, tmp = case
     evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
