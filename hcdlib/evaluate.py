@@ -166,15 +166,28 @@ def _model_threshold(preds_uri: str) -> float:
         return 0.5
 
 
-def _slide_heatmaps(preds_uri: str) -> list[tuple[dict, bytes]]:
-    """(summary row, heatmap PNG) per slide when the predictions were made on whole-slide images."""
+# Heatmaps embedded in report.html, the slides of highest tile probability first: each is about
+# 1 MB, so a 130-slide archive made a report of 170 MB that browsers could not open.
+REPORT_HEATMAPS = 24
+
+
+def _slide_heatmaps(preds_uri: str) -> list[tuple[dict, bytes | None]]:
+    """(summary row, heatmap PNG) per slide when the predictions were made on whole-slide images.
+
+    Slides in order of their highest tile probability; past :data:`REPORT_HEATMAPS`, the PNG is
+    None (listed, not embedded); b"" where a slide has no heatmap (it could not be read).
+    """
     from hcdlib.predictions import read_manifest
     from hcdlib.slides import slide_key
 
+    per = (read_manifest(preds_uri).get("slides") or {}).get("per_slide", [])
     out = []
-    for s in (read_manifest(preds_uri).get("slides") or {}).get("per_slide", []):
+    for n, s in enumerate(sorted(per, key=lambda s: -(s.get("max_prob") or -1.0))):
         png = urimod.join(preds_uri, "slides", f"{slide_key(s['source'])}.heatmap.png")
-        out.append((s, urimod.read_bytes(png) if s.get("status") == "ok" and urimod.exists(png) else b""))
+        if n >= REPORT_HEATMAPS:
+            out.append((dict(s, heatmap=png), None))
+        else:
+            out.append((s, urimod.read_bytes(png) if s.get("status") == "ok" and urimod.exists(png) else b""))
     return out
 
 

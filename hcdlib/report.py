@@ -182,17 +182,29 @@ def _rows(pairs) -> str:
     return "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in pairs)
 
 
-def _slides_html(slides: list[tuple[dict, bytes]]) -> str:
-    """Per slide: the heatmap and its summary row (predictions made on whole-slide images)."""
+def _slides_html(slides: list[tuple[dict, bytes | None]]) -> str:
+    """Per slide: the heatmap and its summary row (predictions made on whole-slide images).
+
+    Slides whose PNG is None are listed in one table, with where their heatmap is, not embedded.
+    """
     from hcdlib.slide_maps import HEATMAP_CAPTION
 
     keys = ("tiles_scored", "tumour_tiles", "tumour_area_mm2", "max_prob", "topk_mean_prob", "mpp", "error")
     parts = []
+    rest = [summary for summary, png in slides if png is None]
     for summary, png in slides:
+        if png is None:
+            continue
         rows = _rows([(k.replace("_", " "), summary.get(k)) for k in keys if summary.get(k) is not None])
         img = (f'<figure><img src="{png_data_uri(png)}" alt="heatmap of {escape(summary["slide_id"])}">'
                f"<figcaption>{escape(HEATMAP_CAPTION)}</figcaption></figure>") if png else ""
         parts.append(f"<h3>{escape(summary['slide_id'])}</h3><table>{rows}</table>{img}")
+    if rest:  # a report of every heatmap would not open: the others are files beside the predictions
+        head = "".join(f"<th>{escape(k.replace('_', ' '))}</th>" for k in ("slide_id", *keys[:4], "heatmap"))
+        body = "".join("<tr>" + "".join(f"<td>{escape(s.get(k, ''))}</td>" for k in ("slide_id", *keys[:4], "heatmap"))
+                       + "</tr>" for s in rest)
+        parts.append(f"<h3>{len(rest)} more slides, by highest tile probability (their heatmaps are files beside "
+                     f"the predictions, not embedded)</h3><table><tr>{head}</tr>{body}</table>")
     return "<h2>Slides</h2>" + "".join(parts)
 
 

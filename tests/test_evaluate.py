@@ -228,6 +228,24 @@ def _screenshot(html: Path, tmp: Path, *, height: int) -> np.ndarray:
     return np.asarray(Image.open(shot).convert("RGB")).astype(int)
 
 
+def test_a_report_embeds_the_heatmaps_of_the_top_slides_only(slide_case, tmp_path, monkeypatch):
+    """Each heatmap is about 1 MB: a 130-slide archive made a report too large for a browser."""
+    import hcdlib.evaluate
+
+    out, labels = slide_case
+    manifest = json.loads((out / preds.MANIFEST).read_text())
+    first = manifest["slides"]["per_slide"][0]
+    manifest["slides"]["per_slide"] = [dict(first, slide_id="low", source="/s/low.tif", max_prob=0.1), first,
+                                       dict(first, slide_id="bad", source="/s/bad.tif", status="error", max_prob=None)]
+    (out / preds.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr(hcdlib.evaluate, "REPORT_HEATMAPS", 1)
+    evaluate(EvalConfig(predictions=str(out), labels=str(labels), out=str(tmp_path / "r"), bootstrap=10))
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(FIGURES) + 1 and 'alt="heatmap of s1"' in html
+    assert "<h3>2 more slides, by highest tile probability (their heatmaps are files beside the predictions" in html
+    assert html.index("<td>low</td>") < html.index("<td>bad</td>") and "low-" in html  # its heatmap's file
+
+
 def test_labels_per_slide_evaluate_tile_predictions_per_slide(tmp_path, caplog, capsys):
     """A slide archive's labels name slides; against tile ids they joined nothing ("partial join")."""
     import logging
