@@ -171,15 +171,20 @@ def test_killed_model_actor_is_replaced_and_output_is_exact(ray_session, model_d
     assert len(ids) == len(set(ids)) == 1200
 
 
-def test_killed_driver_resumes_to_exact_output(ray_session, model_dir, synth_1200, tmp_path):
-    out = tmp_path / "out"
-    proc = _start_score_job(ray_session, model_dir, synth_1200, out)
+def _signal_mid_run(ray_session, model_dir, data, out, sig: int) -> tuple[int, str, dict[str, int]]:
+    """A scoring driver sent ``sig`` once two parts are written: its exit code, stderr and the parts kept."""
+    proc = _start_score_job(ray_session, model_dir, data, out)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(_parts(out)) < 2:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    before = _parts(out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err, _parts(out)
+
+
+def test_killed_driver_resumes_to_exact_output(ray_session, model_dir, synth_1200, tmp_path):
+    out = tmp_path / "out"
+    _, _, before = _signal_mid_run(ray_session, model_dir, synth_1200, out, signal.SIGKILL)
     assert 2 <= len(before) < 19, "the driver was not killed mid-run"
     assert not (out / "_SUCCESS").exists()
     m = score(_cfg(model_dir, synth_1200, out, tta=8, batch_size=32))
@@ -193,14 +198,8 @@ def test_killed_driver_resumes_to_exact_output(ray_session, model_dir, synth_120
 def test_ctrl_c_says_what_is_kept_in_one_line_and_the_rerun_finishes(ray_session, model_dir, synth_1200, tmp_path):
     """Ctrl-C ended in a KeyboardInterrupt traceback, exit code 1, with no word of what was kept."""
     out = tmp_path / "out"
-    proc = _start_score_job(ray_session, model_dir, synth_1200, out)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(_parts(out)) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    kept = _parts(out)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    code, err, kept = _signal_mid_run(ray_session, model_dir, synth_1200, out, signal.SIGINT)
+    assert code == 130 and "Traceback" not in err, err[-3000:]
     assert 2 <= len(kept) < 19, "the driver was not interrupted mid-run"
     assert err.strip().splitlines()[-1] == (f"scoring stopped: interrupted; {len(kept)} of 19 chunks are committed "
                                             "and kept: rerun the same command to finish the rest")
