@@ -27,8 +27,7 @@ CAPTIONS = {
                   "(probability above each). Look here for artefacts, stain or labels to check.",
 }
 FIG_SIZE_PX = (800, 600)  # every figure but the error grid
-
-
+DPI = 100
 # What each evaluated row can be (metrics.json's "unit"), and its plural for the report's words.
 PLURAL = {"patch": "patches", "slide": "slides"}
 
@@ -42,7 +41,6 @@ def caption(name: str, m: dict) -> str:
     """The caption of figure ``name``, in the words of the evaluated unit (patches or slides)."""
     text = CAPTIONS.get(name, name)
     return text.replace("patches", "slides").replace("patch", "slide") if unit_of(m) == "slide" else text
-DPI = 100
 
 
 def png_data_uri(data: bytes) -> str:

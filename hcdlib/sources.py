@@ -550,10 +550,10 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
     if parquet and (images or refused):  # either kind alone would leave the other unscored without a word
         raise SourceError(f"{uri}: holds both Parquet shards ({len(parquet)}, e.g. {parquet[0]}) and patch images "
                           f"({len(images) + len(refused)}); give each kind its own --input")
-    if not parquet and not images and f"{listing.root}/{RUN_SPEC}" in files and \
-            _run_job(urimod.to_uri(listing.fs, f"{listing.root}/{RUN_SPEC}")) == "pack":
-        parquet = [f"{listing.root}/{RUN_SPEC}"]  # a pack whose shards are all gone: said as when some are
-    if parquet:
+    # a pack whose shards are all gone is a pack still: its manifest names what is missing
+    emptied = (not parquet and not images and f"{listing.root}/{RUN_SPEC}" in files
+               and _run_job(urimod.to_uri(listing.fs, f"{listing.root}/{RUN_SPEC}")) == "pack")
+    if parquet or emptied:
         if labels:  # it was ignored: training then said the patches had no label, scoring kept the packed slide ids
             raise SourceError(f"{labels}: a labels CSV for {uri}, which holds Parquet shards; shards carry the labels "
                               "and slide ids hcd pack gave them: pack the patches again with --labels")

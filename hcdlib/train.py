@@ -293,7 +293,7 @@ def train(cfg: TrainConfig) -> dict:
         # Ctrl-C: Ray Train takes SIGINT itself (it aborts the run), then ray.get ends in SystemExit(1),
         # which left the command without a word.
         log.debug("training interrupted", exc_info=exc)
-        raise Interrupted(f"training interrupted; the checkpoints written so far are kept in "
+        raise Interrupted(f"training interrupted; the checkpoints written so far (if any) are kept in "
                           f"{urimod.join(cfg.out, RUN_NAME)}: rerun the same command to resume from the last") from None
     finally:
         stop.set()

@@ -228,8 +228,8 @@ def test_ctrl_c_says_what_is_kept_in_one_line(ray_session, synth_600, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == (f"training interrupted; the checkpoints written so far are kept in "
-                                            f"{out / 'ray_train'}: rerun the same command to resume from the last")
+    assert err.strip().splitlines()[-1] == (f"training interrupted; the checkpoints written so far (if any) are kept "
+                                            f"in {out / 'ray_train'}: rerun the same command to resume from the last")
     assert list((out / "ray_train").glob("checkpoint_*")) and not (out / "model").exists()
 
 
