@@ -187,6 +187,9 @@ class ShardSource(PatchSource):
 
 
 LABEL_VALUES = ("0", "1")
+# Classes by name, as CAMELYON-derived data sets write them (any case): class folders beside 0/ and
+# 1/, and labels beside 0 and 1.
+CLASS_NAMES = {"normal": 0, "tumor": 1, "tumour": 1}
 
 
 def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
@@ -228,9 +231,12 @@ def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
                           f"{', '.join(map(str, rows))}; keep one row per id")
     table = table.set_column(names.index("id"), "id", ids)
     if "label" in names:
-        # 0.0 and 1.0 are 0 and 1 (pandas writes a label column with a gap in it as floats)
+        # 0.0 and 1.0 are 0 and 1 (pandas writes a label column with a gap in it as floats); Normal and
+        # Tumor are 0 and 1 too (CAMELYON16's reference table names its classes so), as class folders are
         label = pc.replace_substring_regex(pc.utf8_trim_whitespace(table["label"]), pattern=r"^([01])\.0*$",
                                            replacement=r"\1")
+        for name, value in CLASS_NAMES.items():
+            label = pc.if_else(pc.equal(pc.utf8_lower(label), name), str(value), label)
         bad = pc.invert(pc.is_in(label, value_set=pa.array(LABEL_VALUES)))
         if pc.any(bad).as_py():
             i = _first(bad)
@@ -324,10 +330,6 @@ def _warn_unread(uri: str, files: list[str]) -> None:
     if other:
         log.warning("%s: %d files are not patches and are not read (e.g. %s); hcd reads %s patches: convert the "
                     "others to one of these", uri, len(other), other[0], "/".join(e[1:] for e in IMAGE_EXTS))
-
-
-# Class folders named for their class, as CAMELYON-derived data sets name them, beside 0/ and 1/.
-CLASS_NAMES = {"normal": 0, "tumor": 1, "tumour": 1}
 
 
 def _file_items(listing: Listing, images: list[str], refused: list[tuple[str, str]],

@@ -99,7 +99,7 @@ def test_labels_csv_without_label_column_is_refused(ten_patches, tmp_path, no_ra
     read_labels(bad, require_label=False)  # scoring may carry slide ids without labels
 
 
-@pytest.mark.parametrize("value", ["2", "-1", "0.5", "tumour", "", "1.01", "10", "01"])
+@pytest.mark.parametrize("value", ["2", "-1", "0.5", "positive", "tumours", "", "1.01", "10", "01"])
 def test_label_that_is_not_0_or_1_is_refused_naming_row_and_value(ten_patches, tmp_path, value):
     folder, ids = ten_patches
     rows = [f"{i},{1 if n % 2 else 0}\n" for n, i in enumerate(ids)]
@@ -112,10 +112,13 @@ def test_label_that_is_not_0_or_1_is_refused_naming_row_and_value(ten_patches, t
     assert not (tmp_path / "shards").exists()  # refused before any shard was written
 
 
-def test_labels_written_as_floats_are_read_as_0_and_1(tmp_path):
-    """A label column with a gap in it is written by pandas as 0.0 / 1.0: the same labels."""
-    path = _csv(tmp_path / "labels.csv", "id,label\na,0.0\nb,1.0\nc, 1 \nd,1.000\ne,0\n")
-    assert read_labels(path)["label"].to_pylist() == [0, 1, 1, 1, 0]
+def test_labels_written_as_floats_or_class_names_are_read_as_0_and_1(tmp_path):
+    """0.0 / 1.0 (pandas writes a label column with a gap in it so) and Tumor / Normal (CAMELYON16's words).
+
+    Each is the same label as 1 or 0.
+    """
+    path = _csv(tmp_path / "labels.csv", "id,label\na,0.0\nb,1.0\nc, 1 \nd,1.000\ne,0\nf,Tumor\ng,normal\nh,TUMOUR\n")
+    assert read_labels(path)["label"].to_pylist() == [0, 1, 1, 1, 0, 1, 0, 1]
 
 
 @pytest.mark.parametrize("text", [
