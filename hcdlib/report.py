@@ -252,7 +252,8 @@ figure{{margin:1em 0}}img{{max-width:100%}}</style></head><body>
 </code>; labels <code>{escape(metrics['inputs']['labels'])}</code>.</p>
 <h2>{heading}</h2><table>{table}</table>
 <h2>Inputs joined</h2><table>{join_rows}</table>
-<h2>Slide level</h2>{slide_html}
+<h2>{"Slide level" if u == "patch" else "Slide scores: the highest tile and the mean of the top tiles"}</h2>
+{slide_html}
 <h2>Figures</h2>{imgs}
 {slides_html}
 </body></html>"""
