@@ -215,7 +215,8 @@ def read_labels(labels_uri: str, *, require_label: bool = True) -> pa.Table:
         raise SourceError(f"{labels_uri}: not a readable CSV: {str(exc).splitlines()[0]}") from exc
     names = table.column_names
     if "id" not in names:
-        raise SourceError(f"{labels_uri}: labels CSV needs an 'id' column, has {names}")
+        raise SourceError(f"{labels_uri}: labels CSV needs an 'id' column, has {names}; its first line names the "
+                          "columns (id,label[,slide_id]): add that line if the file starts with data")
     # An id is a file name without its extension; one written with it (abc.tif, as a listing of
     # the files gives it) names the same patch, and matched none: every patch went unlabelled.
     ids = pc.replace_substring_regex(pc.utf8_trim_whitespace(table["id"]), pattern=ID_EXTENSION, replacement="")

@@ -133,6 +133,10 @@ def test_labels_csv_from_a_spreadsheet_is_read(tmp_path, text):
                                                                  {"id": "008", "label": 0, "slide_id": "s2"}]
     with pytest.raises(SourceError, match=r"needs an 'id' column, has \['image_id', 'label'\]"):
         read_labels(_csv(tmp_path / "other.csv", "image_id,label\na,1\n"))
+    # CAMELYON16's reference.csv has no header: its first row was taken for one
+    with pytest.raises(SourceError, match=r"has \['test_001', 'Tumor', 'Macro'\]; its first line names the columns "
+                                          r"\(id,label\[,slide_id\]\): add that line if the file starts with data"):
+        read_labels(_csv(tmp_path / "reference.csv", "test_001,Tumor,Macro\ntest_002,Normal,\n"))
 
 
 def test_ids_written_with_the_file_extension_name_the_same_patches(ten_patches, tmp_path):
