@@ -16,6 +16,7 @@ part file once all its rows are in. A part is written atomically and only once, 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -328,6 +329,24 @@ def _note_counts(notes: list[pa.ChunkedArray]) -> dict:
     return {"noted": len(col) - col.null_count, "note_examples": {c["values"]: c["counts"] for c in top}}
 
 
+_TAKEN_OVER = ("another hcd run wrote into the same --out while this one ran (a second command with --overwrite?); "
+               "nothing was committed: once the other run has finished, rerun one of them with --overwrite")
+
+
+def _check_still_ours(out: str, spec: dict) -> None:
+    """Refuse to commit when ``out``'s run spec is no longer this run's (another run took the folder over).
+
+    Two commands into one --out, the second with --overwrite, cleared the first's parts and wrote
+    its own spec while the first went on writing: either commit could list parts of both models.
+    """
+    try:
+        now = json.loads(urimod.read_bytes(urimod.join(out, preds.RUN_SPEC)))
+    except (OSError, ValueError):
+        now = None
+    if not isinstance(now, dict) or any(now.get(k) != v for k, v in spec.items()):  # as check_run_spec compares
+        raise RunStopped(f"{urimod.join(out, preds.RUN_SPEC)} is no longer this run's: {_TAKEN_OVER}")
+
+
 def _commit(cfg: ScoreConfig, chunks: list[Chunk], spec: dict, wall: float, *, slides: dict | None = None) -> dict:
     """Check every chunk has its part, then write the manifest that makes them visible."""
     expected = {c.key: c.num_rows for c in chunks}
@@ -336,10 +355,16 @@ def _commit(cfg: ScoreConfig, chunks: list[Chunk], spec: dict, wall: float, *, s
     if missing:
         raise RuntimeError(f"{len(missing)} chunks were not scored (first: {missing[0]}); "
                            "rerun the same command to finish them")
+    _check_still_ours(cfg.out, spec)
     files, ids, notes, ok, error_example = [], [], [], 0, None
     for key in expected:
         path = f"{preds.PARTS}/{preds.part_name(key)}"
-        t = preds.read_part(urimod.join(cfg.out, path), ["id", "status", "error", "note"], expect_rows=expected[key])
+        t = preds.read_part(urimod.join(cfg.out, path), ["id", "status", "error", "note", "model"],
+                            expect_rows=expected[key])
+        other = pc.filter(t["model"], pc.not_equal(t["model"], spec["model"]))
+        if len(other):  # written by a run of another model into the same --out at the same time
+            raise RunStopped(f"{urimod.join(cfg.out, path)} holds predictions of model {other[0].as_py()}, not of "
+                             f"this run's {spec['model']}: {_TAKEN_OVER}")
         files.append({"path": path, "rows": t.num_rows, "bytes": done[key]})
         ids.append(t["id"])
         notes.append(t["note"])
