@@ -40,8 +40,12 @@ def read_decode(batch: dict, *, resize: bool = False, block_rows: int | None = N
             yield {k: v[start:start + step] for k, v in out.items()}
 
 
-def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: int | None = None):
-    """A Ray Dataset of decoded patches, one read task per chunk, blocks of ``block_rows``."""
+def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: int | None = None,
+                    read_tasks: int | None = None):
+    """A Ray Dataset of decoded patches, one read task per chunk, blocks of ``block_rows``.
+
+    ``read_tasks``: at most this many read tasks at once (None: as many as their CPU requests allow).
+    """
     import ray
 
     # Each chunk travels as the (small, frozen) object itself: the read task calls its read().
@@ -67,7 +71,7 @@ def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: in
     # a minute that was 6% of a model actor's time (py-spy), for a statistic hcd never reads.
     ds.context.memory_usage_poll_interval_s = None
     return ds.map_batches(read_decode, batch_size=1, fn_kwargs={"resize": resize, "block_rows": block_rows},
-                          num_cpus=READ_TASK_CPUS, memory=memory)
+                          num_cpus=READ_TASK_CPUS, memory=memory, concurrency=read_tasks)
 
 
 def limit_read_ahead(ds, *, unit_rows: int, consumers: int, per_consumer: int = 4):

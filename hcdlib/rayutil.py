@@ -115,6 +115,7 @@ class ActorPlan:
     cpus_per_actor: float
     gpus_per_actor: float
     torch_threads: int
+    read_cpus: float = READ_RESERVE_CPUS  # what the actors' requests leave to the read tasks
 
 
 def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: float | None = None,
@@ -137,7 +138,7 @@ def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: f
     if gpus_per_actor > 0:
         n = actors or max(1, int(gpus // gpus_per_actor))
         c = cpus_per_actor if cpus_per_actor is not None else 1.0
-        return ActorPlan(n, c, gpus_per_actor, max(1, int(c)))
+        return ActorPlan(n, c, gpus_per_actor, max(1, int(c)), read_cpus=max(0.0, cpus - n * c))
     for_actors = cpus - max(READ_RESERVE_CPUS, cpus * 0.25)  # CPU requests left after the readers' share
     if actors is None and cpus_per_actor is None:
         threads = max(1, int(cpus // 8))
@@ -150,7 +151,7 @@ def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: f
     if cpus - n * c < READ_RESERVE_CPUS:
         raise UserError(f"{n} actors x {c:g} CPUs leaves less than {READ_RESERVE_CPUS:g} of {cpus:g} CPUs for the "
                          "readers and would starve them; use fewer --actors or a smaller --cpus-per-actor")
-    return ActorPlan(n, round(c, 4), 0.0, threads)
+    return ActorPlan(n, round(c, 4), 0.0, threads, read_cpus=round(cpus - n * c, 4))
 
 
 def is_local(address: str | None) -> bool:

@@ -250,6 +250,23 @@ def test_actor_plan_leaves_cpu_for_reads():
         plan_actors({"CPU": 2}, actors=2, cpus_per_actor=1)
 
 
+def test_reads_of_local_patches_run_one_task_per_cpu_left_to_them(synth_small, tmp_path):
+    """More CPU-bound read tasks than CPUs only started more processes: 2.3 s of start-up on 2 cores."""
+    from hcdlib.score import read_tasks
+    from hcdlib.slides import TilesChunk
+    from hcdlib.sources import open_source
+
+    chunks = open_source(str(synth_small)).chunks(64)
+    cfg = ScoreConfig(model="m", input=str(synth_small), out=str(tmp_path / "o"))
+    assert read_tasks(cfg, chunks, plan_actors({"CPU": 2})) == 1  # 2 actors x 0.5 CPU leave 1
+    assert read_tasks(cfg, chunks, plan_actors({"CPU": 64})) == 16
+    assert read_tasks(cfg, chunks, plan_actors({"CPU": 16, "GPU": 1})) == 15
+    # S3 reads wait on the network, and slides' tile reads ran faster in parallel: Ray Data decides
+    assert read_tasks(cfg.replace(input="s3://b/p"), chunks, plan_actors({"CPU": 2})) is None
+    tiles = [TilesChunk.__new__(TilesChunk)]
+    assert read_tasks(cfg, tiles, plan_actors({"CPU": 2})) is None
+
+
 def test_gpus_a_local_ray_does_not_have_are_refused_and_a_cluster_may_still_add_them(caplog, monkeypatch):
     """--gpus-per-actor 1 (or --gpus-per-worker 1) on a laptop waited for a GPU for ever, without a word."""
     import logging
