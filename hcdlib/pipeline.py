@@ -71,7 +71,8 @@ def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: in
     # a minute that was 6% of a model actor's time (py-spy), for a statistic hcd never reads.
     ds.context.memory_usage_poll_interval_s = None
     return ds.map_batches(read_decode, batch_size=1, fn_kwargs={"resize": resize, "block_rows": block_rows},
-                          num_cpus=READ_TASK_CPUS, memory=memory, concurrency=read_tasks)
+                          num_cpus=READ_TASK_CPUS, memory=memory,
+                          compute=ray.data.TaskPoolStrategy(size=read_tasks))  # (``concurrency`` is deprecated)
 
 
 def limit_read_ahead(ds, *, unit_rows: int, consumers: int, per_consumer: int = 4):

@@ -134,11 +134,24 @@ def check_run_spec(out: str, spec: dict, *, fix: str, name: str = RUN_SPEC) -> b
         old = json.loads(urimod.read_bytes(target))
     except ValueError as exc:
         raise CorruptOutputError(f"{target}: corrupt run spec ({exc}); {fix}") from exc
-    diff = [k for k in spec if old.get(k) != spec[k]]
+    diff = spec_differences(old, spec)
     if diff:
         said = ", ".join(f"{k} ({old.get(k)!r} there, {spec[k]!r} now{_SPEC_MEANS.get(k, '')})" for k in diff)
         raise UserError(f"{out} holds a run with a different {said}; {fix}")
     return True
+
+
+def spec_differences(old: object, spec: dict) -> list[str]:
+    """The keys of ``spec`` whose value the run spec ``old`` (as read from its file) does not share."""
+    return [k for k in spec if not isinstance(old, dict) or old.get(k) != spec[k]]
+
+
+def still_ours(out: str, spec: dict) -> bool:
+    """Whether ``out``'s run spec is still ``spec``: not removed or replaced by another run since it was claimed."""
+    try:
+        return not spec_differences(json.loads(urimod.read_bytes(urimod.join(out, RUN_SPEC))), spec)
+    except (OSError, ValueError):  # removed, or half-written by another run
+        return False
 
 
 # What a run spec's less plain keys mean, in a refusal: a hash alone did not say what changed.

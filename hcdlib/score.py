@@ -16,7 +16,6 @@ part file once all its rows are in. A part is written atomically and only once, 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -348,20 +347,6 @@ _TAKEN_OVER = ("another hcd run wrote into the same --out while this one ran (a 
                "nothing was committed: once the other run has finished, rerun one of them with --overwrite")
 
 
-def _check_still_ours(out: str, spec: dict) -> None:
-    """Refuse to commit when ``out``'s run spec is no longer this run's (another run took the folder over).
-
-    Two commands into one --out, the second with --overwrite, cleared the first's parts and wrote
-    its own spec while the first went on writing: either commit could list parts of both models.
-    """
-    try:
-        now = json.loads(urimod.read_bytes(urimod.join(out, preds.RUN_SPEC)))
-    except (OSError, ValueError):
-        now = None
-    if not isinstance(now, dict) or any(now.get(k) != v for k, v in spec.items()):  # as check_run_spec compares
-        raise RunStopped(f"{urimod.join(out, preds.RUN_SPEC)} is no longer this run's: {_TAKEN_OVER}")
-
-
 def _commit(cfg: ScoreConfig, chunks: list[Chunk], spec: dict, wall: float, *, slides: dict | None = None) -> dict:
     """Check every chunk has its part, then write the manifest that makes them visible."""
     expected = {c.key: c.num_rows for c in chunks}
@@ -370,7 +355,8 @@ def _commit(cfg: ScoreConfig, chunks: list[Chunk], spec: dict, wall: float, *, s
     if missing:
         raise RuntimeError(f"{len(missing)} chunks were not scored (first: {missing[0]}); "
                            "rerun the same command to finish them")
-    _check_still_ours(cfg.out, spec)
+    if not preds.still_ours(cfg.out, spec):  # two commands into one --out, the second with --overwrite
+        raise RunStopped(f"{urimod.join(cfg.out, preds.RUN_SPEC)} is no longer this run's: {_TAKEN_OVER}")
     files, ids, notes, ok, error_example = [], [], [], 0, None
     for key in expected:
         path = f"{preds.PARTS}/{preds.part_name(key)}"

@@ -112,11 +112,9 @@ def check_split(train: tuple[PatchSource, pa.Table], val: tuple[PatchSource, pa.
                               f"({'tumour' if tumour else 'normal'}); training and its validation AUC need both "
                               f"normal (0) and tumour (1) patches: {fix}")
     (train_src, train_t), (val_src, val_t) = train, val
-    shared = pc.is_in(val_t["id"], value_set=train_t["id"])
-    if n := pc.sum(shared).as_py():
-        example = val_t["id"][pc.index(shared, True).as_py()].as_py()
-        raise SourceError(f"{val_src.uri}: {n} of its {val_t.num_rows} validation patches have ids that are also "
-                          f"training patches in {train_src.uri} (e.g. {example}), so the validation AUC would count "
+    if same := _overlap(val_t["id"], train_t["id"]):
+        raise SourceError(f"{val_src.uri}: {same[0]} of its {val_t.num_rows} validation patches have ids that are also "
+                          f"training patches in {train_src.uri} (e.g. {same[1]}), so the validation AUC would count "
                           "patches the model learnt; validate on patches kept out of --data, or leave out --val-data "
                           "to hold out slide groups of --data")
     if held_out:  # split_by_group kept every slide and duplicate group on one side

@@ -267,6 +267,17 @@ def test_reads_of_local_patches_run_one_task_per_cpu_left_to_them(synth_small, t
     assert read_tasks(cfg, tiles, plan_actors({"CPU": 2})) is None
 
 
+def test_the_read_cap_reaches_ray_data(ray_session, model_dir, synth_small, tmp_path):
+    """The cap is what Ray Data is told: the read stage's task pool, under the model actors' stage."""
+    from hcdlib.score import scoring_dataset
+    from hcdlib.sources import open_source
+
+    cfg = ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(tmp_path / "o"))
+    ds = scoring_dataset(cfg, open_source(str(synth_small)).chunks(64), plan_actors({"CPU": 2}), "sha")
+    (read,) = ds._logical_plan.dag.input_dependencies
+    assert read.compute.size == 1
+
+
 def test_gpus_a_local_ray_does_not_have_are_refused_and_a_cluster_may_still_add_them(caplog, monkeypatch):
     """--gpus-per-actor 1 (or --gpus-per-worker 1) on a laptop waited for a GPU for ever, without a word."""
     import logging
