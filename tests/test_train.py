@@ -74,8 +74,10 @@ def test_two_workers_learn_and_export_round_trips(ray_session, synth_600, tmp_pa
     assert [e["epoch"] for e in epochs] == [1, 2]
     # Two epochs of 7 steps: with BatchNorm statistics re-estimated for the final weights the
     # validation slide is separated (AUC 0.999-1.0 in 10 of 10 runs, cached and streamed, five
-    # seeds); without it, 5 of those 10 runs scored 0.52-0.68 in eval mode.
-    assert meta["metrics"]["val_auc"] > 0.9
+    # seeds, bf16); without it, 5 of those 10 runs scored 0.52-0.68 in eval mode. On a CPU without
+    # bf16 (fp32 arithmetic, session 19) one full suite in three gave 0.853: the line is above what
+    # the broken case gives and below that.
+    assert meta["metrics"]["val_auc"] > 0.8
     assert epochs[0]["bn_images"] > 0
     # --swa-from 0.6: the exponential average for the first epoch, the plain mean in the second
     assert epochs[0]["uniform_steps"] == 0 < epochs[1]["uniform_steps"]
