@@ -74,7 +74,15 @@ def _timed(model_dir: str, source: str, out: str, *, slides: bool = False) -> tu
 
 
 def _steady(model_dir: str, small: str, big: str, out: str, *, slides: bool = False) -> dict:
-    """Steady-state rows/s (from the difference of two sizes) and the start-up it implies."""
+    """Steady-state rows/s (from the difference of two sizes) and the start-up it implies.
+
+    Ray is started first: if the run at N started it, T(N) would hold Ray's start (7 s here) and
+    T(5N) not, and the difference would overstate the rate (17,693 against 10,103 rows/s, the
+    same (g) measured both ways back to back; session 19's figures "alone" were measured so).
+    """
+    from hcdlib.rayutil import init_ray
+
+    init_ray()
     t1, n1, m1 = _timed(model_dir, small, out + "-n", slides=slides)
     t5, n5, m5 = _timed(model_dir, big, out + "-5n", slides=slides)
     rate = (n5 - n1) / (t5 - t1)

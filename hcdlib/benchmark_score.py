@@ -19,6 +19,7 @@ plus the peak memory of (d) for N and ``--mem-factor`` x N patches (streaming mu
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -106,17 +107,31 @@ def _ensure_data(cfg: BenchScoreConfig, n: int, name: str) -> tuple[str, str]:
 def _packed_by_this_hcd(shards: str) -> bool:
     """Whether the benchmark's cached ``shards`` are complete and in this hcd's pack format.
 
-    Shards an older ``hcd pack`` left in the work folder (e.g. without the decoded ``pixels``
-    column) would be read fine, so every row after them would time the old format, silently.
+    Shards an older ``hcd pack`` left in the work folder (without the decoded ``pixels`` column,
+    or with another codec for it) would be read fine, so every row after them would time the old
+    format, silently.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from hcdlib.chunks import ROW_SCHEMA
+    from hcdlib.pack import shard_options
 
     if not os.path.exists(os.path.join(shards, "_SUCCESS")):
         return False
     first = next(Path(shards).rglob("*.parquet"), None)
-    return first is not None and pq.read_schema(first).names == ROW_SCHEMA.names
+    if first is None or pq.read_schema(first).names != ROW_SCHEMA.names:
+        return False
+    probe = io.BytesIO()  # what this hcd's pack writes, as Parquet's metadata names it
+    pq.write_table(pa.table([pa.nulls(1, f.type) for f in ROW_SCHEMA], schema=ROW_SCHEMA), probe, **shard_options(1))
+    return _pixels_codec(first) == _pixels_codec(io.BytesIO(probe.getvalue()))
+
+
+def _pixels_codec(source) -> str:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(source)
+    return meta.row_group(0).column(meta.schema.names.index("pixels")).compression
 
 
 def _decoded(tif: str, limit: int | None = None) -> np.ndarray:
@@ -358,6 +373,7 @@ def _replicated(shards: str, k: int, out: str) -> str:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from hcdlib.pack import shard_options
     from hcdlib.sources import PACK_MANIFEST
 
     if _packed_by_this_hcd(out):
@@ -370,7 +386,7 @@ def _replicated(shards: str, k: int, out: str) -> str:
         for j in range(k):
             ids = pc.binary_join_element_wise(t["id"], pa.scalar(f"r{j}"), "-")
             name = f"r{j}-{os.path.basename(f['path'])}"
-            pq.write_table(t.set_column(0, "id", ids), os.path.join(out, name), row_group_size=1024)
+            pq.write_table(t.set_column(0, "id", ids), os.path.join(out, name), **shard_options(1024))
             files.append({"path": name, "rows": t.num_rows})
     Path(out, PACK_MANIFEST).write_text(json.dumps({"files": files, "rows": sum(f["rows"] for f in files)}))
     return out

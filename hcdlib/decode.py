@@ -202,7 +202,7 @@ def _objects(col: pa.ChunkedArray) -> np.ndarray:
 
 def stored_pixels(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """``(present, pixels)`` of a ``pixels`` column (fixed-size binary): a reshape, no copy, no decode."""
-    arr = col.combine_chunks()
+    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # combine_chunks copies even one chunk
     n = len(arr)
     present = np.ones(n, dtype=bool) if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
     flat = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=(arr.offset + n) * PIXEL_BYTES)
@@ -218,11 +218,12 @@ def decode_table(t: pa.Table, *, resize: bool = False) -> dict:
     n = t.num_rows
     names = t.column_names
     out = {c: _objects(t[c]) for c in names if c not in ("image", "pixels", "error", "note")}
-    present = np.zeros(n, dtype=bool)
-    pixels = np.zeros((n, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
     if "pixels" in names and t["pixels"].null_count < n:
         present, stored = stored_pixels(t["pixels"])
         pixels = stored.copy() if present.all() else np.where(present[:, None, None, None], stored, 0)
+    else:  # (allocated only here: zeros for a packed chunk cost as much as its copy)
+        present = np.zeros(n, dtype=bool)
+        pixels = np.zeros((n, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
     status = np.full(n, "ok", dtype=object)
     errors = np.full(n, None, dtype=object)
     notes = _objects(t["note"]) if "note" in names else np.full(n, None, dtype=object)

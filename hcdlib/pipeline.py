@@ -35,9 +35,28 @@ def read_decode(batch: dict, *, resize: bool = False, block_rows: int | None = N
         n = len(out["id"])
         out["chunk"] = np.full(n, chunk.key, dtype=object)
         out["row"] = np.arange(n, dtype=np.int64)
+        block = _as_block(out)
         step = block_rows or n
         for start in range(0, n, step):
-            yield {k: v[start:start + step] for k, v in out.items()}
+            yield (block.slice(start, step) if isinstance(block, pa.Table)
+                   else {k: v[start:start + step] for k, v in block.items()})
+
+
+def _as_block(out: dict) -> pa.Table | dict:
+    """A chunk's decoded rows as an Arrow table, built in C++ (the pixels a tensor column, no copy).
+
+    Handed a dict of numpy arrays, Ray Data turns each object column (ids, sources, statuses,
+    messages) into Arrow by inspecting every value in Python: 8.5 against 3.8 us a row for four
+    such columns and the pixels (one core). A column Arrow cannot type (mixed values) is left to
+    Ray Data's own conversion.
+    """
+    from ray.data.extensions import ArrowTensorArray
+
+    try:
+        return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v, from_pandas=False)
+                         for k, v in out.items()})
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return out
 
 
 def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: int | None = None,

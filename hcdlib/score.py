@@ -235,9 +235,9 @@ def read_tasks(cfg: ScoreConfig, todo: list[Chunk], plan) -> int | None:
     Their reads are bound by the CPU, so more tasks than CPUs only start more processes, each
     importing Ray, pyarrow and the decoders beside the model actors' start: on 2 cores, alone,
     start-up to the first committed part took 15.05 s with one task against 17.35 s with Ray
-    Data's four, and steady state was no slower (shards 17,598-19,079 against 14,446-17,963
-    rows/s; .tif files 8,261-8,554 against 7,318-9,352). Reads from S3 wait on the network, and
-    a slide's tile reads ran at 1,849 tiles/s with one task against 2,953: both stay uncapped.
+    Data's four, and steady state was no slower (shards, Ray already up: 11,732 and 13,292
+    rows/s against 10,812 and 11,612). Reads from S3 wait on the network, and a slide's tile
+    reads ran at 1,849 tiles/s with one task against 2,953: both stay uncapped.
     """
     if urimod.is_s3(cfg.input) or not all(isinstance(c, PatchChunk) for c in todo):
         return None

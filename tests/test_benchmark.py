@@ -15,12 +15,26 @@ def _make_old_format(folder: Path) -> None:
         pq.write_table(pq.read_table(f).drop_columns(["pixels", "note"]), f)
 
 
+def _make_old_codec(folder: Path) -> None:
+    """Rewrite every shard as session 19's hcd pack stored them: the same columns, pixels in zstd."""
+    for f in folder.rglob("*.parquet"):
+        pq.write_table(pq.read_table(f), f, row_group_size=1024, compression="zstd", compression_level=1)
+
+
+def _pixels_codec(folder: Path) -> str:
+    meta = pq.read_metadata(next(folder.rglob("*.parquet")))
+    return meta.row_group(0).column(meta.schema.names.index("pixels")).compression
+
+
 def test_cached_shards_from_an_older_pack_are_rebuilt_not_timed(tmp_path):
     cfg = BenchScoreConfig(work=str(tmp_path), n=40)
     tif, shards = _ensure_data(cfg, cfg.n, "n40")
     copies = Path(_replicated(shards, 3, str(tmp_path / "x3")))
     assert _packed_by_this_hcd(shards) and _packed_by_this_hcd(str(copies))
     assert pq.read_table(copies).num_rows == 120
+    # The copies are in the pack's own codecs: T(N) and T(5N) must time the same format (they
+    # were snappy beside zstd shards, and the difference of the two timed the codecs).
+    assert _pixels_codec(copies) == _pixels_codec(Path(shards)) == "LZ4"
     assert not _packed_by_this_hcd(str(tmp_path / "absent"))
 
     _make_old_format(Path(shards))
@@ -33,3 +47,31 @@ def test_cached_shards_from_an_older_pack_are_rebuilt_not_timed(tmp_path):
     for folder in (Path(shards), copies):
         assert pq.read_schema(next(folder.rglob("*.parquet"))).names == ROW_SCHEMA.names
     assert pq.read_table(copies).num_rows == 120
+
+
+def test_cached_shards_in_an_older_codec_are_rebuilt(tmp_path):
+    cfg = BenchScoreConfig(work=str(tmp_path), n=40)
+    _, shards = _ensure_data(cfg, cfg.n, "n40")
+    copies = Path(_replicated(shards, 2, str(tmp_path / "x2")))
+    _make_old_codec(Path(shards))
+    _make_old_codec(copies)
+    assert _pixels_codec(copies) == "ZSTD"
+    assert not _packed_by_this_hcd(shards) and not _packed_by_this_hcd(str(copies))
+    _ensure_data(cfg, cfg.n, "n40")
+    _replicated(shards, 2, str(copies))
+    assert _pixels_codec(Path(shards)) == _pixels_codec(copies) == "LZ4"
+    assert pq.read_table(copies).num_rows == 80
+
+
+def test_steady_state_starts_ray_before_it_times_n(monkeypatch):
+    """If the run at N started Ray, T(N) would hold Ray's start and T(5N) not: the rate came out 1.75x too high."""
+    import hcdlib.benchmark_pipeline as bp
+    import hcdlib.rayutil
+
+    calls = []
+    monkeypatch.setattr(hcdlib.rayutil, "init_ray", lambda *a, **k: calls.append("init_ray"))
+    times = {"small": (10.0, 100), "big": (30.0, 500)}
+    monkeypatch.setattr(bp, "_timed", lambda m, src, out, **k: calls.append(src) or (*times[src], (1, 1)))
+    r = bp._steady("model", "small", "big", "out")
+    assert calls == ["init_ray", "small", "big"]
+    assert r["steady"] == 20.0 and r["startup_in_process"] == 5.0
