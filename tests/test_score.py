@@ -267,6 +267,19 @@ def test_reads_of_local_patches_run_one_task_per_cpu_left_to_them(synth_small, t
     assert read_tasks(cfg, tiles, plan_actors({"CPU": 2})) is None
 
 
+def test_a_chunk_leaves_the_read_task_as_one_block_per_model_actor(synth_small, tmp_path):
+    """Ray's cost is per block: blocks of one model batch held (g) to 11-12k rows/s, one per actor 16.5-17k."""
+    from hcdlib.score import block_rows
+    from hcdlib.sources import open_source
+
+    chunks = open_source(str(synth_small)).chunks(128)  # 300 patches: 128, 128, 44
+    cfg = ScoreConfig(model="m", input=str(synth_small), out=str(tmp_path / "o"), batch_size=16)
+    assert block_rows(cfg, chunks, plan_actors({"CPU": 2})) == 64  # 2 actors: half a chunk each
+    assert block_rows(cfg, chunks, plan_actors({"CPU": 16, "GPU": 1})) == 128  # one actor: the whole chunk
+    assert block_rows(cfg, chunks, plan_actors({"CPU": 64})) == 16  # more actors than batches: one batch each
+    assert block_rows(cfg.replace(batch_size=256), chunks, plan_actors({"CPU": 2})) == 256
+
+
 def test_the_read_cap_reaches_ray_data(ray_session, model_dir, synth_small, tmp_path):
     """The cap is what Ray Data is told: the read stage's task pool, under the model actors' stage."""
     from hcdlib.score import scoring_dataset
@@ -316,8 +329,12 @@ def test_the_pipeline_of_a_gpu_plan_can_be_built(ray_session, model_dir, synth_s
 
 
 def test_manifest_is_json_with_the_effective_config(ray_session, model_dir, synth_small, tmp_path, monkeypatch):
-    # Each model call is one block of one model batch, so a chunk is shared by all actors: the
-    # driver sees the actors' output blocks, one per call.
+    # A chunk leaves the read task as one block per model actor (at least a model batch), so it
+    # is shared by all actors: the driver sees the actors' output blocks, one per call.
+    import ray
+
+    actors = plan_actors(ray.cluster_resources()).actors
+    block = max(16, -(-64 // actors))
     seen = []
     add = preds.ChunkAssembler.add
     monkeypatch.setattr(preds.ChunkAssembler, "add",
@@ -326,7 +343,9 @@ def test_manifest_is_json_with_the_effective_config(ray_session, model_dir, synt
     m = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert m["config"]["tta"] == 4 and m["run"]["tta"] == 4
     assert sum(f["rows"] for f in m["files"]) == m["rows"] == 300
-    assert sorted(seen) == [12] + [16] * 18  # 4 chunks of 64 rows and one of 44, in blocks of 16
+    # 4 chunks of 64 rows and one of 44, in blocks of ``block`` rows (32 with 2 actors)
+    expected = [block] * (4 * (64 // block)) + [block] * (44 // block) + ([44 % block] if 44 % block else [])
+    assert actors >= 2 and sorted(seen) == sorted(expected)
 
 
 def test_packed_pixels_score_exactly_as_the_files(ray_session, model_dir, corrupt_set, tmp_path):
