@@ -73,19 +73,21 @@ def _timed(model_dir: str, source: str, out: str, *, slides: bool = False) -> tu
     return time.perf_counter() - t0, m["rows"], (mem.peak, mem.peak_pss)
 
 
-def _steady(model_dir: str, small: str, big: str, out: str, *, slides: bool = False) -> dict:
+def _steady(model_dir: str, small: str, big: str, out: str, *, slides: bool = False, warm: bool = True) -> dict:
     """Steady-state rows/s (from the difference of two sizes) and the start-up it implies.
 
     Ray is started and the N input scored once, untimed, first: if the run at N started Ray,
     T(N) would hold Ray's start (7 s here) and T(5N) not, and the difference would overstate the
     rate (17,693 against 10,103 rows/s, the same (g) measured both ways back to back; session
     19's figures "alone" were measured so). The first job on a Ray also starts Ray Data's own
-    actors (2 s more): the full benchmark's first row, (g), held that in its T(N).
+    actors (2 s more): the full benchmark's first row, (g), held that in its T(N). (``warm=False``:
+    the caller has done it, e.g. outside a count of the bytes the timed runs read.)
     """
     from hcdlib.rayutil import init_ray
 
     init_ray()
-    _timed(model_dir, small, out + "-warm", slides=slides)
+    if warm:
+        _timed(model_dir, small, out + "-warm", slides=slides)
     t1, n1, m1 = _timed(model_dir, small, out + "-n", slides=slides)
     t5, n5, m5 = _timed(model_dir, big, out + "-5n", slides=slides)
     rate = (n5 - n1) / (t5 - t1)
@@ -220,9 +222,10 @@ def s3_rows(model_dir: str, local: dict[str, str], w: str, endpoint: str) -> dic
     # what the row above measured before the server read ranges only (hcdlib.s3local.serve).
     with whole_object_reads(int(endpoint.rsplit(":", 1)[1])):
         r["g-S3-whole"] = _steady(model_dir, uris["shards"], uris["shards-5n"], os.path.join(w, "out-g-s3-whole"))
+    out = os.path.join(w, "out-g-slides-s3")
+    _timed(model_dir, uris["slides"], out + "-warm", slides=True)  # outside the count: it reads the N slides too
     with recorded(endpoint) as sent:
-        r["g-slides-S3"] = _steady(model_dir, uris["slides"], uris["slides-5n"], os.path.join(w, "out-g-slides-s3"),
-                                   slides=True)
+        r["g-slides-S3"] = _steady(model_dir, uris["slides"], uris["slides-5n"], out, slides=True, warm=False)
     size = os.path.getsize(next(Path(local["slides"]).glob("*.tif")))
     per_slide = [v for k, v in sent.items() if k.endswith(".tif")]
     r["g-slides-S3"]["s3_bytes_per_slide"] = (min(per_slide) / size, max(per_slide) / size, size)
