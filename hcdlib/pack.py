@@ -4,7 +4,7 @@
 
 Millions of 30 KB objects are slow and costly to list and read on S3 (one request each);
 a few hundred shards of ``--rows-per-file`` patches are not. Each patch is decoded once, here:
-one that decodes is stored as its 96x96x3 pixels (zstd), so scoring reads a chunk's pixels
+one that decodes is stored as its 96x96x3 pixels (LZ4), so scoring reads a chunk's pixels
 with one reshape instead of decoding every patch again; JPEGs keep their encoded bytes (5x
 smaller than pixels) and anything that does not decode keeps its bytes and becomes the same
 error row it would be unpacked. Packing loses nothing: pixels are what decoding gives.

@@ -42,7 +42,7 @@ def build_sample(pcam_real: str, out: str | os.PathLike = SAMPLE_DIR, *, seed: i
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hcdlib.pack import PackConfig, pack
+    from hcdlib.pack import PackConfig, pack, shard_options
 
     rng = random.Random(seed)
     taken: set[str] = set()
@@ -67,7 +67,7 @@ def build_sample(pcam_real: str, out: str | os.PathLike = SAMPLE_DIR, *, seed: i
                 rel = [f"pcam-real/{split}/{lab}/{i}.jpg" for i, lab in zip(t["id"].to_pylist(),
                                                                                t["label"].to_pylist(), strict=True)]
                 t = t.set_column(t.schema.get_field_index("source"), "source", pa.array(rel, pa.string()))
-                pq.write_table(t, target / f["path"], row_group_size=1024, compression="zstd")
+                pq.write_table(t, target / f["path"], **shard_options(1024))
             manifest["input"] = f"pcam-real/{split} (see ../README.md)"  # not the temporary folder
             (target / "_SUCCESS").write_text(json.dumps(manifest, indent=1))
             counts[name] = manifest["rows"]
