@@ -26,9 +26,10 @@ def read_decode(batch: dict, *, resize: bool = False, block_rows: int | None = N
     ``note``, ...), plus ``chunk`` (the chunk key) and ``row`` (the row's index in its chunk,
     which makes retried rows recognisable).
 
-    The rows leave in blocks of ``block_rows`` (one model batch): Ray Data gives each block to
-    the next free model actor, so one chunk is scored by every actor at once. As one block, a
-    1024-row chunk went to one actor, and the first committed part waited for it alone.
+    The rows leave in blocks of ``block_rows`` (scoring: one per model actor, see
+    :func:`hcdlib.score.block_rows`), as Arrow tables: Ray Data gives each block to the next free
+    model actor, so one chunk is scored by every actor at once. As one block, a 1024-row chunk
+    went to one actor, and the first committed part waited for it alone.
     """
     for chunk in batch["chunk"]:
         out = chunk.read(resize=resize)
@@ -81,10 +82,10 @@ def decoded_dataset(chunks: list[Chunk], *, resize: bool = False, block_rows: in
     ds.context.max_map_retries = 3
     if block_rows:
         # Ray Data would merge a task's output into blocks of up to 128 MiB. It emits a block once
-        # its buffer passes this target and slices only what passes it by half, so at 3/4 of a
-        # batch each batch read_decode yields leaves as one block: a 1,024-row chunk is 4 blocks
-        # of 256, shared evenly by the actors. (At a batch + 1 MiB they were 293, 293 and 438
-        # rows, and one of two actors scored 731 of the first chunk's rows.)
+        # its buffer passes this target and slices only what passes it by half, so at 3/4 of
+        # block_rows each block read_decode yields leaves as one: a 1,024-row chunk is 2 blocks of
+        # 512 for 2 actors. (At a batch + 1 MiB, blocks were 293, 293 and 438 rows, and one of two
+        # actors scored 731 of the first chunk's rows.)
         ds.context.target_max_block_size = patch_bytes(block_rows) * 3 // 4
     # Ray Data samples each task's memory with psutil from a thread; at thousands of small tasks
     # a minute that was 6% of a model actor's time (py-spy), for a statistic hcd never reads.
