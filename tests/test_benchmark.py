@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hcdlib.benchmark_score import _ensure_data, _packed_by_this_hcd, _replicated
+from hcdlib.benchmark_score import _ensure_data, _packed_by_this_hcd, _pixels_codec, _replicated
 from hcdlib.chunks import ROW_SCHEMA
 from hcdlib.config import BenchScoreConfig
 
@@ -21,9 +21,8 @@ def _make_old_codec(folder: Path) -> None:
         pq.write_table(pq.read_table(f), f, row_group_size=1024, compression="zstd", compression_level=1)
 
 
-def _pixels_codec(folder: Path) -> str:
-    meta = pq.read_metadata(next(folder.rglob("*.parquet")))
-    return meta.row_group(0).column(meta.schema.names.index("pixels")).compression
+def _codec(folder: Path) -> str:
+    return _pixels_codec(next(folder.rglob("*.parquet")))
 
 
 def test_cached_shards_from_an_older_pack_are_rebuilt_not_timed(tmp_path):
@@ -34,7 +33,7 @@ def test_cached_shards_from_an_older_pack_are_rebuilt_not_timed(tmp_path):
     assert pq.read_table(copies).num_rows == 120
     # The copies are in the pack's own codecs: T(N) and T(5N) must time the same format (they
     # were snappy beside zstd shards, and the difference of the two timed the codecs).
-    assert _pixels_codec(copies) == _pixels_codec(Path(shards)) == "LZ4"
+    assert _codec(copies) == _codec(Path(shards)) == "LZ4"
     assert not _packed_by_this_hcd(str(tmp_path / "absent"))
 
     _make_old_format(Path(shards))
@@ -55,11 +54,11 @@ def test_cached_shards_in_an_older_codec_are_rebuilt(tmp_path):
     copies = Path(_replicated(shards, 2, str(tmp_path / "x2")))
     _make_old_codec(Path(shards))
     _make_old_codec(copies)
-    assert _pixels_codec(copies) == "ZSTD"
+    assert _codec(copies) == "ZSTD"
     assert not _packed_by_this_hcd(shards) and not _packed_by_this_hcd(str(copies))
     _ensure_data(cfg, cfg.n, "n40")
     _replicated(shards, 2, str(copies))
-    assert _pixels_codec(Path(shards)) == _pixels_codec(copies) == "LZ4"
+    assert _codec(Path(shards)) == _codec(copies) == "LZ4"
     assert pq.read_table(copies).num_rows == 80
 
 

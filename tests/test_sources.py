@@ -333,6 +333,35 @@ def test_every_chunk_reads_itself_the_same_way(synth_small, tmp_path):
     assert row["pixels"].shape == (1, 96, 96, 3)
 
 
+def test_read_tasks_yield_the_arrow_blocks_ray_data_would_build(synth_small, tmp_path):
+    """The read task builds its blocks in C++; they must be what Ray Data's own conversion gives."""
+    from ray.data.block import BlockAccessor
+
+    from hcdlib.pipeline import read_decode
+    from hcdlib.slides import SlideErrorChunk
+
+    pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards")))
+    bad = SlideErrorChunk("s-1234abcd-error", 1, "/x/s.svs", "s", "slide /x/s.svs: cannot read: truncated")
+    for chunk in (open_source(str(synth_small)).chunks(100)[0], open_source(str(tmp_path / "shards")).chunks()[0], bad):
+        blocks = list(read_decode({"chunk": [chunk]}, block_rows=64))
+        assert all(isinstance(b, pa.Table) for b in blocks) and blocks[0].num_rows == min(64, chunk.num_rows)
+        out = chunk.read()
+        out["chunk"] = np.full(chunk.num_rows, chunk.key, dtype=object)
+        out["row"] = np.arange(chunk.num_rows, dtype=np.int64)
+        theirs = BlockAccessor.batch_to_block(out)
+        ours = pa.concat_tables(blocks)
+        assert ours.schema == theirs.schema and ours.equals(theirs), type(chunk).__name__
+
+    class Mixed:  # a column Arrow cannot type is left to Ray Data, not an error
+        key, num_rows = "m", 2
+
+        def read(self, resize=False):
+            return {"id": np.array(["a", 1], dtype=object), "pixels": np.zeros((2, 96, 96, 3), np.uint8)}
+
+    (block,) = read_decode({"chunk": [Mixed()]})
+    assert isinstance(block, dict) and list(block["id"]) == ["a", 1]
+
+
 def test_slides_are_a_source_only_where_slides_are_scored(tmp_path):
     """The one factory: slide formats give a slide source when a job can tile them, and a refusal elsewhere."""
     from hcdlib.slides import SlideSource, SlideTiling
