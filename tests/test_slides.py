@@ -74,6 +74,21 @@ def test_tissue_mask_finds_tissue_not_glass():
     assert mask[:, BLANK_COLS * T:].mean() > 0.8
 
 
+def test_tissue_mask_saturation_is_hsv_saturation_in_float64():
+    """The uint8 shortcut gives the same mask as HSV saturation computed in float64 throughout."""
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(3)
+    two_tone = np.zeros((5, 5, 3), np.uint8)
+    two_tone[..., 0], two_tone[..., 2] = 200, 255
+    for img in (_canvas(), rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), np.zeros((9, 7, 3), np.uint8), two_tone):
+        rgb = img.astype(np.float64)
+        top = rgb.max(axis=-1)
+        sat = np.divide(top - rgb.min(axis=-1), top, out=np.zeros_like(top), where=top > 0)
+        t = threshold_otsu(sat) if np.ptp(sat) > 1e-6 else 1.0
+        assert np.array_equal(tissue_mask(img), sat > min(max(t, 0.07), 0.15))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_tissue_tiles_are_the_grid_cells_with_enough_tissue(seed):
     """The summed-area table picks exactly the tiles whose mask pixels (at least one) reach the share."""
@@ -169,6 +184,27 @@ def test_tumour_regions_merge_tiles_into_polygons():
     assert len(regions[1].interiors) == 1 and regions[1].interiors[0].envelope.area == T * T
     gj = geojson(rows, threshold=0.5)
     assert sum(f["properties"]["objectType"] == "detection" for f in gj["features"]) == len(rows)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tumour_regions_are_the_union_of_the_hot_tiles(seed):
+    """Rows of tiles merged into rectangles first give the same regions as the tiles merged one by one."""
+    import shapely
+
+    from hcdlib.slide_maps import tumour_regions
+
+    rng = np.random.default_rng(seed)
+    rows = [{"x": int(c) * t, "y": int(r) * t, "tile_size": t, "prob": float(rng.random()),
+             "status": "ok" if rng.random() > 0.1 else "error"}
+            for t in (T, 2 * T) for c, r in rng.integers(0, 20, (int(rng.integers(1, 300)), 2))]
+    ok = [r for r in rows if r["status"] == "ok" and r["prob"] >= 0.4]
+    want = shapely.unary_union([shapely.box(r["x"], r["y"], r["x"] + r["tile_size"], r["y"] + r["tile_size"])
+                                for r in ok])
+    got = tumour_regions(rows, threshold=0.4)
+    assert len(got) == len(getattr(want, "geoms", [want]))
+    union = shapely.unary_union(got)
+    assert union.area == want.area and union.symmetric_difference(want).area == 0
+    assert sorted(len(p.interiors) for p in got) == sorted(len(p.interiors) for p in getattr(want, "geoms", [want]))
 
 
 def test_score_a_slide_archive(ray_session, model_dir, slide_dir, tmp_path):
