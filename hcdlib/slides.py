@@ -394,9 +394,11 @@ def _cut_tiles(region, start: int, out: dict, *, size: int, background: np.ndarr
                                       "filled with its background colour")
     tiles = rgb.reshape(size, n, size, 3).swapaxes(0, 1)
     patch = out["pixels"].shape[1]
+    if size == patch:  # the strip's tiles in one copy
+        out["pixels"][start:start + n] = tiles
+        return n
     for i, tile in enumerate(tiles, start=start):
-        out["pixels"][i] = tile if size == patch else np.asarray(
-            Image.fromarray(tile).resize((patch, patch), Image.Resampling.BOX))
+        out["pixels"][i] = np.asarray(Image.fromarray(tile).resize((patch, patch), Image.Resampling.BOX))
     return n
 
 
