@@ -146,13 +146,13 @@ def model_only(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
     import torch
 
     from hcdlib.artifact import load_model
-    from hcdlib.infer import infer_batch, pick_device
+    from hcdlib.infer import for_inference, infer_batch, pick_device
     from hcdlib.transforms import Preprocess
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = pick_device()
     model, meta = load_model(model_dir, device=device)
-    model = model.to(memory_format=torch.channels_last)
+    model = for_inference(model)
     pre = Preprocess.from_dict(meta["preprocess"])
     pixels = _decoded(tif)
     infer_batch(model, pixels[: cfg.batch_size], device=device, preprocess=pre, tta=cfg.tta)  # warm-up
@@ -233,14 +233,14 @@ def dataloader_baseline(model_dir: str, tif: str, cfg: BenchScoreConfig) -> floa
     from torch.utils.data import DataLoader
 
     from hcdlib.artifact import load_model
-    from hcdlib.infer import infer_batch, pick_device
+    from hcdlib.infer import for_inference, infer_batch, pick_device
     from hcdlib.transforms import Preprocess
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     device = pick_device()
     model, meta = load_model(model_dir, device=device)
-    model = model.to(memory_format=torch.channels_last)
+    model = for_inference(model)
     pre = Preprocess.from_dict(meta["preprocess"])
     loader = DataLoader(FileDataset(sorted(Path(tif).glob("*.tif"))), batch_size=cfg.batch_size,
                         num_workers=cores, pin_memory=device.type == "cuda")

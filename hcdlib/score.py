@@ -46,7 +46,7 @@ class Scorer:
         import torch
 
         from hcdlib.artifact import load_model, model_id
-        from hcdlib.infer import pick_device
+        from hcdlib.infer import for_inference, pick_device
         from hcdlib.transforms import Preprocess
 
         torch.set_num_threads(threads)
@@ -54,7 +54,7 @@ class Scorer:
         self.model, meta = load_model(model_uri, device=self.device)
         if meta["sha256"] != sha256:
             raise RuntimeError(f"{model_uri} changed while the job ran (hash {meta['sha256'][:12]})")
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = for_inference(self.model)
         if compile:
             self.model = torch.compile(self.model)
         self.pre = Preprocess.from_dict(meta["preprocess"])

@@ -20,6 +20,53 @@ def test_every_arch_takes_96px_patches_and_gives_one_logit(arch):
     assert pre.mean == PCAM_MEAN and preprocess_for("imagenet").mean == IMAGENET_MEAN
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_scoring_folds_batchnorm_without_changing_the_probabilities(arch):
+    """for_inference folds each BatchNorm after a convolution into it; P(tumour) stays within float tolerance."""
+    import numpy as np
+
+    from hcdlib.infer import for_inference, infer_batch
+
+    torch.manual_seed(0)
+    model, pre = build_model(arch, weights="none")
+    with torch.no_grad():  # trained-like statistics, so that folding has something to get wrong
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 96, 96, 3), dtype=np.uint8)
+    want = infer_batch(model, pixels, device=torch.device("cpu"), preprocess=pre, tta=4)
+    fast = for_inference(model)
+    np.testing.assert_allclose(infer_batch(fast, pixels, device=torch.device("cpu"), preprocess=pre, tta=4), want,
+                               atol=1e-5)
+    def batchnorms(m):
+        return sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    assert batchnorms(model) > 0  # the loaded model itself is left as it was
+    if arch != "densenet121":  # densenet normalises before its convolutions: nothing there to fold
+        assert batchnorms(fast) == 0
+
+
+def test_a_model_torch_fx_cannot_trace_is_scored_unfolded():
+    from hcdlib.infer import for_inference
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                x = -x
+            return self.bn(self.conv(x)).mean((1, 2, 3))[:, None]
+
+    model = Branchy().eval()
+    x = torch.randn(2, 3, 8, 8)
+    fast = for_inference(model)
+    assert isinstance(fast.bn, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
 def test_unknown_arch_and_hcdnet_imagenet_are_clear_errors():
     with pytest.raises(UserError, match="unknown arch"):
         build_model("vgg11")
