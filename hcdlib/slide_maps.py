@@ -58,8 +58,8 @@ def tumour_regions(slide_rows, *, threshold: float):
 def _row_runs(x: np.ndarray, y: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, ...]:
     """``x0, y0, x1, y1`` of the rectangles that tiles side by side in a row make: the same area, fewer shapes.
 
-    The union's cost grows with the shapes it merges: 4,900 tiles of one slide took it 0.10 s,
-    one rectangle per row of tiles a hundredth of that.
+    The union's cost grows with the shapes it merges: the 4,900 tiles of a 70 x 70 slide took it
+    0.10 s, its 70 rows of tiles 0.002 s.
     """
     order = np.lexsort((x, y, t))
     x, y, t = x[order], y[order], t[order]
