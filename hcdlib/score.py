@@ -276,9 +276,23 @@ def scoring_dataset(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, a
         batch_size=cfg.batch_size if plan.gpus_per_actor else None,
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
+    if not plan.gpus_per_actor:
+        # Ray Data gives a ready actor up to 2 blocks at once. CPU actors come up a few tenths of
+        # a second apart, so the first one took both halves of the first chunk and the first part
+        # waited for it to score them one after the other (2 x 2.8 s, hcdnet, 2 cores). Started
+        # together, each scores one half: fresh `hcd score` to first part, alternating runs,
+        # 15.6-16.9 s -> 14.2-14.3 s. (One block in flight per actor does the same but leaves each
+        # actor idle 0.17 s between blocks, 6% of hcdnet's time.) GPU actors take batches, not
+        # chunk halves, and their reads overlap the minutes a GPU node may take to come up.
+        ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
     return limit_read_ahead(ds, unit_rows=max(largest_chunk(todo), cfg.batch_size), consumers=plan.actors,
                             per_consumer=16 if plan.gpus_per_actor else 4)
+
+
+# How long scoring waits for its CPU model actors to start before it gives up: they load in
+# seconds; ten minutes means the cluster lacks the CPUs (another job holds them).
+ACTOR_START_TIMEOUT_S = 600
 
 
 def _run_pipeline(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, total: int, written: set[str],

@@ -280,6 +280,40 @@ def test_a_chunk_leaves_the_read_task_as_one_block_per_model_actor(synth_small, 
     assert block_rows(cfg.replace(batch_size=256), chunks, plan_actors({"CPU": 2})) == 256
 
 
+def test_every_cpu_model_actor_scores_the_first_chunk_when_one_starts_late(ray_session, model_dir, synth_small,
+                                                                          tmp_path):
+    """Both CPU model actors score the first chunk, so the first part is committed after half of it.
+
+    The first actor up took both halves (Ray Data gives a ready actor 2 blocks at once), and the
+    first part waited for that one actor to score them in turn.
+    """
+    from hcdlib.score import Scorer
+
+    first_up, calls = tmp_path / "first-actor-up", tmp_path / "calls.txt"
+
+    class SecondActorLate(Scorer):
+        """Notes which actor scored which chunk; the second actor to load starts 3 s late."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            try:
+                os.close(os.open(first_up, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                time.sleep(3)
+
+        def __call__(self, batch):
+            with open(calls, "a") as f:
+                f.writelines(f"{os.getpid()} {key}\n" for key in set(batch["chunk"].to_pylist()))
+            time.sleep(0.5)  # what a real model takes for a block; this tiny one takes milliseconds
+            return super().__call__(batch)
+
+    out = tmp_path / "out"
+    m = score(_cfg(model_dir, synth_small, out, batch_size=32), actor=SecondActorLate)  # chunks of 64: 2 blocks
+    assert m["rows"] == 300
+    actors = {line.split()[0] for line in calls.read_text().splitlines() if line.endswith(" files-000000")}
+    assert len(actors) == 2, f"one actor scored the whole first chunk:\n{calls.read_text()}"
+
+
 def test_the_read_cap_reaches_ray_data(ray_session, model_dir, synth_small, tmp_path):
     """The cap is what Ray Data is told: the read stage's task pool, under the model actors' stage."""
     from hcdlib.score import scoring_dataset
