@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -204,7 +205,7 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
             if cause is None:  # a bug: its own traceback
                 raise
             log.debug("scoring stopped", exc_info=exc)
-            stopped = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+            stopped = _stop_reason(cause)
             release_frames(exc)
         if stopped:
             # Raised here, not from the except block, and after release_frames: the failed
@@ -216,6 +217,22 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
                        "rerun the same command to finish the rest")
     extra = src.finish(cfg.out, threshold=float(meta.get("threshold", 0.5)))  # slides: heatmaps, GeoJSON
     return _commit(cfg, chunks, spec, time.perf_counter() - t0, slides=extra)
+
+
+def _stop_reason(cause: BaseException) -> str:
+    """The fault that stopped a run, in one line (Ray's texts carry colour codes and tracebacks).
+
+    A model actor whose ``__init__`` raised (the model unreadable, changed, or too big for the
+    device) reaches the driver as an ``ActorDiedError`` that keeps only the text of that
+    traceback, whose last line is the error itself.
+    """
+    import ray.exceptions as rex
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause))
+    if isinstance(cause, rex.RayActorError) and cause.actor_init_failed:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return f"a model actor could not start: {lines[-1][:300]}"
+    return f"{type(cause).__name__}: {' '.join(text.split())[:300]}"
 
 
 def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:

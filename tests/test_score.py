@@ -314,6 +314,29 @@ def test_every_cpu_model_actor_scores_the_first_chunk_when_one_starts_late(ray_s
     assert len(actors) == 2, f"one actor scored the whole first chunk:\n{calls.read_text()}"
 
 
+def test_a_model_actor_that_cannot_start_stops_the_run_in_one_line(ray_session, model_dir, synth_small, tmp_path):
+    """The error a model actor's __init__ raised, in the one line that says the run stopped.
+
+    It was "ActorDiedError: The actor died because of an error raised in its creation task,
+    <colour codes>ray::MapWorker(...)", cut at 300 characters before the error itself.
+    """
+    from hcdlib.errors import RunStopped
+    from hcdlib.score import Scorer
+
+    class StoreFails(Scorer):
+        def __init__(self, *args, **kwargs):
+            raise OSError(5, "Input/output error", "model.safetensors")
+
+    out = tmp_path / "out"
+    with pytest.raises(RunStopped) as stopped:
+        score(_cfg(model_dir, synth_small, out), actor=StoreFails)
+    message = str(stopped.value)
+    assert message.startswith("scoring stopped: a model actor could not start: OSError: [Errno 5] Input/output "
+                              "error: 'model.safetensors'; 0 of 5 chunks are committed"), message
+    assert "\n" not in message and "\x1b" not in message
+    assert score(_cfg(model_dir, synth_small, out))["rows"] == 300  # the dead actors hold no CPU
+
+
 def test_the_read_cap_reaches_ray_data(ray_session, model_dir, synth_small, tmp_path):
     """The cap is what Ray Data is told: the read stage's task pool, under the model actors' stage."""
     from hcdlib.score import scoring_dataset
