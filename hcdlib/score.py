@@ -296,7 +296,7 @@ def scoring_dataset(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, a
     if not plan.gpus_per_actor:
         # Ray Data gives a ready actor up to 2 blocks at once. CPU actors come up a few tenths of
         # a second apart, so the first one took both halves of the first chunk and the first part
-        # waited for it to score them one after the other (2 x 2.8 s, hcdnet, 2 cores). Started
+        # waited for it to score them one after the other (2 x ~2.8 s, hcdnet, 2 cores). Started
         # together, each scores one half: fresh `hcd score` to first part, alternating runs,
         # 15.6-16.9 s -> 14.2-14.3 s. (One block in flight per actor does the same but leaves each
         # actor idle 0.17 s between blocks, 6% of hcdnet's time.) GPU actors take batches, not
