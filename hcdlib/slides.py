@@ -90,6 +90,33 @@ def is_slide_source(paths: list[str]) -> bool:
     return any(p.lower().endswith(SLIDE_ONLY_EXTS) for p in paths)
 
 
+def slide_like(fs, path: str) -> str | None:
+    """What shows that the image at ``path`` is a whole-slide image, not a patch, or None.
+
+    Its size ("1,290 MiB"), else its width and height from the header alone ("6720x6720 px").
+    """
+    import warnings
+
+    from PIL import Image
+
+    from hcdlib.chunks import MAX_PATCH_BYTES
+    from hcdlib.decode import SLIDE_EDGE
+
+    try:
+        size = fs.get_file_info(path).size
+        if size is not None and size > MAX_PATCH_BYTES:
+            return f"{size / 2**20:,.0f} MiB"
+        with fs.open_input_file(path) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as im:  # lazy: the header only
+                w, h = im.size
+    except Image.DecompressionBombError:  # more pixels than PIL opens at all
+        return "too many pixels for a patch"
+    except Exception:  # not an image PIL reads (any of its errors): the read makes it an error row
+        return None
+    return f"{w}x{h} px" if max(w, h) >= SLIDE_EDGE else None
+
+
 def slide_key(slide_uri: str) -> str:
     """A stable, file-name-safe key for a slide (its stem plus a hash of the full URI)."""
     stem = os.path.splitext(os.path.basename(slide_uri))[0]

@@ -514,6 +514,32 @@ def _footer(fs: pafs.FileSystem, shard: str) -> tuple[pq.FileMetaData, int]:
         raise SourceError(f"{urimod.to_uri(fs, shard)}: not a readable Parquet shard ({exc})") from exc
 
 
+# A folder of at most this many .tif files is looked at for whole-slide images given as patches.
+SLIDE_CHECK_FILES = 1024
+
+
+def _refuse_tif_slides(uri: str, listing: Listing, images: list[str]) -> None:
+    """Refuse .tif whole-slide images given to ``hcd score`` without ``--slides``.
+
+    A .tif is a patch unless ``--slides`` says otherwise (Kaggle's patches are .tif), and
+    CAMELYON16's slides are .tif too: each became an error row ("larger than 64 MiB") and the run
+    ended with exit code 0 and nothing scored. Looked at only when the first file is a slide
+    (one header read for an archive of patches), and refused only when every file is one.
+    """
+    from hcdlib.slides import slide_like
+
+    if not images or len(images) > SLIDE_CHECK_FILES or not all(p.lower().endswith((".tif", ".tiff")) for p in images):
+        return
+    images = sorted(images)
+    first = slide_like(listing.fs, images[0])
+    if first is None or any(slide_like(listing.fs, p) is None for p in images[1:]):
+        return
+    example = urimod.to_uri(listing.fs, images[0])
+    what = (f"its {len(images)} .tif files are whole-slide images, not patches (e.g. {example}: {first})"
+            if len(images) > 1 else f"a whole-slide image, not a patch ({first})")
+    raise SourceError(f"{uri}: {what}; pass --slides to tile and score {'them' if len(images) > 1 else 'it'}")
+
+
 def open_source(uri: str, labels: str | None = None, *, listing: Listing | None = None,
                 require_label: bool = False, tiling: SlideTiling | None = None) -> PatchSource | SlideSource:
     """List the source at ``uri`` (or take ``listing``, already made) and pick its layout.
@@ -567,6 +593,8 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
         if labels is None and f"{listing.root}/labels.csv" in files:
             labels = urimod.to_uri(listing.fs, f"{listing.root}/labels.csv")
         table = read_labels(labels, require_label=require_label) if labels else None
+        if tiling is not None:
+            _refuse_tif_slides(uri, listing, images)
         kind, items = _file_items(listing, images, refused, table, labels)
         src = FileSource(uri, items, 0.0, kind=kind)
     elif any(p.lower().endswith(ARCHIVE_EXTS) for p in files):  # Kaggle's download is train.zip

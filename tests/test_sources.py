@@ -390,6 +390,45 @@ def test_slides_are_a_source_only_where_slides_are_scored(tmp_path):
         open_source(str(tmp_path / "c"), tiling=SlideTiling(out=str(tmp_path / "o"), force=True))
 
 
+def test_tif_slides_given_as_patches_are_refused_with_the_flag_that_tiles_them(synth_small, tmp_path):
+    """A folder of .tif slides given to hcd score without --slides is refused before any work.
+
+    CAMELYON16's slides are .tif, like Kaggle's patches: each was an error row ("larger than
+    64 MiB") and the run ended with exit code 0 and nothing scored.
+    """
+    import os
+    import shutil
+
+    from hcdlib.slides import SlideSource, SlideTiling
+    from hcdlib.synth import write_slide_tiff
+
+    tiling, forced = SlideTiling(out=str(tmp_path / "o")), SlideTiling(out=str(tmp_path / "o"), force=True)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.tif", "b.tif"):  # small slides: told by their header (1,280 px), not their size
+        write_slide_tiff(str(slides / name), rng.integers(0, 255, (1024, 1280, 3), dtype=np.uint8), mpp=0.5)
+    with pytest.raises(SourceError, match=r"slides: its 2 .tif files are whole-slide images, not patches "
+                                          r"\(e.g. .*a.tif: 1280x1024 px\); pass --slides to tile and score them"):
+        open_source(str(slides), tiling=tiling)
+    assert isinstance(open_source(str(slides), tiling=forced), SlideSource)
+    assert open_source(str(slides)).layout == KAGGLE  # train and pack take patches: each is an error row there
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "tumor_001.tif", "wb") as f:  # told by its size: not opened
+        f.truncate(65 * 2**20)
+    with pytest.raises(SourceError, match=r"tumor_001.tif: a whole-slide image, not a patch \(65 MiB\); pass "
+                                          r"--slides to tile and score it"):
+        open_source(str(big / "tumor_001.tif"), tiling=tiling)
+    # patches beside a slide: scored as patches, the slide an error row (nothing refused)
+    patch = sorted(synth_small.glob("*.tif"))[0]
+    shutil.copy(patch, slides / patch.name)
+    assert open_source(str(slides), tiling=tiling).num_patches == 3
+    os.remove(slides / "a.tif")
+    os.remove(slides / "b.tif")
+    assert open_source(str(slides), tiling=tiling).num_patches == 1
+
+
 def test_a_mixed_input_never_leaves_one_kind_unscored_without_a_word(synth_small, tmp_path, caplog):
     """Shards beside patch images used to be skipped silently; images beside slides were not mentioned."""
     import logging
