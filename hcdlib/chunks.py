@@ -155,7 +155,8 @@ def footer_bytes(meta: pq.FileMetaData) -> bytes:
 
 def read_patch_file(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]:
     """``(bytes, None)`` of a regular file of at most :data:`MAX_PATCH_BYTES`, else ``(None, why)``."""
-    too_big = f"file is larger than {MAX_PATCH_BYTES // 2**20} MiB: not a patch, not read"
+    too_big = f"file is larger than {MAX_PATCH_BYTES // 2**20} MiB: not a patch, not read" + (
+        " (a whole-slide image? hcd score --slides tiles it)" if path.lower().endswith((".tif", ".tiff")) else "")
     if isinstance(fs, pafs.LocalFileSystem):
         # Checked on the open descriptor: a file swapped for a pipe after listing is not read,
         # and O_NONBLOCK keeps open() itself from waiting on one.

@@ -523,6 +523,7 @@ def test_listing_refuses_what_must_not_be_read(synth_small, tmp_path, monkeypatc
     assert "outside the input folder" in by_id["passwd"]["error"] and by_id["passwd"]["image"] is None
     assert "outside the input folder" in by_id["zero"]["error"]
     assert "larger than" in by_id["big"]["error"] and by_id["big"]["image"] is None
+    assert by_id["big"]["error"].endswith("(a whole-slide image? hcd score --slides tiles it)")
     assert by_id["caf\\xe9"]["error"].startswith("file name is not valid UTF-8")
     assert by_id["caf\\xe9"]["source"].endswith("caf\\xe9.tif")
     with pytest.raises(SourceError, match="not a regular file or folder"):
