@@ -518,13 +518,14 @@ def _footer(fs: pafs.FileSystem, shard: str) -> tuple[pq.FileMetaData, int]:
 SLIDE_CHECK_FILES = 1024
 
 
-def _refuse_tif_slides(uri: str, listing: Listing, images: list[str]) -> None:
-    """Refuse .tif whole-slide images given to ``hcd score`` without ``--slides``.
+def _refuse_tif_slides(uri: str, listing: Listing, images: list[str], *, tiles: bool) -> None:
+    """Refuse .tif whole-slide images given as patches (``tiles``: the job scores slides with ``--slides``).
 
     A .tif is a patch unless ``--slides`` says otherwise (Kaggle's patches are .tif), and
-    CAMELYON16's slides are .tif too: each became an error row ("larger than 64 MiB") and the run
-    ended with exit code 0 and nothing scored. Looked at only when the first file is a slide
-    (one header read for an archive of patches), and refused only when every file is one.
+    CAMELYON16's slides are .tif too: each became an error row ("larger than 64 MiB"), so
+    `hcd score` ended with exit code 0 and nothing scored, and `hcd train` read them all before it
+    refused. Looked at only when the first file is a slide (one header read for an archive of
+    patches), and refused only when every file is one.
     """
     from hcdlib.slides import slide_like
 
@@ -537,7 +538,10 @@ def _refuse_tif_slides(uri: str, listing: Listing, images: list[str]) -> None:
     example = urimod.to_uri(listing.fs, images[0])
     what = (f"its {len(images)} .tif files are whole-slide images, not patches (e.g. {example}: {first})"
             if len(images) > 1 else f"a whole-slide image, not a patch ({first})")
-    raise SourceError(f"{uri}: {what}; pass --slides to tile and score {'them' if len(images) > 1 else 'it'}")
+    if tiles:
+        raise SourceError(f"{uri}: {what}; pass --slides to tile and score {'them' if len(images) > 1 else 'it'}")
+    raise SourceError(f"{uri}: {what}; hcd score --slides tiles and scores slides, but this command takes patches "
+                      "(96x96 files or Parquet shards)")
 
 
 def open_source(uri: str, labels: str | None = None, *, listing: Listing | None = None,
@@ -593,8 +597,7 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
         if labels is None and f"{listing.root}/labels.csv" in files:
             labels = urimod.to_uri(listing.fs, f"{listing.root}/labels.csv")
         table = read_labels(labels, require_label=require_label) if labels else None
-        if tiling is not None:
-            _refuse_tif_slides(uri, listing, images)
+        _refuse_tif_slides(uri, listing, images, tiles=tiling is not None)
         kind, items = _file_items(listing, images, refused, table, labels)
         src = FileSource(uri, items, 0.0, kind=kind)
     elif any(p.lower().endswith(ARCHIVE_EXTS) for p in files):  # Kaggle's download is train.zip

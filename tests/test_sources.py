@@ -391,7 +391,7 @@ def test_slides_are_a_source_only_where_slides_are_scored(tmp_path):
 
 
 def test_tif_slides_given_as_patches_are_refused_with_the_flag_that_tiles_them(synth_small, tmp_path):
-    """A folder of .tif slides given to hcd score without --slides is refused before any work.
+    """A folder of .tif slides given as patches is refused before any work, with the fix for the command.
 
     CAMELYON16's slides are .tif, like Kaggle's patches: each was an error row ("larger than
     64 MiB") and the run ended with exit code 0 and nothing scored.
@@ -412,7 +412,9 @@ def test_tif_slides_given_as_patches_are_refused_with_the_flag_that_tiles_them(s
                                           r"\(e.g. .*a.tif: 1280x1024 px\); pass --slides to tile and score them"):
         open_source(str(slides), tiling=tiling)
     assert isinstance(open_source(str(slides), tiling=forced), SlideSource)
-    assert open_source(str(slides)).layout == KAGGLE  # train and pack take patches: each is an error row there
+    with pytest.raises(SourceError, match=r"slides: its 2 .tif files are whole-slide images, not patches .*; hcd "
+                                          r"score --slides tiles and scores slides, but this command takes patches"):
+        open_source(str(slides))  # train, pack: they read them all before they refused
     big = tmp_path / "big"
     big.mkdir()
     with open(big / "tumor_001.tif", "wb") as f:  # told by its size: not opened
