@@ -149,6 +149,11 @@ def run_score(cfg: ScoreConfig) -> int:
         " wall     %.1fs\n rate     %s patches/s\n model    %s\n manifest %s%s",
         m["rows"], m["ok"], errors, noted, m["duplicate_input_ids"], wall,
         f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}", m["model"], m["manifest_uri"], slides)
+    if m["rows"] and not m["ok"]:  # committed, and worth nothing: a script must not read it as done
+        log.warning("nothing was scored: all %d rows are errors (e.g. %s); fix the input or the flag the error "
+                    "names and rerun with --overwrite",
+                    m["rows"], m.get("error_example") or "see the error column")
+        return 2
     return 0
 
 

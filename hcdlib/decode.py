@@ -107,6 +107,13 @@ def _on_glass(im: Image.Image) -> tuple[Image.Image, str]:
             f"converted {im.mode} to RGB; transparent pixels shown over white (glass)")
 
 
+def _slide_hint(fmt: str) -> str:
+    """What to do with an image too large to be a patch: OpenSlide tiles TIFFs, not PNG or JPEG."""
+    if fmt == "TIFF":
+        return "a whole-slide image? hcd score --slides tiles it"
+    return "a slide region? saved as a tiled TIFF, hcd score --slides tiles it"
+
+
 def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = False) -> Decoded:
     """Decode encoded image bytes to a ``size x size x 3`` uint8 RGB array.
 
@@ -127,11 +134,12 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                     return Decoded(None, f"unsupported image format {im.format}", None)
                 w, h = im.size
                 if w * h > MAX_PIXELS:
-                    return Decoded(None, f"image is {w}x{h}: too large to be a patch, not decoded (a whole-slide "
-                                         "image? hcd score --slides tiles it)", None)
+                    return Decoded(None, f"image is {w}x{h}: too large to be a patch, not decoded "
+                                         f"({_slide_hint(im.format)})", None)
                 if (w, h) != (size, size) and not resize:
-                    hint = " (a whole-slide image? hcd score --slides tiles it)" if max(w, h) >= SLIDE_EDGE else ""
-                    return Decoded(None, f"image is {w}x{h}, expected {size}x{size}{hint}", None)
+                    # --resize changes the tissue's scale as well as the size: named, never assumed
+                    hint = _slide_hint(im.format) if max(w, h) >= SLIDE_EDGE else f"--resize scales it to {size}x{size}"
+                    return Decoded(None, f"image is {w}x{h}, expected {size}x{size} ({hint})", None)
                 if im.mode not in CONVERTIBLE_MODES and im.mode not in SIXTEEN_BIT_GRAY:
                     return Decoded(None, f"pixel format {im.mode} cannot be converted to 8-bit RGB faithfully "
                                          "(convert the patch to 8-bit RGB)", None)

@@ -42,7 +42,7 @@ def test_lossless_roundtrip(fmt):
     (b"this is not an image at all" * 10, "not an image"),
     (_encode(RGB, "TIFF")[:400], "cannot decode"),  # truncated
     (_encode(RGB, "JPEG")[:300], "cannot decode"),  # truncated JPEG
-    (_encode(np.zeros((64, 80, 3), np.uint8), "PNG"), "image is 80x64, expected 96x96"),
+    (_encode(np.zeros((64, 80, 3), np.uint8), "PNG"), "image is 80x64, expected 96x96 (--resize scales it to 96x96)"),
     (_encode(np.zeros((96, 96, 3), np.uint8), "BMP"), "unsupported image format BMP"),
 ])
 def test_bad_input_is_an_error_value(data, message):
@@ -56,7 +56,8 @@ def test_huge_header_is_refused_before_decoding(side):
     res = decode_patch(_png_with_header_size(side, side))
     assert res.pixels is None
     assert "too large to be a patch, not decoded" in res.error
-    assert side > 5000 or "(a whole-slide image? hcd score --slides tiles it)" in res.error
+    # a PNG: OpenSlide tiles TIFFs only (the 20000 px header is PIL's own decompression-bomb refusal)
+    assert side > 5000 or res.error.endswith("(a slide region? saved as a tiled TIFF, hcd score --slides tiles it)")
 
 
 @pytest.mark.parametrize(("img", "mode"), [
@@ -89,13 +90,17 @@ def test_transparent_pixels_are_glass_not_their_hidden_colour():
 
 def test_an_image_the_size_of_a_slide_names_slides():
     big = decode_patch(_encode(np.zeros((1200, 1000, 3), np.uint8), "PNG"))
-    assert big.error == "image is 1000x1200, expected 96x96 (a whole-slide image? hcd score --slides tiles it)"
-    assert decode_patch(_encode(np.zeros((128, 128, 3), np.uint8), "PNG")).error == "image is 128x128, expected 96x96"
+    assert big.error == ("image is 1000x1200, expected 96x96 (a slide region? saved as a tiled TIFF, hcd score "
+                         "--slides tiles it)")  # OpenSlide reads tiled TIFFs, not PNG
+    tif = decode_patch(_encode(np.zeros((1200, 1000, 3), np.uint8), "TIFF"))
+    assert tif.error == "image is 1000x1200, expected 96x96 (a whole-slide image? hcd score --slides tiles it)"
+    assert (decode_patch(_encode(np.zeros((128, 128, 3), np.uint8), "PNG")).error
+            == "image is 128x128, expected 96x96 (--resize scales it to 96x96)")
 
 
 def test_resize_only_when_asked():
     data = _encode(np.zeros((192, 192, 3), np.uint8), "PNG")
-    assert decode_patch(data).error == "image is 192x192, expected 96x96"
+    assert decode_patch(data).error == "image is 192x192, expected 96x96 (--resize scales it to 96x96)"
     res = decode_patch(data, resize=True)
     assert res.pixels.shape == (96, 96, 3) and "resized 192x192" in res.note
 
