@@ -138,7 +138,8 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                                          f"({_slide_hint(im.format)})", None)
                 if (w, h) != (size, size) and not resize:
                     # --resize changes the tissue's scale as well as the size: named, never assumed
-                    hint = _slide_hint(im.format) if max(w, h) >= SLIDE_EDGE else f"--resize scales it to {size}x{size}"
+                    hint = (_slide_hint(im.format) if max(w, h) >= SLIDE_EDGE
+                            else f"hcd score --resize scales it to {size}x{size}")
                     return Decoded(None, f"image is {w}x{h}, expected {size}x{size} ({hint})", None)
                 if im.mode not in CONVERTIBLE_MODES and im.mode not in SIXTEEN_BIT_GRAY:
                     return Decoded(None, f"pixel format {im.mode} cannot be converted to 8-bit RGB faithfully "

@@ -132,11 +132,12 @@ def test_score_summary_names_the_slide_outputs_a_slow_rate_and_converted_rows(mo
     assert " errors   3, e.g. patch a1: image is 128x128, expected 96x96\n notes    7 " in caplog.text
     # every row an error (patches of another size, say): committed, but exit code 2 and a line that says so
     manifest.update(rows=20, ok=0, errors=20, noted=0,
-                    error_example="patch a1: image is 224x224, expected 96x96 (--resize scales it to 96x96)")
+                    error_example="patch a1: image is 224x224, expected 96x96 (hcd score --resize scales it to 96x96)")
     caplog.clear()
     assert run_score(ScoreConfig(model="m", input="i", out="o")) == 2
-    assert ("nothing was scored: all 20 rows are errors (e.g. patch a1: image is 224x224, expected 96x96 (--resize "
-            "scales it to 96x96)); fix the input or the flag the error names and rerun with --overwrite") in caplog.text
+    assert ("nothing was scored: all 20 rows are errors (e.g. patch a1: image is 224x224, expected 96x96 (hcd score "
+            "--resize scales it to 96x96)); fix the input or the flag the error names and rerun with --overwrite"
+            ) in caplog.text
 
 
 def test_evaluate_summary_counts_the_patches_left_out(monkeypatch, caplog):

@@ -42,7 +42,7 @@ def test_lossless_roundtrip(fmt):
     (b"this is not an image at all" * 10, "not an image"),
     (_encode(RGB, "TIFF")[:400], "cannot decode"),  # truncated
     (_encode(RGB, "JPEG")[:300], "cannot decode"),  # truncated JPEG
-    (_encode(np.zeros((64, 80, 3), np.uint8), "PNG"), "image is 80x64, expected 96x96 (--resize scales it to 96x96)"),
+    (_encode(np.zeros((64, 80, 3), np.uint8), "PNG"), "image is 80x64, expected 96x96 (hcd score --resize scales"),
     (_encode(np.zeros((96, 96, 3), np.uint8), "BMP"), "unsupported image format BMP"),
 ])
 def test_bad_input_is_an_error_value(data, message):
@@ -95,12 +95,12 @@ def test_an_image_the_size_of_a_slide_names_slides():
     tif = decode_patch(_encode(np.zeros((1200, 1000, 3), np.uint8), "TIFF"))
     assert tif.error == "image is 1000x1200, expected 96x96 (a whole-slide image? hcd score --slides tiles it)"
     assert (decode_patch(_encode(np.zeros((128, 128, 3), np.uint8), "PNG")).error
-            == "image is 128x128, expected 96x96 (--resize scales it to 96x96)")
+            == "image is 128x128, expected 96x96 (hcd score --resize scales it to 96x96)")
 
 
 def test_resize_only_when_asked():
     data = _encode(np.zeros((192, 192, 3), np.uint8), "PNG")
-    assert decode_patch(data).error == "image is 192x192, expected 96x96 (--resize scales it to 96x96)"
+    assert decode_patch(data).error == "image is 192x192, expected 96x96 (hcd score --resize scales it to 96x96)"
     res = decode_patch(data, resize=True)
     assert res.pixels.shape == (96, 96, 3) and "resized 192x192" in res.note
 
