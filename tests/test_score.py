@@ -280,36 +280,51 @@ def test_a_chunk_leaves_the_read_task_as_one_block_per_model_actor(synth_small, 
     assert block_rows(cfg.replace(batch_size=256), chunks, plan_actors({"CPU": 2})) == 256
 
 
+# A model actor that notes which chunk it scores, and whose second copy starts 3 s late.
+_LATE_ACTOR_DRIVER = """
+import os, sys, time
+from hcdlib.config import ScoreConfig
+from hcdlib.score import Scorer, score
+
+model, data, out, first_up, calls = sys.argv[1:]
+
+
+class SecondActorLate(Scorer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            os.close(os.open(first_up, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(3)
+
+    def __call__(self, batch):
+        with open(calls, "a") as f:
+            f.writelines(f"{os.getpid()} {key}\\n" for key in set(batch["chunk"].to_pylist()))
+        time.sleep(0.5)  # what a real model takes for a block; this tiny one takes milliseconds
+        return super().__call__(batch)
+
+
+score(ScoreConfig(model=model, input=data, out=out, chunk_size=64, batch_size=32), actor=SecondActorLate)
+"""
+
+
 def test_every_cpu_model_actor_scores_the_first_chunk_when_one_starts_late(ray_session, model_dir, synth_small,
                                                                           tmp_path):
     """Both CPU model actors score the first chunk, so the first part is committed after half of it.
 
     The first actor up took both halves (Ray Data gives a ready actor 2 blocks at once), and the
-    first part waited for that one actor to score them in turn.
+    first part waited for that one actor to score them in turn. Run in a fresh driver process, as
+    `hcd score` and `ray job submit` run it (one actor scored both halves in 3 of 3 runs before the
+    change, none of 4 after). In-process, only a process's first pipeline splits the chunk: later
+    ones in the same process (this test session) gave one actor both halves in 8 of 8 runs.
     """
-    from hcdlib.score import Scorer
-
-    first_up, calls = tmp_path / "first-actor-up", tmp_path / "calls.txt"
-
-    class SecondActorLate(Scorer):
-        """Notes which actor scored which chunk; the second actor to load starts 3 s late."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            try:
-                os.close(os.open(first_up, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                time.sleep(3)
-
-        def __call__(self, batch):
-            with open(calls, "a") as f:
-                f.writelines(f"{os.getpid()} {key}\n" for key in set(batch["chunk"].to_pylist()))
-            time.sleep(0.5)  # what a real model takes for a block; this tiny one takes milliseconds
-            return super().__call__(batch)
-
-    out = tmp_path / "out"
-    m = score(_cfg(model_dir, synth_small, out, batch_size=32), actor=SecondActorLate)  # chunks of 64: 2 blocks
-    assert m["rows"] == 300
+    (tmp_path / "driver.py").write_text(_LATE_ACTOR_DRIVER)
+    calls = tmp_path / "calls.txt"
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(model_dir), str(synth_small),
+                    str(tmp_path / "out"), str(tmp_path / "first-actor-up"), str(calls)],
+                   env=env, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    assert read_manifest(str(tmp_path / "out"))["rows"] == 300  # chunks of 64: 2 blocks of 32 each
     actors = {line.split()[0] for line in calls.read_text().splitlines() if line.endswith(" files-000000")}
     assert len(actors) == 2, f"one actor scored the whole first chunk:\n{calls.read_text()}"
 
