@@ -302,7 +302,7 @@ def scoring_dataset(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, a
         # actor idle 0.17 s between blocks, 6% of hcdnet's time.) GPU actors take batches, not
         # chunk halves, and their reads overlap the minutes a GPU node may take to come up.
         # (In a process that ran Ray Data pipelines before, one actor still took both halves in
-        # 8 of 8 runs; a command's driver is a fresh process. Cause not found.)
+        # 8 of 8 runs; `hcd score`'s driver is a fresh process. Cause not found.)
         ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
     return limit_read_ahead(ds, unit_rows=max(largest_chunk(todo), cfg.batch_size), consumers=plan.actors,
