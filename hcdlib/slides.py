@@ -93,14 +93,16 @@ def is_slide_source(paths: list[str]) -> bool:
 def slide_like(fs, path: str) -> str | None:
     """What shows that the image at ``path`` is a whole-slide image, not a patch, or None.
 
-    Its size ("1,290 MiB"), else its width and height from the header alone ("6720x6720 px").
+    Its size ("1,290 MiB"), else its width and height from the header alone ("6720x6720 px"):
+    more pixels than a patch may have even with ``--resize`` (which a user may give for tiles of
+    1,000-4,096 px).
     """
     import warnings
 
     from PIL import Image
 
     from hcdlib.chunks import MAX_PATCH_BYTES
-    from hcdlib.decode import SLIDE_EDGE
+    from hcdlib.decode import MAX_PIXELS
 
     try:
         size = fs.get_file_info(path).size
@@ -114,7 +116,7 @@ def slide_like(fs, path: str) -> str | None:
         return "too many pixels for a patch"
     except Exception:  # not an image PIL reads (any of its errors): the read makes it an error row
         return None
-    return f"{w}x{h} px" if max(w, h) >= SLIDE_EDGE else None
+    return f"{w}x{h} px" if w * h > MAX_PIXELS else None
 
 
 def slide_key(slide_uri: str) -> str:

@@ -399,17 +399,18 @@ def test_tif_slides_given_as_patches_are_refused_with_the_flag_that_tiles_them(s
     import os
     import shutil
 
+    from PIL import Image
+
     from hcdlib.slides import SlideSource, SlideTiling
     from hcdlib.synth import write_slide_tiff
 
     tiling, forced = SlideTiling(out=str(tmp_path / "o")), SlideTiling(out=str(tmp_path / "o"), force=True)
     slides = tmp_path / "slides"
     slides.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("a.tif", "b.tif"):  # small slides: told by their header (1,280 px), not their size
-        write_slide_tiff(str(slides / name), rng.integers(0, 255, (1024, 1280, 3), dtype=np.uint8), mpp=0.5)
+    for name in ("a.tif", "b.tif"):  # small slides (a few MB): told by their header, more pixels than --resize takes
+        write_slide_tiff(str(slides / name), np.full((4100, 4200, 3), 230, np.uint8), mpp=0.5)
     with pytest.raises(SourceError, match=r"slides: its 2 .tif files are whole-slide images, not patches "
-                                          r"\(e.g. .*a.tif: 1280x1024 px\); pass --slides to tile and score them"):
+                                          r"\(e.g. .*a.tif: 4200x4100 px\); pass --slides to tile and score them"):
         open_source(str(slides), tiling=tiling)
     assert isinstance(open_source(str(slides), tiling=forced), SlideSource)
     with pytest.raises(SourceError, match=r"slides: its 2 .tif files are whole-slide images, not patches .*; hcd "
@@ -422,6 +423,11 @@ def test_tif_slides_given_as_patches_are_refused_with_the_flag_that_tiles_them(s
     with pytest.raises(SourceError, match=r"tumor_001.tif: a whole-slide image, not a patch \(65 MiB\); pass "
                                           r"--slides to tile and score it"):
         open_source(str(big / "tumor_001.tif"), tiling=tiling)
+    # tiles of 1,000-4,096 px are not refused: --resize scales them (each is an error row naming it otherwise)
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    Image.fromarray(np.full((1024, 1024, 3), 200, np.uint8)).save(tiles / "t.tif")
+    assert open_source(str(tiles), tiling=tiling).num_patches == 1
     # patches beside a slide: scored as patches, the slide an error row (nothing refused)
     patch = sorted(synth_small.glob("*.tif"))[0]
     shutil.copy(patch, slides / patch.name)
