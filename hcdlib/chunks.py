@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hcdlib import uri as urimod
-from hcdlib.decode import PIXEL_BYTES, decode_table
+from hcdlib.decode import PIXEL_BYTES, decode_table, slide_hint
 
 # Schema of the rows every patch chunk yields (and of pack shards). A row holds its patch
 # either encoded (``image``: the file's bytes) or decoded (``pixels``: 96x96x3 uint8, as hcd
@@ -156,7 +156,7 @@ def footer_bytes(meta: pq.FileMetaData) -> bytes:
 def read_patch_file(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]:
     """``(bytes, None)`` of a regular file of at most :data:`MAX_PATCH_BYTES`, else ``(None, why)``."""
     too_big = f"file is larger than {MAX_PATCH_BYTES // 2**20} MiB: not a patch, not read" + (
-        " (a whole-slide image? hcd score --slides tiles it)" if path.lower().endswith((".tif", ".tiff")) else "")
+        f" ({slide_hint('TIFF')})" if path.lower().endswith((".tif", ".tiff")) else "")
     if isinstance(fs, pafs.LocalFileSystem):
         # Checked on the open descriptor: a file swapped for a pipe after listing is not read,
         # and O_NONBLOCK keeps open() itself from waiting on one.

@@ -107,7 +107,7 @@ def _on_glass(im: Image.Image) -> tuple[Image.Image, str]:
             f"converted {im.mode} to RGB; transparent pixels shown over white (glass)")
 
 
-def _slide_hint(fmt: str) -> str:
+def slide_hint(fmt: str) -> str:
     """What to do with an image too large to be a patch: OpenSlide tiles TIFFs, not PNG or JPEG."""
     if fmt == "TIFF":
         return "a whole-slide image? hcd score --slides tiles it"
@@ -135,10 +135,10 @@ def decode_patch(data: bytes | None, *, size: int = PATCH_SIZE, resize: bool = F
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     return Decoded(None, f"image is {w}x{h}: too large to be a patch, not decoded "
-                                         f"({_slide_hint(im.format)})", None)
+                                         f"({slide_hint(im.format)})", None)
                 if (w, h) != (size, size) and not resize:
                     # --resize changes the tissue's scale as well as the size: named, never assumed
-                    hint = (_slide_hint(im.format) if max(w, h) >= SLIDE_EDGE
+                    hint = (slide_hint(im.format) if max(w, h) >= SLIDE_EDGE
                             else f"hcd score --resize scales it to {size}x{size}")
                     return Decoded(None, f"image is {w}x{h}, expected {size}x{size} ({hint})", None)
                 if im.mode not in CONVERTIBLE_MODES and im.mode not in SIXTEEN_BIT_GRAY:
