@@ -10,6 +10,11 @@ exit code 130) keep what was committed and say so in one line. Every other excep
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import sys
+import threading
+import time
 import traceback
 
 
@@ -85,13 +90,47 @@ def storage_fault(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and "AWS Error" in str(exc)
 
 
-def release_frames(exc: BaseException) -> None:
-    """Drop the local variables of the finished frames behind ``exc`` and its causes.
+def release_frames(exc: BaseException, *, wait_s: float = 10.0) -> None:
+    """Let go of what the frames behind ``exc`` and its causes hold; keep the exceptions' text.
 
     A failed Ray Data pipeline's model actors stay alive as long as anything references the
     frames its exception passed through, and a logging handler that keeps records (pytest, a
-    notebook's ``sys.last_traceback``) does. Left alone, the next run in the same process finds
-    every CPU held by the dead run's actors and waits forever. The traceback text survives.
+    notebook's) does. Left alone, the next run in the same process finds every CPU held by the
+    dead run's actors and waits forever. Called on a stop, after the error has been logged.
+
+    Clearing the frames' variables is not enough. Ray Data hands a task's error over from its
+    executor thread, which may still be finishing (its shutdown joins it for at most 2 s), and a
+    frame that returned keeps its caller (``f_back``): that thread's entry frame, whose ``self``
+    is the executor. And a cleared frame still holds its function, whose closure (Ray Data's
+    batch iterators) holds the executor too. Each left the actors alive in some runs (6 of 11).
+    So: wait for the threads still running these frames (up to ``wait_s`` in all), clear every
+    frame and caller that has returned, then cut each traceback below the frame that caught it.
     """
-    for e in _chain(exc):
-        traceback.clear_frames(e.__traceback__)
+    tbs = [e.__traceback__ for e in _chain(exc) if e.__traceback__ is not None]
+    seen: set[int] = set()
+    callers = []
+    for tb in tbs:
+        for f, _ in traceback.walk_tb(tb):
+            while f is not None and id(f) not in seen:  # the frame and its callers
+                seen.add(id(f))
+                callers.append(f)
+                f = f.f_back
+    others = {t.ident: t for t in threading.enumerate() if t is not threading.current_thread()}
+    deadline = time.monotonic() + wait_s
+    for ident, f in sys._current_frames().items():
+        while f is not None and id(f) not in seen:
+            f = f.f_back
+        if f is not None and ident in others:
+            others[ident].join(max(0.0, deadline - time.monotonic()))
+    for tb in tbs:
+        traceback.clear_frames(tb)  # the frames the error passed through, generators too (they are done)
+    for f in callers:
+        if f.f_code.co_flags & _GENERATOR:
+            continue  # a caller may be a suspended generator: clearing its frame would close it
+        with contextlib.suppress(RuntimeError):  # still running: this thread's callers
+            f.clear()
+    for tb in tbs:
+        tb.tb_next = None  # the frames below (Ray's closures) go; the log line already has the text
+
+
+_GENERATOR = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR

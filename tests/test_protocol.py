@@ -1,13 +1,17 @@
-"""The commit protocol as a unit: exactly-once chunk assembly and what a commit checks; no Ray, no timing."""
+"""The commit protocol as a unit: exactly-once assembly, what a commit checks, what a stopped run lets go; no Ray."""
 
+import gc
 import json
+import threading
+import time
+import weakref
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
 
 from hcdlib import predictions as preds
-from hcdlib.errors import RunStopped
+from hcdlib.errors import RunStopped, release_frames
 from hcdlib.predictions import ChunkAssembler
 from hcdlib.score import ScoreConfig, _commit
 
@@ -69,3 +73,68 @@ def test_a_commit_refuses_parts_of_another_run_that_took_over_the_folder(tmp_pat
         _commit(cfg, chunks, spec, 1.0)
     (out / preds.RUN_SPEC).write_text(json.dumps(dict(spec, job="score")))  # ours (an older hcd's extra key)
     assert _commit(cfg, chunks, spec, 1.0)["rows"] == 4 and (out / preds.MANIFEST).exists()
+
+
+def test_a_stopped_run_lets_go_of_what_the_frames_of_a_still_running_thread_held():
+    """A kept traceback (a log record) lets go of the locals of a thread that was still finishing.
+
+    Ray Data raises a task's error in its executor thread and hands it over while that thread
+    may still be finishing; its entry frame holds the executor and, through it, the model actors.
+    """
+
+    class Held:  # stands for the executor, held by the thread's entry frame, not by the raising one
+        pass
+
+    handed_over = threading.Event()
+    box: dict = {}
+
+    def step() -> None:
+        try:
+            raise OSError("shard gone")
+        except OSError as exc:
+            box["exc"] = exc
+        handed_over.set()
+
+    def executor_thread() -> None:
+        held = Held()
+        box["held"] = weakref.ref(held)
+        step()
+        time.sleep(0.5)  # still finishing (shutdown, stats) when the driver has the error
+
+    worker = threading.Thread(target=executor_thread)
+    worker.start()
+    handed_over.wait(5)
+    try:
+        raise box.pop("exc")
+    except OSError as exc:
+        release_frames(exc)
+        kept = exc  # as a log handler keeps the record's exc_info
+    assert not worker.is_alive(), "release_frames returned before the thread it had to wait for ended"
+    gc.collect()
+    assert box["held"]() is None, "the finished thread's frames still hold its locals"
+    assert "shard gone" in str(kept)
+
+
+def test_a_kept_traceback_does_not_keep_what_a_closure_below_the_catching_frame_holds():
+    """A cleared frame still holds its function: Ray Data's batch iterators are closures over the executor."""
+
+    class Held:
+        pass
+
+    def make_reader(held: Held):
+        def read() -> None:
+            assert held is not None
+            raise OSError("shard gone")
+        return read
+
+    reader = make_reader(Held())  # only the closure holds it
+    held = weakref.ref(reader.__closure__[0].cell_contents)
+    try:
+        reader()
+    except OSError as exc:
+        del reader
+        release_frames(exc)
+        kept = exc  # as a log handler keeps the record's exc_info
+    gc.collect()
+    assert held() is None, "the traceback kept the closure of a frame below the one that caught the error"
+    assert "shard gone" in str(kept)
