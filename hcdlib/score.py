@@ -301,8 +301,8 @@ def scoring_dataset(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, a
         # 15.6-16.9 s -> 14.2-14.3 s. (One block in flight per actor does the same but leaves each
         # actor idle 0.17 s between blocks, 6% of hcdnet's time.) GPU actors take batches, not
         # chunk halves, and their reads overlap the minutes a GPU node may take to come up.
-        # (In a process that ran Ray Data pipelines before, one actor still took both halves in
-        # 8 of 8 runs; `hcd score`'s driver is a fresh process. Cause not found.)
+        # In later pipelines of one process (`hcd demo`) the second half reaches the actors ~1 s
+        # after the first, not 0.2 s (cause not found): hcdnet's halves (~3 s each) still split.
         ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
     return limit_read_ahead(ds, unit_rows=max(largest_chunk(todo), cfg.batch_size), consumers=plan.actors,
