@@ -301,7 +301,7 @@ def scoring_dataset(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, a
         # 15.6-16.9 s -> 14.2-14.3 s. (One block in flight per actor does the same but leaves each
         # actor idle 0.17 s between blocks, 6% of hcdnet's time.) GPU actors take batches, not
         # chunk halves, and their reads overlap the minutes a GPU node may take to come up.
-        # In later pipelines of one process (`hcd demo`) the second half reaches the actors ~1 s
+        # In later pipelines of one process (3 score calls) the second half reaches the actors ~1 s
         # after the first, not 0.2 s (cause not found): hcdnet's halves (~3 s each) still split.
         ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # A GPU actor drains a chunk in a fraction of a second: a deeper buffer rides out slow reads (S3).
