@@ -107,13 +107,14 @@ def release_frames(exc: BaseException, *, wait_s: float = 10.0) -> None:
     frame and caller that has returned, then cut each traceback below the frame that caught it.
     """
     tbs = [e.__traceback__ for e in _chain(exc) if e.__traceback__ is not None]
+    passed = {id(f) for tb in tbs for f, _ in traceback.walk_tb(tb)}  # the frames the error passed through
     seen: set[int] = set()
-    callers = []
+    frames = []
     for tb in tbs:
         for f, _ in traceback.walk_tb(tb):
             while f is not None and id(f) not in seen:  # the frame and its callers
                 seen.add(id(f))
-                callers.append(f)
+                frames.append(f)
                 f = f.f_back
     others = {t.ident: t for t in threading.enumerate() if t is not threading.current_thread()}
     deadline = time.monotonic() + wait_s
@@ -122,10 +123,8 @@ def release_frames(exc: BaseException, *, wait_s: float = 10.0) -> None:
             f = f.f_back
         if f is not None and ident in others:
             others[ident].join(max(0.0, deadline - time.monotonic()))
-    for tb in tbs:
-        traceback.clear_frames(tb)  # the frames the error passed through, generators too (they are done)
-    for f in callers:
-        if f.f_code.co_flags & _GENERATOR:
+    for f in frames:
+        if f.f_code.co_flags & _GENERATOR and id(f) not in passed:
             continue  # a caller may be a suspended generator: clearing its frame would close it
         with contextlib.suppress(RuntimeError):  # still running: this thread's callers
             f.clear()
