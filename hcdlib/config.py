@@ -156,7 +156,8 @@ class TrainConfig(Settings):
     batch_size: int = setting(128, "per-worker batch size", lo=1)
     lr: float = setting(3e-3, "peak learning rate of the one-cycle schedule", lo=0, hi=10, lo_open=True)
     weight_decay: float = setting(1e-4, "AdamW weight decay", lo=0)
-    patience: int = setting(6, "early stopping: epochs without AUC gain", lo=1)
+    patience: int = setting(6, "early stopping: epochs without validation AUC gain, counted until "
+                                 "the uniform weight average (--swa-from) starts", lo=1)
     crop: int = setting(96, "the model sees the centre CROP px of each 96 px patch (the label is about the "
                             "centre 32 px; 64 trains 2.9x faster on CPU but generalised worse, README); "
                             "recorded in the model, so scoring crops the same", lo=32, hi=96)

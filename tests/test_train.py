@@ -21,7 +21,7 @@ from hcdlib.infer import infer_batch
 from hcdlib.models import build_model
 from hcdlib.sources import FileSource, open_source
 from hcdlib.train import TrainConfig, split_by_group, train
-from hcdlib.train_loop import one_cycle, training_autocast, trains_in_bf16
+from hcdlib.train_loop import one_cycle, stop_reason, training_autocast, trains_in_bf16
 from hcdlib.transforms import Preprocess
 
 
@@ -67,6 +67,16 @@ def test_one_cycle_shape():
     assert all(a <= b for a, b in itertools.pairwise(lrs[:peak + 1]))
 
 
+def test_patience_stops_a_run_only_before_the_uniform_average_starts():
+    def why(since: int, *, averaging: bool = False, out_of_time: bool = False) -> str:
+        return stop_reason(out_of_time=out_of_time, epochs_since_best=since, patience=6, averaging=averaging)
+
+    assert [why(n) for n in (0, 5, 6, 9)] == ["", "", "early stopping", "early stopping"]
+    # the averaged, low-learning-rate end of the schedule runs to the budget or to --epochs
+    assert why(9, averaging=True) == ""
+    assert why(0, out_of_time=True) == why(9, averaging=True, out_of_time=True) == "time budget"
+
+
 def test_two_workers_learn_and_export_round_trips(ray_session, synth_600, tmp_path):
     out = tmp_path / "run"
     meta = train(_cfg(synth_600, out, workers=2))
@@ -103,7 +113,9 @@ def test_time_budget_stops_with_checkpoint_and_rerun_resumes(ray_session, synth_
     t0 = time.perf_counter()
     # two workers: both must agree on the step where the budget runs out, or DDP hangs
     # --cache off: the data streams from the files every epoch (the path of archives too large to keep)
-    meta = train(_cfg(synth_600, out, epochs=50, workers=2, time_budget_min=budget_s / 60, cache="off"))
+    # patience 50: a fast machine got to early stopping on the tiny set before the budget ran out
+    meta = train(_cfg(synth_600, out, epochs=50, workers=2, time_budget_min=budget_s / 60, cache="off",
+                      patience=50))
     wall = time.perf_counter() - t0
     first = _epochs(out)
     assert 1 <= len(first) < 50 and first[-1]["stopped"] == "time budget"
