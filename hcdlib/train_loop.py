@@ -307,14 +307,6 @@ class TrainLoop:
         """The weights validation sees and export writes: the average when there is one."""
         return self.ema.model if self.ema is not None else self._unwrapped()
 
-    def _inference_autocast(self):
-        """Validation's arithmetic: as ``infer_batch`` scores (bf16 on a CUDA GPU, fp32 on CPU).
-
-        So the exported epoch is chosen on the numbers that scoring reproduces.
-        """
-        cuda = self.device.type == "cuda"
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and torch.cuda.is_bf16_supported())
-
     def train_epoch(self, shard) -> dict:
         """Train over this worker's shard once (or until the time budget runs out)."""
         from hcdlib.transforms import to_input, train_preset
@@ -363,25 +355,26 @@ class TrainLoop:
         with training_autocast(self.device, self.bf16):
             return recalibrate_batchnorm(self._evaluated(), batches)
 
-    @torch.inference_mode()
     def validate(self, shard) -> dict:
-        """Loss, accuracy and ROC AUC over the whole validation set (gathered from all workers)."""
-        from hcdlib.transforms import eval_preset, to_input
+        """Loss, accuracy and ROC AUC over the whole validation set (gathered from all workers).
+
+        Scored by :func:`~hcdlib.infer.infer_batch`, as ``hcd score --tta <--val-tta>`` scores (bf16
+        on a CUDA GPU, fp32 on CPU), so the exported epoch is chosen on numbers scoring reproduces.
+        """
+        from hcdlib.infer import infer_batch
 
         model = self._evaluated().eval()
         probs, labels = [], []
         for batch in shard.iter_torch_batches(batch_size=512):
-            x = eval_preset(to_input(batch["pixels"].to(self.device), self.pre))
-            with self._inference_autocast():
-                logits = model(x).float().view(-1)
-            probs.append(torch.sigmoid(logits).cpu().numpy())
+            probs.append(infer_batch(model, batch["pixels"], device=self.device, preprocess=self.pre,
+                                     tta=self.cfg.val_tta))
             labels.append(batch["label"].numpy())
         p = gather(np.concatenate(probs) if probs else np.zeros(0, np.float32))
         y = gather(np.concatenate(labels) if labels else np.zeros(0, np.int64))
         eps = 1e-7
         loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))) if len(y) else float("nan")
         return {"val_loss": loss, "val_acc": float(np.mean((p >= 0.5) == y)) if len(y) else float("nan"),
-                "val_auc": roc_auc(y, p), "val_n": len(y)}
+                "val_auc": roc_auc(y, p), "val_n": len(y), "val_tta": self.cfg.val_tta}
 
     # ---- the run -----------------------------------------------------------------------
     def run(self) -> None:

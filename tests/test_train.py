@@ -347,6 +347,37 @@ def test_batchnorm_statistics_are_re_estimated_for_the_final_weights():
     assert recalibrate_batchnorm(nn.Linear(2, 2), [torch.zeros(4, 2)]) == 0  # no BatchNorm
 
 
+def test_validation_scores_as_hcd_score_does_with_val_tta_views():
+    """--val-tta 8: the validated AUC is what infer_batch with tta 8 (hcd score --tta 8) gives."""
+    from types import SimpleNamespace
+
+    from hcdlib.train_loop import TrainLoop, roc_auc
+
+    torch.manual_seed(0)
+    model, pre = build_model("hcdnet")  # random weights: not rotation invariant, so 1 and 8 views differ
+    model = model.eval()
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, (40, 96, 96, 3), dtype=np.uint8))
+    labels = torch.from_numpy(rng.integers(0, 2, 40))
+    shard = SimpleNamespace(iter_torch_batches=lambda batch_size: iter(
+        [{"pixels": pixels[i:i + batch_size], "label": labels[i:i + batch_size]} for i in range(0, 40, 16)]))
+    aucs = {}
+    for tta in (1, 8):
+        loop = TrainLoop.__new__(TrainLoop)  # validate() needs no Ray: only these attributes
+        loop.cfg, loop.device, loop.pre, loop.ema, loop.model = (
+            TrainConfig(data="d", out="o", val_tta=tta), torch.device("cpu"), pre, None, model)
+        got = loop.validate(SimpleNamespace(iter_torch_batches=lambda batch_size: shard.iter_torch_batches(16)))
+        want = np.concatenate([infer_batch(model, pixels[i:i + 16], device=torch.device("cpu"), preprocess=pre,
+                                           tta=tta) for i in range(0, 40, 16)])  # the same batches: same rounding
+        assert got["val_n"] == 40 and got["val_tta"] == tta
+        assert got["val_auc"] == roc_auc(labels.numpy(), want)
+        assert got["val_acc"] == float(np.mean((want >= 0.5) == labels.numpy()))
+        aucs[tta] = got["val_auc"]
+    assert aucs[1] != aucs[8]  # the views were averaged, not one of them scored
+    with pytest.raises(UserError, match="--val-tta must be one of 1, 4, 8"):
+        TrainConfig(data="d", out="o", val_tta=2)
+
+
 def test_precision_is_bf16_where_asked_or_native(monkeypatch):
     import hcdlib.train_loop as tl
 
