@@ -165,9 +165,10 @@ def run_train(cfg: TrainConfig) -> int:
     m = meta["metrics"]
     skipped = (f"\n skipped    {meta['skipped']} patches that could not be decoded (listed in {cfg.out}/skipped)"
                if meta.get("skipped") else "")
-    log.info("\n== hcd train summary ==\n best epoch %s of %s\n val AUC    %.4f\n val acc    %.4f\n"
+    views = f" (TTA {m['val_tta']})" if m.get("val_tta", 1) > 1 else ""
+    log.info("\n== hcd train summary ==\n best epoch %s of %s\n val AUC    %.4f%s\n val acc    %.4f\n"
              " model      %s/model (%s)%s", m.get("best_epoch"), m.get("epochs_run"), m.get("val_auc", float("nan")),
-             m.get("val_acc", float("nan")), cfg.out, meta["sha256"][:12], skipped)
+             views, m.get("val_acc", float("nan")), cfg.out, meta["sha256"][:12], skipped)
     return 0
 
 

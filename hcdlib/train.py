@@ -326,7 +326,8 @@ def _follow_epochs(cfg: TrainConfig, started_at: float, stop: threading.Event) -
                 st = json.loads(urimod.read_bytes(urimod.to_uri(fs, info.path)))
             except (OSError, ValueError):
                 continue
-            line = (f"epoch {st['epoch']}: val AUC {st['val_auc']:.4f} (best {st['best_auc']:.4f}, epoch "
+            views = f" (TTA {st['val_tta']})" if st.get("val_tta", 1) > 1 else ""
+            line = (f"epoch {st['epoch']}: val AUC{views} {st['val_auc']:.4f} (best {st['best_auc']:.4f}, epoch "
                     f"{st['best_epoch']}), {st['images_per_s']:.0f} images/s"
                     + (f" ({st['arithmetic']})" if st["epoch"] == 1 and "arithmetic" in st else ""))
             if bar.disable:  # a log file, not a terminal: a line every 30 s at most

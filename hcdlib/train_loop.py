@@ -259,6 +259,7 @@ class TrainLoop:
         self.budget_s = budget - min(END_RESERVE_S, 0.1 * budget)
         # Resumable state: everything below goes into each checkpoint.
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.val_s = 0.0  # the last validation's seconds: training stops that much before the budget
         self.best = {"auc": -1.0, "epoch": -1, "metrics": {}}
         self.best_state: dict | None = None
         self.history: list[dict] = []
@@ -284,6 +285,7 @@ class TrainLoop:
         self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
         self.best, self.best_state = state["best"], state["best_model"]
         self.history = state["history"]
+        self.val_s = self.history[-1].get("val_seconds", 0.0) if self.history else 0.0
         if self.rank == 0:
             log.info("resumed from checkpoint after epoch %d (%.0fs trained)", self.epoch, self.elapsed)
         return True
@@ -297,10 +299,21 @@ class TrainLoop:
     # ---- one epoch ---------------------------------------------------------------------
     def _budget_left(self) -> bool:
         """Whether a resumed run may train more: a larger budget than the one that stopped it."""
-        return bool(self.budget_s) and self.elapsed < self.budget_s and self.history[-1]["stopped"] == "time budget"
+        return bool(self.budget_s) and not self._out_of_time() and self.history[-1]["stopped"] == "time budget"
+
+    def _training_s(self) -> float:
+        """Seconds of the run by which training must stop: the budget less the epoch's validation.
+
+        So the last epoch's validation fits in the budget too: with ``--val-tta 8`` it took 70 s
+        on 2 cores, and a run that trained to the budget's end overran it by that much.
+        """
+        return max(self.budget_s - self.val_s, 0.5 * self.budget_s)
+
+    def _out_of_time(self) -> bool:
+        return bool(self.budget_s) and self.elapsed >= self._training_s()
 
     def _progress(self) -> float:
-        by_time = self.elapsed / self.budget_s if self.budget_s else 0.0
+        by_time = self.elapsed / self._training_s() if self.budget_s else 0.0
         return max(self.step / self.total_steps, by_time)
 
     def _evaluated(self) -> nn.Module:
@@ -318,7 +331,7 @@ class TrainLoop:
         for batch in shard.iter_torch_batches(batch_size=self.cfg.batch_size, drop_last=self.world > 1,
                                               local_shuffle_buffer_size=4 * self.cfg.batch_size):
             self.elapsed = agreed_max(start_elapsed + time.perf_counter() - t0, self.device)
-            if self.budget_s and self.elapsed >= self.budget_s:
+            if self._out_of_time():
                 break
             for g in self.opt.param_groups:
                 g["lr"] = self.cfg.lr * one_cycle(self._progress())
@@ -391,13 +404,15 @@ class TrainLoop:
             t_val = time.perf_counter()
             stats["bn_images"] = self.recalibrate()
             stats.update(self.validate(val_shard))
-            self.elapsed = agreed_max(self.elapsed + time.perf_counter() - t_val, self.device)
+            val_dt = time.perf_counter() - t_val
+            self.val_s = stats["val_seconds"] = agreed_max(val_dt, self.device)
+            self.elapsed = agreed_max(self.elapsed + val_dt, self.device)
             self.epoch += 1
             auc = stats["val_auc"]
             if not math.isnan(auc) and auc > self.best["auc"]:
                 self.best = {"auc": auc, "epoch": self.epoch, "metrics": stats}
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self._evaluated().state_dict().items()}
-            stopped = stop_reason(out_of_time=bool(self.budget_s) and self.elapsed >= self.budget_s,
+            stopped = stop_reason(out_of_time=self._out_of_time(),
                                   epochs_since_best=self.epoch - self.best["epoch"], patience=self.cfg.patience,
                                   averaging=stats["uniform_steps"] > 0)
             stats.update(epoch=self.epoch, elapsed_s=self.elapsed, lr=self.opt.param_groups[0]["lr"],

@@ -378,6 +378,27 @@ def test_validation_scores_as_hcd_score_does_with_val_tta_views():
         TrainConfig(data="d", out="o", val_tta=2)
 
 
+def test_training_stops_early_enough_for_the_last_validation_to_fit_the_budget():
+    """Training ends the last validation's length before the budget, and the schedule ends there."""
+    from hcdlib.train_loop import TrainLoop
+
+    loop = TrainLoop.__new__(TrainLoop)  # the budget rule needs no Ray: only these attributes
+    loop.budget_s, loop.val_s, loop.step, loop.total_steps = 1000.0, 70.0, 0, 10**9
+    loop.elapsed = 929.0
+    assert not loop._out_of_time()
+    loop.elapsed = 930.0  # 70 s left: what the epoch's validation took last time
+    assert loop._out_of_time()
+    assert loop._progress() == pytest.approx(1.0)  # the learning rate has annealed by then
+    loop.elapsed = 465.0
+    assert loop._progress() == pytest.approx(0.5)
+    loop.val_s = 0.0  # before the first validation: the whole budget
+    assert not loop._out_of_time() and loop._progress() == pytest.approx(0.4650)
+    loop.val_s, loop.elapsed = 900.0, 499.0  # a validation longer than half the budget: half is still trained
+    assert not loop._out_of_time()
+    loop.budget_s = 0.0  # no budget: never out of time, progress by steps
+    assert not loop._out_of_time() and loop._progress() == 0.0
+
+
 def test_precision_is_bf16_where_asked_or_native(monkeypatch):
     import hcdlib.train_loop as tl
 
