@@ -42,6 +42,14 @@ def setting(default=MISSING, help: str = "", *, lo: float | None = None, hi: flo
     return field(default=default, metadata=meta)
 
 
+def precision_setting():
+    """``--precision``, one definition for training and scoring."""
+    return setting("auto", "arithmetic of the model: auto is bf16 autocast where the device does bf16 natively "
+                           "(GPUs of compute capability 8.0 or more; CPUs with AVX512-BF16 or AMX), else fp32 "
+                           "(scoring on an older GPU: fp16, every probability checked finite); probabilities are "
+                           "float32 either way", choices=PRECISIONS)
+
+
 def flag_name(name: str) -> str:
     """``batch_size`` -> ``--batch-size``: how a field is spelled on the command line."""
     return "--" + name.replace("_", "-")
@@ -118,9 +126,13 @@ class ScoreConfig(Settings):
     out: str = setting(help="output URI for predictions", output=True)
     labels: str | None = setting(None, "labels CSV URI (optional; carried for slide ids)")
     tta: int = setting(1, "test-time augmentation: 1 none, 4 rotations, 8 dihedral group", choices=TTA_CHOICES)
-    batch_size: int = setting(256, "patches per model call", lo=1)
-    actors: int | None = setting(None, "model actors (default: from the cluster)", lo=1)
-    gpus_per_actor: float | None = setting(None, "GPUs per actor (default 1 where GPUs exist)", lo=0)
+    batch_size: int | None = setting(None, "patches per model call (default 256 on CPU actors, 1024 on GPU actors)",
+                                     lo=1)
+    precision: str = precision_setting()
+    actors: int | None = setting(None, "model actors (default: from the cluster; on a cluster with no GPU node up "
+                                       "and no autoscaler limits, give it with --gpus-per-actor)", lo=1)
+    gpus_per_actor: float | None = setting(None, "GPUs per actor (default 0.5 where GPUs exist: two actors share "
+                                                 "each GPU; 0 scores on CPUs)", lo=0)
     cpus_per_actor: float | None = setting(None, "CPUs per actor (default: what leaves the readers a share)", lo=0)
     chunk_size: int = setting(1024, "patches per work unit (the granularity of resume)", lo=1)
     compile: bool = setting(False, "torch.compile the model in each actor")
@@ -154,7 +166,8 @@ class TrainConfig(Settings):
                                    "or of an hcd model folder (<train-out>/model) to start from")
     epochs: int = setting(40, "maximum epochs", lo=1)
     batch_size: int = setting(128, "per-worker batch size", lo=1)
-    lr: float = setting(3e-3, "peak learning rate of the one-cycle schedule", lo=0, hi=10, lo_open=True)
+    lr: float = setting(3e-3, "peak learning rate of the one-cycle schedule at a global batch of 128; scaled by "
+                              "sqrt(global batch / 128) for more workers or larger batches", lo=0, hi=10, lo_open=True)
     weight_decay: float = setting(1e-4, "AdamW weight decay", lo=0)
     patience: int = setting(6, "early stopping: epochs without validation AUC gain, counted until "
                                  "the uniform weight average (--swa-from) starts", lo=1)
@@ -171,12 +184,10 @@ class TrainConfig(Settings):
                               "validation's compute (on 2 CPU cores, about a minute more per epoch for "
                               "3,000 patches: one 30-minute run got 3 fewer epochs and 0.003 less AUC, "
                               "README)", choices=TTA_CHOICES)
-    precision: str = setting("auto", "training arithmetic: auto is bf16 autocast where the device does bf16 "
-                                     "natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX: 2.2x the "
-                                     "images/s of fp32 on a 2-core EPYC, README), else fp32; validation and "
-                                     "scoring on CPU stay fp32", choices=PRECISIONS)
+    precision: str = precision_setting()
     workers: int | None = setting(None, "Ray Train workers (default: one per GPU, else 1)", lo=1)
-    gpus_per_worker: float | None = setting(None, "GPUs per worker (default 1 where GPUs exist)", lo=0)
+    gpus_per_worker: float | None = setting(None, "GPUs per worker (default 1 where GPUs exist; a fraction only "
+                                                  "with one worker: two ranks cannot share a GPU)", lo=0)
     cpus_per_worker: float | None = setting(None, "CPUs Ray reserves per worker", lo=0)
     time_budget_min: float | None = setting(None, "stop cleanly (with a checkpoint) after M minutes",
                                             lo=0, lo_open=True)
@@ -190,7 +201,11 @@ class TrainConfig(Settings):
     address: str | None = setting(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
 
     def check(self) -> None:
-        """ImageNet weights exist only for the torchvision architectures; --val-labels needs --val-data."""
+        """ImageNet weights only for torchvision architectures; --val-labels needs --val-data; whole GPUs per rank."""
+        if self.gpus_per_worker and self.gpus_per_worker % 1 and (self.workers or 1) > 1:
+            raise UserError(f"--gpus-per-worker {self.gpus_per_worker:g} with {self.workers} workers would put two "
+                            "training ranks on one GPU, which NCCL refuses or serialises; give whole GPUs per worker, "
+                            "or one worker")
         if self.weights == "imagenet" and self.arch == "hcdnet":
             raise UserError("hcdnet has no ImageNet weights; use --weights none or a torchvision --arch")
         if self.val_labels and not self.val_data:  # it was ignored: validation came from --data, with --labels

@@ -107,6 +107,58 @@ READ_TASK_CPUS = 0.25
 READ_RESERVE_CPUS = 1.0
 
 
+# GPUs per model actor where GPUs exist: two actors share each GPU, so that one's host work
+# (Arrow to tensor, the copy in, the probabilities out) overlaps the other's kernels.
+GPU_SHARE_PER_ACTOR = 0.5
+# An autoscaler limit this large means "no limit" (Ray reports sys.maxsize).
+_UNLIMITED = 2**62
+
+
+def is_fixed(address: str | None) -> bool:
+    """Whether the Ray that ``address`` names can only have what is up now.
+
+    A Ray this command starts, or one on 127.0.0.1 (cluster/local_cluster.py, a `ray start` on
+    this machine): every node is this machine's. Elsewhere an autoscaler may add nodes.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    return not address or _host(address) in ("127.0.0.1", "localhost")
+
+
+def autoscaler_limits() -> dict | None:
+    """The most of each resource the cluster's autoscaler may bring up; None where it reports none.
+
+    Read from the cluster config the autoscaler writes to Ray's GCS (what Ray Train checks its
+    workers against), so GPU nodes that are not up yet still count.
+    """
+    from ray._private.state import state
+
+    return state.get_max_resources_from_cluster_config()
+
+
+def gpus_to_plan(resources: dict, limits: dict | None, *, fixed: bool, per: float | None, count: int | None,
+                 flags: str) -> float:
+    """GPUs a plan may count on: never only what happens to be up when a job is submitted.
+
+    ``resources``: the Ray's resources now; ``limits``: :func:`autoscaler_limits`; ``fixed``: the
+    Ray cannot grow (:func:`is_fixed`); ``per`` and ``count``: the user's GPUs per actor (or
+    worker) and actors (or workers), None where not given; ``flags``: their names, for the message.
+    A cluster whose GPU count cannot be known (no GPU up, no autoscaler limits) and no flag that
+    settles it is refused: a CPU-only plan there would never ask the autoscaler for a GPU.
+    """
+    now = float(resources.get("GPU", 0))
+    if fixed:
+        return now
+    if limits is not None and float(limits.get("GPU", 0)) < _UNLIMITED:
+        return max(now, float(limits.get("GPU", 0)))
+    if now > 0:  # GPU nodes are up: a fixed cluster, or an autoscaler that reports no limits
+        return now
+    if per == 0 or (per and count):
+        return per * count if per and count else 0.0
+    how = "has no limit on GPUs" if limits is not None else "reports no autoscaling limits"
+    raise UserError(f"the Ray cluster has no GPU node up now and its autoscaler {how}, so hcd cannot tell how many "
+                    f"GPUs to plan for: give {flags} (e.g. 4 and 1), or a GPU count of 0 to run on CPUs")
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """How many model actors to run and what each one asks Ray for."""
@@ -119,11 +171,12 @@ class ActorPlan:
 
 
 def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: float | None = None,
-                gpus_per_actor: float | None = None) -> ActorPlan:
-    """Size the model-actor pool from the cluster's resources.
+                gpus_per_actor: float | None = None, gpus: float | None = None) -> ActorPlan:
+    """Size the model-actor pool from the cluster's resources (``gpus``: :func:`gpus_to_plan`'s count).
 
-    With GPUs: one actor per GPU share. On CPU: as many model threads as cores in all, in
-    small actors (one thread each up to 8 cores). A convolution split over T threads waits at
+    With GPUs: one actor per GPU share (:data:`GPU_SHARE_PER_ACTOR` unless ``gpus_per_actor``).
+    On CPU: as many model threads as cores in all, in small actors (one thread each up to 8
+    cores). A convolution split over T threads waits at
     every layer for the slowest thread; N single-threaded actors never wait for each other
     (``hcd score``, resnet18, 2 cores, 20,000 patches, alternating runs: 2 actors x 1 thread
     185-191 patches/s, 1 actor x 2 threads 167-171).
@@ -132,9 +185,9 @@ def plan_actors(resources: dict, *, actors: int | None = None, cpus_per_actor: f
     without an error. Those requests are Ray's bookkeeping; the threads are what run.
     """
     cpus = float(resources.get("CPU", 1))
-    gpus = float(resources.get("GPU", 0))
+    gpus = float(resources.get("GPU", 0)) if gpus is None else gpus
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+        gpus_per_actor = GPU_SHARE_PER_ACTOR if gpus >= 1 else 0.0
     if gpus_per_actor > 0:
         n = actors or max(1, int(gpus // gpus_per_actor))
         c = cpus_per_actor if cpus_per_actor is not None else 1.0

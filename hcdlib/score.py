@@ -40,33 +40,38 @@ log = logging.getLogger(__name__)
 
 
 class Scorer:
-    """Ray Data actor: loads the model once, then scores batches with :func:`infer_batch`."""
+    """Ray Data actor: loads the model once, then scores batches with a :class:`~hcdlib.infer.Predictor`.
+
+    The device is what Ray assigned (:mod:`hcdlib.device`): CPU for an actor that asked for no
+    GPU, even on a GPU node; an error for one given a GPU that torch cannot use.
+    """
 
     def __init__(self, model_uri: str, *, sha256: str, tta: int, threads: int, batch_size: int,
-                 compile: bool = False):
+                 compile: bool = False, precision: str = "auto"):
         import torch
 
         from hcdlib.artifact import load_model, model_id
-        from hcdlib.infer import for_inference, pick_device
+        from hcdlib.device import pick
+        from hcdlib.infer import Predictor, compiled, for_inference
         from hcdlib.transforms import Preprocess
 
         torch.set_num_threads(threads)
-        self.device = pick_device()
-        self.model, meta = load_model(model_uri, device=self.device)
+        self.plan = pick(precision)
+        self.device = torch.device(self.plan.device)
+        model, meta = load_model(model_uri, device=self.device)
         if meta["sha256"] != sha256:
             raise RuntimeError(f"{model_uri} changed while the job ran (hash {meta['sha256'][:12]})")
-        self.model = for_inference(self.model)
+        model = for_inference(model)
         if compile:
-            self.model = torch.compile(self.model)
-        self.pre = Preprocess.from_dict(meta["preprocess"])
+            model = compiled(model)
+        self.predict = Predictor(model, Preprocess.from_dict(meta["preprocess"]), device=self.device, tta=tta,
+                                 autocast=self.plan.autocast, fixed_batch=batch_size if compile else None)
         self.model_id = model_id(meta)
-        self.tta, self.batch_size = tta, batch_size
+        self.batch_size = batch_size
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
         """P(tumour) of decoded patches (N x 96 x 96 x 3 uint8)."""
-        from hcdlib.infer import infer_batch
-
-        return infer_batch(self.model, pixels, device=self.device, preprocess=self.pre, tta=self.tta)
+        return self.predict(pixels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Add ``prob`` and ``model`` to a decoded batch; drop the pixels.
@@ -85,8 +90,23 @@ class Scorer:
             prob[ok] = np.concatenate([self.forward(todo[i:i + self.batch_size])
                                        for i in range(0, len(todo), self.batch_size)])
         out = batch.drop_columns([c for c in ("pixels", "label") if c in batch.column_names])
+        out = _mark_non_finite(out, ok & ~np.isfinite(prob))
         return out.append_column("prob", pa.array(prob)).append_column(
             "model", pa.array([self.model_id]).take(pa.array(np.zeros(n, dtype=np.int64))))
+
+
+NON_FINITE = "the model gave a non-finite probability (in its autocast arithmetic and again in fp32)"
+
+
+def _mark_non_finite(batch: pa.Table, bad: np.ndarray) -> pa.Table:
+    """Rows whose probability is not finite become error rows: never a NaN written with status ok."""
+    if not bad.any():
+        return batch
+    mask = pa.array(bad)
+    status = pc.if_else(mask, pa.scalar("error"), batch["status"])
+    error = pc.if_else(mask, pa.scalar(NON_FINITE), _as_str(batch["error"]))
+    batch = batch.set_column(batch.column_names.index("status"), "status", status)
+    return batch.set_column(batch.column_names.index("error"), "error", error)
 
 
 def _as_str(col: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -153,7 +173,15 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
     import ray
 
     from hcdlib.artifact import check_artifact, declares_arch, load_model
-    from hcdlib.rayutil import check_gpus, init_ray, is_local, plan_actors
+    from hcdlib.rayutil import (
+        autoscaler_limits,
+        check_gpus,
+        gpus_to_plan,
+        init_ray,
+        is_fixed,
+        is_local,
+        plan_actors,
+    )
     from hcdlib.slides import SlideSource, SlideTiling
 
     t0 = time.perf_counter()
@@ -186,8 +214,12 @@ def score(cfg: ScoreConfig, *, actor: type = Scorer) -> dict:
         # A manifest from an earlier commit must not list parts this run is about to rewrite.
         urimod.delete(urimod.join(cfg.out, preds.MANIFEST))
         resources = ray.cluster_resources()
-        plan = plan_actors(resources, actors=cfg.actors,
-                           cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor)
+        gpus = gpus_to_plan(resources, None if is_fixed(cfg.address) else autoscaler_limits(),
+                            fixed=is_fixed(cfg.address), per=cfg.gpus_per_actor, count=cfg.actors,
+                            flags="--actors and --gpus-per-actor")
+        plan = plan_actors(resources, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
+                           gpus_per_actor=cfg.gpus_per_actor, gpus=gpus)
+        cfg = cfg.replace(batch_size=cfg.batch_size or default_batch(plan))
         check_gpus(resources, plan.actors * plan.gpus_per_actor, local=is_local(cfg.address),
                    asked=f"model actors: {plan.actors} x {plan.gpus_per_actor:g} GPU (--actors, --gpus-per-actor)")
         log.debug("model actors: %s", plan)
@@ -240,10 +272,19 @@ def _run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
     from hcdlib.artifact import model_id
 
     spec = {"input": cfg.input, "input_fingerprint": fingerprint, "model": model_id(meta),
-            "tta": cfg.tta, "chunk_size": cfg.chunk_size}
+            "tta": cfg.tta, "precision": cfg.precision, "chunk_size": cfg.chunk_size}
     if cfg.slides or cfg.mpp is not None:
         spec.update(mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold)
     return spec
+
+
+# Patches per model call where --batch-size is not given: a GPU needs larger batches to stay busy.
+CPU_BATCH, GPU_BATCH = 256, 1024
+
+
+def default_batch(plan) -> int:
+    """The model batch for ``plan``'s actors: :data:`GPU_BATCH` on GPU actors, else :data:`CPU_BATCH`."""
+    return GPU_BATCH if plan.gpus_per_actor else CPU_BATCH
 
 
 def read_tasks(cfg: ScoreConfig, todo: list[Chunk], plan) -> int | None:
@@ -272,19 +313,21 @@ def block_rows(cfg: ScoreConfig, todo: list[Chunk], plan) -> int:
     scored by one actor while the others wait, and the first committed part with it; one block per
     actor keeps every actor on the first chunk. The actor still calls the model a batch at a time.
     """
-    return max(cfg.batch_size, -(-largest_chunk(todo) // plan.actors))
+    return max(cfg.batch_size or default_batch(plan), -(-largest_chunk(todo) // plan.actors))
 
 
 def scoring_dataset(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, actor: type = Scorer):
     """The Ray Dataset that reads and decodes ``todo`` and scores it on ``plan``'s model actors (lazy)."""
     import ray
 
+    cfg = cfg.replace(batch_size=cfg.batch_size or default_batch(plan))
     ds = decoded_dataset(todo, resize=cfg.resize, block_rows=block_rows(cfg, todo, plan),
                          read_tasks=read_tasks(cfg, todo, plan))
     ds = ds.map_batches(
         actor,
         fn_constructor_kwargs={"model_uri": cfg.model, "sha256": sha256, "tta": cfg.tta,
-                               "threads": plan.torch_threads, "batch_size": cfg.batch_size, "compile": cfg.compile},
+                               "threads": plan.torch_threads, "batch_size": cfg.batch_size, "compile": cfg.compile,
+                               "precision": cfg.precision},
         compute=ray.data.ActorPoolStrategy(size=plan.actors), batch_format="pyarrow",
         # On CPU each block (an actor's share of a chunk, cut by the read task) is one call, scored
         # a model batch at a time: re-batching to an exact size would concatenate, i.e. copy, the

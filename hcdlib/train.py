@@ -191,13 +191,20 @@ def build_datasets(cfg: TrainConfig, train_src: PatchSource, val_src: PatchSourc
     return datasets
 
 
-def _scaling(cfg: TrainConfig, resources: dict):
-    """Workers from the cluster: one per GPU, else one (or ``--workers``) sharing the CPU with reads."""
+def _scaling(cfg: TrainConfig, resources: dict, gpus: float | None = None):
+    """Workers from the cluster: one per GPU, else one (or ``--workers``) sharing the CPU with reads.
+
+    ``gpus``: what :func:`hcdlib.rayutil.gpus_to_plan` counts on (default: the GPUs in ``resources``).
+    """
     from ray.train import ScalingConfig
 
-    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    gpus = float(resources.get("GPU", 0)) if gpus is None else gpus
     gpw = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
     workers = cfg.workers or (max(1, int(gpus // gpw)) if gpw else 1)
+    if gpw % 1 and workers > 1:
+        raise UserError(f"--gpus-per-worker {gpw:g} makes {workers} workers, and two training ranks cannot share a "
+                        "GPU (NCCL refuses or serialises them): give whole GPUs per worker, or --workers 1")
     # A worker's CPU request is a scheduling hint; its torch threads use its share of cores.
     # Requests that add up to every CPU would starve Ray Data's read tasks (a silent hang).
     cpw = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else min(1.0, cpus / (2 * workers))
@@ -216,7 +223,7 @@ def train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from hcdlib.models import build_model
-    from hcdlib.rayutil import check_gpus, init_ray, is_local
+    from hcdlib.rayutil import autoscaler_limits, check_gpus, gpus_to_plan, init_ray, is_fixed, is_local
     from hcdlib.train_loop import train_loop_per_worker
 
     started_at = time.time()  # the time budget counts from here: start-up is part of the run
@@ -252,7 +259,10 @@ def train(cfg: TrainConfig) -> dict:
         urimod.write_bytes_atomic(urimod.join(cfg.out, TRAIN_SPEC), json.dumps(spec, indent=1).encode())
     init_ray(cfg.address, dashboard=True)
     resources = ray.cluster_resources()
-    scaling, threads = _scaling(cfg, resources)
+    gpus = gpus_to_plan(resources, None if is_fixed(cfg.address) else autoscaler_limits(),
+                        fixed=is_fixed(cfg.address), per=cfg.gpus_per_worker, count=cfg.workers,
+                        flags="--workers and --gpus-per-worker")
+    scaling, threads = _scaling(cfg, resources, gpus)
     per = scaling.resources_per_worker.get("GPU", 0)
     check_gpus(resources, scaling.num_workers * per, local=is_local(cfg.address),
                asked=f"training workers: {scaling.num_workers} x {per:g} GPU (--workers, --gpus-per-worker)")

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hcdlib.device import DeviceFacts, autocast_dtype, choose, probe
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
@@ -29,6 +31,9 @@ STATE_FILE = "state.pt"
 # epoch's last training images (per worker): a forward pass over them took 0.9-1.1 s on 2 cores,
 # about 1% of an epoch of the 20,000 shared patches.
 BN_IMAGES = 512
+# Multi-worker runs agree on the clock (one all-reduce and a host sync) every this many steps,
+# not every step; the time budget and the schedule's time progress move in these steps.
+CLOCK_SYNC_STEPS = 8
 END_RESERVE_S = 15.0  # of a time budget: the last checkpoint, the export and shutting down
 TRAIN, VAL = "train", "val"  # dataset keys
 METRICS_DIR = "metrics"  # in --out: each epoch's metrics, written by rank 0, followed by the driver
@@ -92,19 +97,27 @@ def agreed_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` does bf16 matrix arithmetic in hardware (so bf16 is faster, not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # oneDNN runs bf16 convolutions natively on AVX512-BF16 and AMX; elsewhere it emulates them,
-    # slower than fp32. torch.cpu only has private probes for these (torch 2.14).
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(p is not None and p() for p in probes)
+def trains_in_bf16(device: torch.device, precision: str, facts: DeviceFacts | None = None) -> bool:
+    """Whether training's forward passes run under bf16 autocast, per ``--precision`` (auto | bf16 | fp32).
+
+    auto: bf16 where ``device`` does it natively (:mod:`hcdlib.device`), else fp32: training never
+    falls back to fp16, which would need loss scaling.
+    """
+    return autocast_dtype(facts or probe(), device.type, precision, fp16_fallback=False) == "bf16"
 
 
-def trains_in_bf16(device: torch.device, precision: str) -> bool:
-    """Whether training's forward passes run under bf16 autocast, per ``--precision`` (auto | bf16 | fp32)."""
-    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+# The global batch (patches per optimiser step over all workers) at which --lr is the peak rate.
+LR_REFERENCE_BATCH = 128
+
+
+def scaled_lr(lr: float, global_batch: int) -> float:
+    """The peak learning rate for ``global_batch``: ``lr`` x sqrt(global_batch / 128).
+
+    The square-root rule for adaptive optimisers (Adam's update is normalised by the gradient's
+    scale, so the linear rule of SGD over-shoots; Malladi et al. 2022): one worker at the default
+    batch of 128 trains at ``--lr`` itself, eight GPU workers at 128 each at 2.83 x ``--lr``.
+    """
+    return lr * math.sqrt(global_batch / LR_REFERENCE_BATCH)
 
 
 def training_autocast(device: torch.device, bf16: bool) -> torch.autocast:
@@ -233,11 +246,17 @@ class TrainLoop:
         self.rank, self.world = self.ctx.get_world_rank(), self.ctx.get_world_size()
         torch.set_num_threads(config["threads"])
         torch.manual_seed(self.cfg.seed + self.rank)
+        facts = probe()
+        choose(facts)  # raises DeviceError where Ray gave a GPU that torch cannot use
         self.device = ray.train.torch.get_device()
-        self.bf16 = trains_in_bf16(self.device, self.cfg.precision)
+        self.bf16 = trains_in_bf16(self.device, self.cfg.precision, facts)
+        # validation scores as `hcd score --precision auto` does on this device
+        self.val_autocast = autocast_dtype(facts, self.device.type, "auto", fp16_fallback=True)
+        self.peak_lr = scaled_lr(self.cfg.lr, self.cfg.batch_size * self.world)
         if self.rank == 0:
-            log.info("training on %s in %s (--precision %s)", self.device.type,
-                     "bf16 autocast" if self.bf16 else "fp32", self.cfg.precision)
+            log.info("training on %s in %s (--precision %s), peak learning rate %.3g for a global batch of %d",
+                     self.device.type, "bf16 autocast" if self.bf16 else "fp32", self.cfg.precision,
+                     self.peak_lr, self.cfg.batch_size * self.world)
 
         from hcdlib.models import build_model
 
@@ -247,7 +266,7 @@ class TrainLoop:
         averaged = self.cfg.ema or self.cfg.swa_from < 1
         self.ema = WeightAverage(model, self.cfg.ema) if averaged else None
         self.model = ray.train.torch.prepare_model(model)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.peak_lr, weight_decay=self.cfg.weight_decay)
         self.loss_fn = nn.BCEWithLogitsLoss()
         # The epoch's last uint8 training batches, for recalibrate_batchnorm.
         self.recent: collections.deque = collections.deque(maxlen=math.ceil(BN_IMAGES / self.cfg.batch_size))
@@ -325,16 +344,18 @@ class TrainLoop:
         from hcdlib.transforms import to_input, train_preset
 
         self.model.train()
-        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        seen, t0 = 0, time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)  # summed where the loss is: no host sync per step
         start_elapsed = self.elapsed
         self.recent.clear()
         for batch in shard.iter_torch_batches(batch_size=self.cfg.batch_size, drop_last=self.world > 1,
                                               local_shuffle_buffer_size=4 * self.cfg.batch_size):
-            self.elapsed = agreed_max(start_elapsed + time.perf_counter() - t0, self.device)
-            if self._out_of_time():
-                break
+            if self.world == 1 or self.step % CLOCK_SYNC_STEPS == 0:  # every worker takes the same steps
+                self.elapsed = agreed_max(start_elapsed + time.perf_counter() - t0, self.device)
+                if self._out_of_time():
+                    break
             for g in self.opt.param_groups:
-                g["lr"] = self.cfg.lr * one_cycle(self._progress())
+                g["lr"] = self.peak_lr * one_cycle(self._progress())
             pixels = batch["pixels"].to(self.device, non_blocking=True)
             self.recent.append(pixels)
             x = train_preset(to_input(pixels, self.pre))
@@ -348,10 +369,10 @@ class TrainLoop:
                 self.ema.update(self._unwrapped(), self.step, uniform=self._progress() >= self.cfg.swa_from)
             self.step += 1
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss.detach() * len(y)
         self.elapsed = start_elapsed + time.perf_counter() - t0
         wall = time.perf_counter() - t0
-        return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen * self.world / max(wall, 1e-9),
+        return {"train_loss": float(loss_sum) / max(seen, 1), "images_per_s": seen * self.world / max(wall, 1e-9),
                 "uniform_steps": self.ema.uniform_steps if self.ema is not None else 0,
                 "epoch_seconds": wall, "arithmetic": "bf16 autocast" if self.bf16 else "fp32"}
 
@@ -371,17 +392,19 @@ class TrainLoop:
     def validate(self, shard) -> dict:
         """Loss, accuracy and ROC AUC over the whole validation set (gathered from all workers).
 
-        Scored by :func:`~hcdlib.infer.infer_batch`, as ``hcd score --tta <--val-tta>`` scores (bf16
-        on a CUDA GPU, fp32 on CPU), so the exported epoch is chosen on numbers scoring reproduces.
+        Scored by a :class:`~hcdlib.infer.Predictor`, as ``hcd score --tta <--val-tta>`` scores on
+        this device, so the exported epoch is chosen on numbers scoring reproduces. The batches
+        come to the host (Ray's default puts them on the worker's GPU): the predictor copies the
+        pixels to the device through pinned memory, and labels are read on the host.
         """
-        from hcdlib.infer import infer_batch
+        from hcdlib.infer import Predictor
 
-        model = self._evaluated().eval()
+        predict = Predictor(self._evaluated().eval(), self.pre, device=self.device, tta=self.cfg.val_tta,
+                            autocast=self.val_autocast)
         probs, labels = [], []
-        for batch in shard.iter_torch_batches(batch_size=512):
-            probs.append(infer_batch(model, batch["pixels"], device=self.device, preprocess=self.pre,
-                                     tta=self.cfg.val_tta))
-            labels.append(batch["label"].numpy())
+        for batch in shard.iter_torch_batches(batch_size=512, device="cpu"):
+            probs.append(predict(batch["pixels"]))
+            labels.append(batch["label"].cpu().numpy())
         p = gather(np.concatenate(probs) if probs else np.zeros(0, np.float32))
         y = gather(np.concatenate(labels) if labels else np.zeros(0, np.int64))
         eps = 1e-7

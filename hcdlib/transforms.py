@@ -58,8 +58,23 @@ class Preprocess:
                    crop=int(d.get("crop", d["size"])))
 
 
-def to_input(pixels: torch.Tensor, pre: Preprocess, *, channels_last: bool = True) -> torch.Tensor:
-    """uint8 NHWC -> the centre ``pre.crop`` px, normalised float32 NCHW (channels_last on request)."""
+def norm_stats(pre: Preprocess, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``pre``'s mean and std as (1, 3, 1, 1) tensors on ``device``: made once by a caller that scores often.
+
+    Made on every call, they are two host-to-device copies per batch on a GPU.
+    """
+    import torch
+
+    return (torch.tensor(pre.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(pre.std, device=device).view(1, 3, 1, 1))
+
+
+def to_input(pixels: torch.Tensor, pre: Preprocess, *, channels_last: bool = True,
+             stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """uint8 NHWC -> the centre ``pre.crop`` px, normalised float32 NCHW (channels_last on request).
+
+    ``stats``: :func:`norm_stats` on the pixels' device, where the caller keeps them.
+    """
     import torch
 
     side = pixels.shape[1]
@@ -67,8 +82,7 @@ def to_input(pixels: torch.Tensor, pre: Preprocess, *, channels_last: bool = Tru
         o = (side - pre.crop) // 2
         pixels = pixels[:, o:o + pre.crop, o:o + pre.crop]
     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    mean, std = stats if stats is not None else norm_stats(pre, x.device)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
@@ -92,18 +106,19 @@ def train_preset(x: torch.Tensor, *, generator: torch.Generator | None = None,
     """
     import torch
 
-    n = x.shape[0]
-    dev = x.device
-    ks = torch.randint(0, 8, (n,), generator=generator).to(dev)
-    out = torch.empty_like(x)
-    for k in range(8):
-        idx = (ks == k).nonzero(as_tuple=True)[0]
-        if idx.numel():
-            out[idx] = dihedral(x[idx], k)
-    scale = 1 + (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * stain_jitter * 4
-    shift = (torch.rand((n, 3, 1, 1), generator=generator) * 2 - 1) * stain_jitter * 4
-    bright = (torch.rand((n, 1, 1, 1), generator=generator) * 2 - 1) * brightness * 4
-    return out * scale.to(dev) + shift.to(dev) + bright.to(dev)
+    n, dev = x.shape[0], x.device
+    # drawn on the batch's device (a generator must live there too), so a GPU step never waits
+    # for a host copy; the view is chosen by masks, not by indices that nonzero() syncs to learn
+    gen_dev = generator.device if generator is not None else dev
+    ks = torch.randint(0, 8, (n, 1, 1, 1), generator=generator, device=gen_dev).to(dev)
+    out = torch.where(ks >= 4, x.flip(-1), x)  # k = flip (k >= 4), then rotate by k % 4
+    rot = ks % 4
+    out = torch.where(rot >= 2, out.flip(-2, -1), out)  # 180 degrees
+    out = torch.where(rot % 2 == 1, torch.rot90(out, 1, dims=(-2, -1)), out)  # 90 more: 90 or 270 (square patches)
+    rand = [torch.rand(shape, generator=generator, device=gen_dev).to(dev) * 2 - 1
+            for shape in ((n, 3, 1, 1), (n, 3, 1, 1), (n, 1, 1, 1))]
+    scale, shift, bright = 1 + rand[0] * stain_jitter * 4, rand[1] * stain_jitter * 4, rand[2] * brightness * 4
+    return out * scale + shift + bright
 
 
 def eval_preset(x: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,11 @@ def test_flags_build_the_config_with_types_and_checks():
         ["--model", "m", "--input", "i", "--out", "o", "--tta", "8", "--mpp", "0.5", "--slides"]))
     args.pop("verbose")
     cfg = ScoreConfig(**args)
-    assert (cfg.tta, cfg.mpp, cfg.slides, cfg.batch_size) == (8, 0.5, True, 256)
+    assert (cfg.tta, cfg.mpp, cfg.slides, cfg.batch_size, cfg.precision) == (8, 0.5, True, None, "auto")
+    args = vars(command_parser("score").parse_args(["--model", "m", "--input", "i", "--out", "o", "--batch-size",
+                                                    "512", "--precision", "fp32"]))
+    args.pop("verbose")
+    assert (ScoreConfig(**args).batch_size, ScoreConfig(**args).precision) == (512, "fp32")
     with pytest.raises(SystemExit):  # argparse refuses what is not a number
         command_parser("score").parse_args(["--model", "m", "--input", "i", "--out", "o", "--batch-size", "x"])
 
@@ -90,7 +94,8 @@ def test_help_shows_each_flags_default(capsys):
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["score", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "patches per model call (default: 256)" in out
+    assert "patches per work unit (the granularity of resume) (default: 1024)" in out
+    assert "patches per model call (default 256 on CPU actors, 1024 on GPU actors)" in out  # default by device
     assert "(default: 0.5)" in out and "--verbose" in out
 
 

@@ -244,8 +244,12 @@ def test_actor_plan_leaves_cpu_for_reads():
     assert plan_actors({"CPU": 1}).cpus_per_actor == 0  # a 1-core laptop: the reader keeps its CPU
     mine = plan_actors({"CPU": 2}, actors=1)
     assert (mine.actors, mine.cpus_per_actor, mine.torch_threads) == (1, 1, 2)
-    gpu = plan_actors({"CPU": 16, "GPU": 4})
-    assert gpu.actors == 4 and gpu.gpus_per_actor == 1
+    gpu = plan_actors({"CPU": 16, "GPU": 4})  # two actors share each GPU
+    assert gpu.actors == 8 and gpu.gpus_per_actor == 0.5 and gpu.read_cpus == 8
+    whole = plan_actors({"CPU": 16, "GPU": 4}, gpus_per_actor=1)
+    assert whole.actors == 4 and whole.gpus_per_actor == 1
+    # GPUs an autoscaler may still add count (rayutil.gpus_to_plan), not only those up now
+    assert plan_actors({"CPU": 16}, gpus=4.0).actors == 8
     with pytest.raises(UserError, match="would starve them"):
         plan_actors({"CPU": 2}, actors=2, cpus_per_actor=1)
 
@@ -260,7 +264,8 @@ def test_reads_of_local_patches_run_one_task_per_cpu_left_to_them(synth_small, t
     cfg = ScoreConfig(model="m", input=str(synth_small), out=str(tmp_path / "o"))
     assert read_tasks(cfg, chunks, plan_actors({"CPU": 2})) == 1  # 2 actors x 0.5 CPU leave 1
     assert read_tasks(cfg, chunks, plan_actors({"CPU": 64})) == 16
-    assert read_tasks(cfg, chunks, plan_actors({"CPU": 16, "GPU": 1})) == 15
+    assert read_tasks(cfg, chunks, plan_actors({"CPU": 16, "GPU": 1}, gpus_per_actor=1)) == 15
+    assert read_tasks(cfg, chunks, plan_actors({"CPU": 16, "GPU": 1})) == 14  # two actors on the GPU
     # S3 reads wait on the network, and slides' tile reads ran faster in parallel: Ray Data decides
     assert read_tasks(cfg.replace(input="s3://b/p"), chunks, plan_actors({"CPU": 2})) is None
     tiles = [TilesChunk.__new__(TilesChunk)]
@@ -275,7 +280,7 @@ def test_a_chunk_leaves_the_read_task_as_one_block_per_model_actor(synth_small, 
     chunks = open_source(str(synth_small)).chunks(128)  # 300 patches: 128, 128, 44
     cfg = ScoreConfig(model="m", input=str(synth_small), out=str(tmp_path / "o"), batch_size=16)
     assert block_rows(cfg, chunks, plan_actors({"CPU": 2})) == 64  # 2 actors: half a chunk each
-    assert block_rows(cfg, chunks, plan_actors({"CPU": 16, "GPU": 1})) == 128  # one actor: the whole chunk
+    assert block_rows(cfg, chunks, plan_actors({"CPU": 16, "GPU": 1}, gpus_per_actor=1)) == 128  # one actor: all
     assert block_rows(cfg, chunks, plan_actors({"CPU": 64})) == 16  # more actors than batches: one batch each
     assert block_rows(cfg.replace(batch_size=256), chunks, plan_actors({"CPU": 2})) == 256
 

@@ -347,10 +347,30 @@ def test_batchnorm_statistics_are_re_estimated_for_the_final_weights():
     assert recalibrate_batchnorm(nn.Linear(2, 2), [torch.zeros(4, 2)]) == 0  # no BatchNorm
 
 
-def test_validation_scores_as_hcd_score_does_with_val_tta_views():
-    """--val-tta 8: the validated AUC is what infer_batch with tta 8 (hcd score --tta 8) gives."""
-    from types import SimpleNamespace
+class GpuLikeShard:
+    """A Ray Train dataset shard as a GPU worker sees it.
 
+    ``device="auto"`` (Ray's default) puts the batches on the worker's accelerator. Here that is
+    torch's "meta" device, which, like a CUDA tensor seen from the host, has no data to pin or
+    read as numpy.
+    """
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, batch: int = 16):
+        self.pixels, self.labels, self.batch = pixels, labels, batch
+
+    def iter_torch_batches(self, *, batch_size: int, device: str = "auto", **_):
+        where = "meta" if device == "auto" else device
+        n = len(self.labels)
+        for i in range(0, n, self.batch):
+            yield {"pixels": self.pixels[i:i + self.batch].to(where), "label": self.labels[i:i + self.batch].to(where)}
+
+
+def test_validation_scores_as_hcd_score_does_with_val_tta_views():
+    """--val-tta 8: the validated AUC is what infer_batch with tta 8 (hcd score --tta 8) gives.
+
+    The shard hands batches on the worker's device unless asked for host batches: on a GPU
+    worker, validation pinned a CUDA tensor and read CUDA labels as numpy, and crashed.
+    """
     from hcdlib.train_loop import TrainLoop, roc_auc
 
     torch.manual_seed(0)
@@ -359,14 +379,12 @@ def test_validation_scores_as_hcd_score_does_with_val_tta_views():
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.integers(0, 256, (40, 96, 96, 3), dtype=np.uint8))
     labels = torch.from_numpy(rng.integers(0, 2, 40))
-    shard = SimpleNamespace(iter_torch_batches=lambda batch_size: iter(
-        [{"pixels": pixels[i:i + batch_size], "label": labels[i:i + batch_size]} for i in range(0, 40, 16)]))
     aucs = {}
     for tta in (1, 8):
         loop = TrainLoop.__new__(TrainLoop)  # validate() needs no Ray: only these attributes
-        loop.cfg, loop.device, loop.pre, loop.ema, loop.model = (
-            TrainConfig(data="d", out="o", val_tta=tta), torch.device("cpu"), pre, None, model)
-        got = loop.validate(SimpleNamespace(iter_torch_batches=lambda batch_size: shard.iter_torch_batches(16)))
+        loop.cfg, loop.device, loop.pre, loop.ema, loop.model, loop.val_autocast = (
+            TrainConfig(data="d", out="o", val_tta=tta), torch.device("cpu"), pre, None, model, None)
+        got = loop.validate(GpuLikeShard(pixels, labels))
         want = np.concatenate([infer_batch(model, pixels[i:i + 16], device=torch.device("cpu"), preprocess=pre,
                                            tta=tta) for i in range(0, 40, 16)])  # the same batches: same rounding
         assert got["val_n"] == 40 and got["val_tta"] == tta
@@ -399,14 +417,18 @@ def test_training_stops_early_enough_for_the_last_validation_to_fit_the_budget()
     assert not loop._out_of_time() and loop._progress() == 0.0
 
 
-def test_precision_is_bf16_where_asked_or_native(monkeypatch):
-    import hcdlib.train_loop as tl
+def test_precision_is_bf16_where_asked_or_native():
+    from hcdlib.device import DeviceFacts
 
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(tl, "native_bf16", lambda device: False)  # e.g. an AVX2-only laptop
-    assert [trains_in_bf16(cpu, p) for p in ("auto", "bf16", "fp32")] == [False, True, False]
-    monkeypatch.setattr(tl, "native_bf16", lambda device: True)  # AVX512-BF16, AMX, an Ampere GPU
-    assert [trains_in_bf16(cpu, p) for p in ("auto", "bf16", "fp32")] == [True, True, False]
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    laptop = DeviceFacts(None, False, cpu_native_bf16=False)  # e.g. an AVX2-only laptop
+    assert [trains_in_bf16(cpu, p, laptop) for p in ("auto", "bf16", "fp32")] == [False, True, False]
+    server = DeviceFacts(None, False, cpu_native_bf16=True)  # AVX512-BF16, AMX
+    assert [trains_in_bf16(cpu, p, server) for p in ("auto", "bf16", "fp32")] == [True, True, False]
+    ampere, turing = DeviceFacts(("0",), True, (8, 0)), DeviceFacts(("0",), True, (7, 5))
+    assert [trains_in_bf16(gpu, p, ampere) for p in ("auto", "bf16", "fp32")] == [True, True, False]
+    # a T4 reports bf16 "supported" (emulated): auto trains in fp32 there, never in fp16 without loss scaling
+    assert [trains_in_bf16(gpu, p, turing) for p in ("auto", "bf16", "fp32")] == [False, True, False]
     with pytest.raises(UserError, match="--precision must be one of auto, bf16, fp32"):
         TrainConfig(data="d", out="o", precision="fp16")
 
