@@ -141,27 +141,60 @@ def _decoded(tif: str, limit: int | None = None) -> np.ndarray:
     return np.stack([decode_patch(f.read_bytes()).pixels for f in files])
 
 
-def model_only(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
-    """(a) patches/s of the forward pass alone, one process using every core, patches in memory."""
+def _forward_rate(model_dir: str, pixels: np.ndarray, batch_size: int, tta: int) -> tuple[float, str]:
+    """Patches/s of the forward pass over ``pixels`` in this process, all cores; and the device it ran on."""
     import torch
 
     from hcdlib.artifact import load_model
-    from hcdlib.infer import for_inference, infer_batch, pick_device
+    from hcdlib.device import pick
+    from hcdlib.infer import Predictor, for_inference
     from hcdlib.transforms import Preprocess
 
     torch.set_num_threads(os.cpu_count() or 1)
-    device = pick_device()
+    plan = pick()
+    device = torch.device(plan.device)
     model, meta = load_model(model_dir, device=device)
-    model = for_inference(model)
-    pre = Preprocess.from_dict(meta["preprocess"])
-    pixels = _decoded(tif)
-    infer_batch(model, pixels[: cfg.batch_size], device=device, preprocess=pre, tta=cfg.tta)  # warm-up
+    predict = Predictor(for_inference(model), Preprocess.from_dict(meta["preprocess"]), device=device, tta=tta,
+                        autocast=plan.autocast)
+    predict(pixels[:batch_size])  # warm-up
     t0 = time.perf_counter()
-    for i in range(0, len(pixels), cfg.batch_size):
-        infer_batch(model, pixels[i:i + cfg.batch_size], device=device, preprocess=pre, tta=cfg.tta)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(pixels) / (time.perf_counter() - t0)
+    for i in range(0, len(pixels), batch_size):
+        predict(pixels[i:i + batch_size])  # returns on the host: the device has finished
+    return len(pixels) / (time.perf_counter() - t0), f"{plan.device} {plan.autocast or 'fp32'}"
+
+
+def where_actors_run(resources: dict, *, beside_driver: bool = False) -> dict:
+    """Ray options for a benchmark task that must run where ``hcd score``'s model actors run.
+
+    On a GPU where the cluster has one, else on CPUs (the task's threads use every core of its
+    node; its request is bookkeeping). ``beside_driver``: on the driver's node, for a task that
+    reads the driver's files (its GPU if it has one).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    gpu = resources.get("GPU", 0) >= 1
+    opts: dict = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    if beside_driver:
+        me = ray.get_runtime_context().get_node_id()
+        mine = next(n for n in ray.nodes() if n["NodeID"] == me)
+        opts["num_gpus"] = 1 if mine["Resources"].get("GPU", 0) >= 1 else 0
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(me, soft=False)
+    return opts
+
+
+def model_only(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
+    """(a) patches/s of the forward pass alone, one process using every core (or a GPU), patches in memory.
+
+    Run in a Ray task placed as a model actor is, so a GPU cluster measures its GPU, not the
+    driver's CPU.
+    """
+    import ray
+
+    task = ray.remote(_forward_rate).options(**where_actors_run(ray.cluster_resources()))
+    rate, device = ray.get(task.remote(model_dir, ray.put(_decoded(tif)), cfg.batch_size, cfg.tta))
+    log.info("(a) ran on %s", device)
+    return rate
 
 
 class ForwardLoop:
@@ -227,29 +260,39 @@ class FileDataset:
         return pixels if self.labels is None else (pixels, self.labels[i])
 
 
-def dataloader_baseline(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
-    """(b) patches/s of a plain DataLoader pipeline in one process."""
+def _dataloader_rate(model_dir: str, tif: str, batch_size: int, tta: int) -> float:
+    """Patches/s of a plain DataLoader pipeline in this process."""
     import torch
     from torch.utils.data import DataLoader
 
     from hcdlib.artifact import load_model
-    from hcdlib.infer import for_inference, infer_batch, pick_device
+    from hcdlib.device import pick
+    from hcdlib.infer import Predictor, for_inference
     from hcdlib.transforms import Preprocess
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    device = pick_device()
+    plan = pick()
+    device = torch.device(plan.device)
     model, meta = load_model(model_dir, device=device)
-    model = for_inference(model)
-    pre = Preprocess.from_dict(meta["preprocess"])
-    loader = DataLoader(FileDataset(sorted(Path(tif).glob("*.tif"))), batch_size=cfg.batch_size,
+    predict = Predictor(for_inference(model), Preprocess.from_dict(meta["preprocess"]), device=device, tta=tta,
+                        autocast=plan.autocast)
+    loader = DataLoader(FileDataset(sorted(Path(tif).glob("*.tif"))), batch_size=batch_size,
                         num_workers=cores, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()
     n = 0
     for batch in loader:
-        infer_batch(model, batch, device=device, preprocess=pre, tta=cfg.tta)
+        predict(batch)
         n += len(batch)
     return n / (time.perf_counter() - t0)
+
+
+def dataloader_baseline(model_dir: str, tif: str, cfg: BenchScoreConfig) -> float:
+    """(b) patches/s of a plain DataLoader pipeline in one process, on the driver's node (its files), its GPU if any."""
+    import ray
+
+    task = ray.remote(_dataloader_rate).options(**where_actors_run(ray.cluster_resources(), beside_driver=True))
+    return ray.get(task.remote(model_dir, tif, cfg.batch_size, cfg.tta))
 
 
 def hcd_score(model_dir: str, source: str, out: str, cfg: BenchScoreConfig, *,

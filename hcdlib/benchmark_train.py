@@ -62,33 +62,41 @@ def accuracy(cfg: BenchTrainConfig) -> dict:
 
 def _plain_loop(files: list[Path], labels: list[int], *, batch_size: int, lr: float, crop: int,
                 precision: str, epochs: int) -> list[float]:
-    """Images/s of each epoch of the loop a user writes: DataLoader, AdamW, same model, crop, arithmetic."""
+    """Images/s of each epoch of the loop a user writes: DataLoader, AdamW, same model, crop, arithmetic.
+
+    On the device Ray Train's worker gets on this machine (its GPU if it has one), in the same arithmetic.
+    """
     import torch
     from torch.utils.data import DataLoader
 
     from hcdlib.benchmark_score import FileDataset
+    from hcdlib.device import pick
+    from hcdlib.infer import to_device
     from hcdlib.models import build_model
     from hcdlib.train_loop import training_autocast, trains_in_bf16
     from hcdlib.transforms import to_input, train_preset
 
-    cpu = torch.device("cpu")
-    bf16 = trains_in_bf16(cpu, precision)
+    device = torch.device(pick(precision, fp16_fallback=False).device)
+    bf16 = trains_in_bf16(device, precision)
     torch.set_num_threads(os.cpu_count() or 1)
     model, pre = build_model("hcdnet", crop=crop)
-    model = model.to(memory_format=torch.channels_last).train()
+    model = model.to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     loader = DataLoader(FileDataset(files, labels), batch_size=batch_size, shuffle=True, num_workers=1, drop_last=False)
     rates = []
     for _ in range(epochs):
         seen, t0 = 0, time.perf_counter()
         for x, y in loader:
-            with training_autocast(cpu, bf16):
-                logits = model(train_preset(to_input(x, pre))).float()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float().view(-1, 1))
+            with training_autocast(device, bf16):
+                logits = model(train_preset(to_input(to_device(x, device), pre))).float()
+            y = to_device(y, device).float().view(-1, 1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             seen += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         rates.append(seen / (time.perf_counter() - t0))
     return rates
 

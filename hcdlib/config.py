@@ -197,7 +197,9 @@ class TrainConfig(Settings):
     chunk_size: int = setting(512, "patches per read task", lo=1)
     cache: str = setting("auto", "keep the decoded patches in Ray's object store after one read, so epochs "
                                  "do not read and decode them again: auto (when they fill at most half of "
-                                 "it), on, off", choices=CACHE_CHOICES)
+                                 "the object store of the nodes up when training starts; on an autoscaling "
+                                 "cluster that may be the head's alone: give on when the data fits the GPU "
+                                 "nodes'), on, off", choices=CACHE_CHOICES)
     address: str | None = setting(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
 
     def check(self) -> None:
@@ -267,6 +269,14 @@ class BenchScoreConfig(Settings):
     memory_only: bool = setting(False, "only (d) at N and --mem-factor x N: throughput and peak memory side by side")
     pipeline_only: bool = setting(False, "only the (g) rows: the pipeline alone (a constant instead of the model), "
                                          "steady state from N and 5N, and the start-up of a fresh hcd score")
+
+
+@dataclass(frozen=True)
+class GpuCheckConfig(Settings):
+    """Check hcd's GPU paths on one GPU machine; JSON and a Markdown table in --out."""
+
+    out: str = setting("gpu-check", "folder for the report and the check's own data", output=True)
+    dry_run: bool = setting(False, "tiny sizes on whatever device there is (CPU in CI): proves the check runs")
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,11 @@ def test_steady_state_starts_ray_and_warms_up_before_it_times_n(monkeypatch):
     r = bp._steady("model", "small", "big", "out")
     assert calls == ["init_ray", "small", "small", "big"]  # N once untimed: Ray Data's actors start there
     assert r["steady"] == 20.0 and r["startup_in_process"] == 5.0
+
+
+def test_model_only_rows_run_where_the_scoring_actors_run():
+    """The model-only row ran in the driver: on a GPU cluster it timed the driver's CPU."""
+    from hcdlib.benchmark_score import where_actors_run
+
+    assert where_actors_run({"CPU": 16, "GPU": 4})["num_gpus"] == 1
+    assert where_actors_run({"CPU": 2})["num_gpus"] == 0

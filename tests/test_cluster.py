@@ -43,6 +43,32 @@ def test_kuberay_manifests_have_what_kuberay_requires(path):
         assert (REPO / script).exists(), f"{path.name}: entrypoint {script} is not in the repo"
 
 
+def test_the_image_pins_a_torch_built_for_its_own_cuda_and_nodes_install_nothing_at_boot():
+    """A torch whose CUDA does not match the driver cannot start it: the image pins both to one CUDA."""
+    docker = (CLUSTER / "Dockerfile").read_text()
+    cuda = re.search(r"^ARG CUDA=(cu\d+)$", docker, re.M).group(1)
+    assert "FROM rayproject/ray:2.60.0-py311-${CUDA}" in docker
+    pin = re.search(r"pip install .*torch==\S+ torchvision==\S+ --index-url https://download.pytorch.org/whl/\$\{CUDA\}",
+                    docker)
+    assert pin and docker.index(pin.group(0)) < docker.index("-e /home/ray/hcd") and cuda
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    assert config["docker"]["image"] and "--gpus all" in config["docker"]["worker_run_options"]
+    boot = " ".join(config.get("setup_commands", []) + config.get("worker_setup_commands", []))
+    assert "pip install" not in boot
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_gpu_pods_tolerate_the_gpu_taint_and_select_gpu_nodes(path):
+    doc = yaml.safe_load(path.read_text())
+    cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    for group in cluster["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        if "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]:
+            continue
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert pod["nodeSelector"]
+
+
 def test_no_credentials_in_the_repository():
     pattern = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]\s*\S+|RAY_AUTH_TOKEN\s*[:=]\s*\S+", re.I)
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
