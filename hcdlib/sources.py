@@ -294,9 +294,10 @@ def check_labelled(src: PatchSource, what: str) -> pa.Table:
     if label.null_count:
         i = _first(label.is_null())
         # Shards carry the labels their pack gave them, and refuse --labels: the fix is a repack.
-        fix = ("they were packed without labels: pack the patches again with hcd pack --labels <CSV>"
-               if src.layout == PARQUET else "give a labels CSV (--labels) that lists every patch, or put the "
-               "patches in class folders 0/ and 1/ (or normal/ and tumor/)")
+        fixes = {PARQUET: "they were packed without labels: pack the patches again with hcd pack --labels <CSV>",
+                 "pcam_h5": "put each split's camelyonpatch_level_2_split_<split>_y.h5 beside its _x.h5"}
+        fix = fixes.get(src.layout, "give a labels CSV (--labels) that lists every patch, or put the patches in "
+                                    "class folders 0/ and 1/ (or normal/ and tumor/)")
         raise SourceError(f"{src.uri}: {label.null_count} of {len(label)} {what} patches have no label "
                           f"(e.g. {t['id'][i].as_py()}); {fix}")
     bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int64())))
@@ -580,6 +581,18 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
         return SlideSource.from_listing(uri, listing, tiling, list_seconds=time.perf_counter() - t0)
     images = [p for p in files if p.lower().endswith(IMAGE_EXTS)]
     refused = [(p, why) for p, why in listing.refused if p.lower().endswith(IMAGE_EXTS)]
+    from hcdlib import h5source  # imports this module (PatchSource): here, not at the top
+
+    if h5source.is_h5_source(files):
+        if labels:
+            raise SourceError(f"{labels}: a labels CSV for {uri}, which holds PatchCamelyon's HDF5 files; their "
+                              "labels are the _y.h5 files beside them: drop --labels")
+        if parquet or images:
+            other = (parquet or images)[0]
+            raise SourceError(f"{uri}: holds PatchCamelyon's HDF5 files and other patches (e.g. {other}); give "
+                              "each kind its own --input")
+        src = h5source.H5Source(uri, h5source.h5_items(uri, files, listing.fs), 0.0)
+        return dataclasses.replace(src, list_seconds=time.perf_counter() - t0)
     if parquet and (images or refused):  # either kind alone would leave the other unscored without a word
         raise SourceError(f"{uri}: holds both Parquet shards ({len(parquet)}, e.g. {parquet[0]}) and patch images "
                           f"({len(images) + len(refused)}); give each kind its own --input")
@@ -603,7 +616,11 @@ def open_source(uri: str, labels: str | None = None, *, listing: Listing | None 
     elif any(p.lower().endswith(ARCHIVE_EXTS) for p in files):  # Kaggle's download is train.zip
         raise SourceError(f"{uri}: holds archives ({next(p for p in files if p.lower().endswith(ARCHIVE_EXTS))}), "
                           "not patches; unpack them and pass the folder")
-    else:  # name what is there: PCam's own release is HDF5 (camelyonpatch_*.h5), for one
+    else:
+        if any(p.endswith((".h5.gz", ".h5")) for p in files):
+            gz = next(p for p in files if p.endswith((".h5.gz", ".h5")))
+            raise SourceError(f"{uri}: holds {gz}; hcd reads PatchCamelyon's HDF5 files unpacked and under their "
+                              "release names (camelyonpatch_level_2_split_<split>_x.h5, gunzip the .gz files)")
         there = f"; it holds {len(files)} other files, e.g. {files[0]}" if files else ""
         raise SourceError(f"{uri}: no patch images ({', '.join(IMAGE_EXTS)}) or Parquet shards found{there}")
     src = dataclasses.replace(src, list_seconds=time.perf_counter() - t0)

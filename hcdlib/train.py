@@ -46,9 +46,10 @@ def split_by_group(src: PatchSource, fraction: float) -> tuple[PatchSource, Patc
     Patches of one slide (or pixel-identical duplicates) are never on both sides, so the
     validation AUC is not inflated by near-copies of training patches.
     """
-    if not isinstance(src, FileSource):  # shards list row groups, not patches: nothing to split by
-        raise UserError(f"{src.uri}: a validation split of Parquet shards needs --val-data "
-                         "(pack the validation set separately)")
+    if not isinstance(src, FileSource):  # shards and HDF5 files hold no slide groups to split by
+        fix = ("camelyonpatch_level_2_split_valid_x.h5, PCam's validation split" if src.layout == "pcam_h5"
+               else "the validation set packed separately")
+        raise UserError(f"{src.uri}: a validation split of {src.layout.replace('_', ' ')} needs --val-data ({fix})")
     groups = sorted(set(src.items["group"].to_pylist()),
                     key=lambda g: hashlib.sha1(g.encode()).hexdigest())  # stable on every run and machine
     if len(groups) < 2:
