@@ -200,6 +200,11 @@ def pipeline_rows(cfg: BenchScoreConfig, model_dir: str, tif: str, shards: str, 
     ray.shutdown()
     r["startup"] = [first_part_seconds(model_dir, shards, os.path.join(w, "out-startup")) for _ in range(3)]
     log.info("\n%s", format_pipeline(r, cfg))
+    if cfg.markdown:
+        from hcdlib.benchmark_doc import publish
+
+        publish(cfg.markdown, "pipeline", "The pipeline alone: what hcd can feed a GPU", format_pipeline(r, cfg),
+                job="bench_score", cfg=cfg)
     return r
 
 
@@ -239,7 +244,7 @@ def _mem(pair: tuple[int, int]) -> str:
 
 
 def format_pipeline(r: dict, cfg: BenchScoreConfig) -> str:
-    """The (g) rows as a Markdown table (pasted into the README)."""
+    """The (g) rows as a Markdown table."""
     cpus = os.cpu_count() or 1
     lines = [f"pipeline alone (forward pass = a constant), {cpus} CPUs, steady state = 4N / (T(5N) - T(N))", "",
              "| row | N, 5N | T(N), T(5N) s | steady rows/s | per core | start-up in process | peak PSS N, 5N "

@@ -405,6 +405,11 @@ def _run_rows(cfg: BenchScoreConfig, r: dict, model_dir: str, tif: str, shards: 
     if "peak_rss_kn" in r:
         r["ratios"][f"mem {cfg.mem_factor}N/N"] = r["peak_rss_kn"] / r["peak_rss_n"]
     log.info("\n%s", format_table(r, cfg))
+    if cfg.markdown:
+        from hcdlib.benchmark_doc import publish
+
+        publish(cfg.markdown, "score", "Scoring: model alone, a DataLoader, and hcd score end to end",
+                format_table(r, cfg), job="bench_score", cfg=cfg)
     return r
 
 
@@ -448,11 +453,15 @@ def _memory_rows(cfg: BenchScoreConfig, model_dir: str, shards: str, r: dict) ->
         f"| {cfg.mem_factor}N | {kn} | {r['d_score_parquet_kn']:.0f} | {r['peak_rss_kn'] / 2**30:.2f} GiB |",
         "", f"peak RSS {cfg.mem_factor}N / N: {r['peak_rss_kn'] / r['peak_rss_n']:.2f} (target <= 1.25)"])
     log.info("\n%s", table)
+    if cfg.markdown:
+        from hcdlib.benchmark_doc import publish
+
+        publish(cfg.markdown, "memory", "Memory at archive scale", table, job="bench_score", cfg=cfg)
     return r
 
 
 def format_table(r: dict, cfg: BenchScoreConfig) -> str:
-    """The benchmark result as a Markdown table (pasted into the README)."""
+    """The benchmark result as a Markdown table."""
     rows = [("(a) model only, decoded in memory, one process x all cores", r["a_model_only"]),
             (f"(a*) model only, decoded in memory, hcd's layout: {r['actor_layout']}", r["a_star_actors"]),
             ("(b) torch DataLoader over .tif", r["b_dataloader"]),

@@ -52,11 +52,21 @@ def accuracy(cfg: BenchTrainConfig) -> dict:
         truth = check_labelled(open_source(uri), name).to_pandas().set_index("id")["label"]
         t = read_predictions(out, ["id", "prob"]).to_pandas()
         result[f"{name}_auc_tta{tta}"] = float(roc_auc_score(truth.loc[t["id"]].to_numpy(), t["prob"]))
-    lines = [f"trained {train_min:.1f} min (budget {cfg.minutes} min), best epoch {result['best_epoch']}",
-             "minutes  val AUC (TTA 1)"] + [f"{m:7.1f}  {a:.4f}" for m, a in result["curve"]]
-    lines += [f"{name} AUC ({uri}), hcd score TTA {tta}: {result[f'{name}_auc_tta{tta}']:.4f}"
+    ips = [h["images_per_s"] for h in meta["history"]]
+    lines = [f"`hcd train` defaults, budget {cfg.minutes:g} min: trained {train_min:.1f} min, "
+             f"{len(result['curve'])} epochs at {min(ips):.0f}-{max(ips):.0f} images/s, best epoch "
+             f"{result['best_epoch']} ({meta['history'][0].get('arithmetic', '')})", "",
+             "| AUC | source | value |", "|---|---|---:|"]
+    lines += [f"| {name}, hcd score TTA {tta} | {uri} | {result[f'{name}_auc_tta{tta}']:.4f} |"
               for name, uri, tta in scored]
+    lines += ["", "| minutes | validation AUC (TTA 1) |", "|---:|---:|"]
+    lines += [f"| {m:.1f} | {a:.4f} |" for m, a in result["curve"]]
     log.info("\n%s", "\n".join(lines))
+    if cfg.markdown:
+        from hcdlib.benchmark_doc import publish
+
+        publish(cfg.markdown, "train-accuracy", "Training on real PatchCamelyon patches", "\n".join(lines),
+                job="bench_train", cfg=cfg)
     return result
 
 
@@ -155,9 +165,14 @@ def throughput(cfg: BenchTrainConfig) -> dict:
                         ("off", "read and decoded every epoch (--cache off)")):
         lines += [f"| Ray Train, 1 worker, {name} | " + row.format(*ray_ips[cache]) + " |",
                   "| ratio Ray/plain | " + " | ".join(f"{r:.2f}" for r in ratios[cache]) + " |"]
-    lines.append(f"(--cache auto decoded the patches in {cache_s:.1f} s before Ray Train's epoch 1; the plain loop "
+    lines.append(f"\n(--cache auto decoded the patches in {cache_s:.1f} s before Ray Train's epoch 1; the plain loop "
                  "decodes in its DataLoader worker during each epoch)")
     log.info("\n%s", "\n".join(lines))
+    if cfg.markdown:
+        from hcdlib.benchmark_doc import publish
+
+        publish(cfg.markdown, "train-throughput", "Training throughput: Ray Train against a plain PyTorch loop",
+                "\n".join(lines), job="bench_train", cfg=cfg)
     return result
 
 

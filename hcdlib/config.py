@@ -269,6 +269,8 @@ class BenchScoreConfig(Settings):
     memory_only: bool = setting(False, "only (d) at N and --mem-factor x N: throughput and peak memory side by side")
     pipeline_only: bool = setting(False, "only the (g) rows: the pipeline alone (a constant instead of the model), "
                                          "steady state from N and 5N, and the start-up of a fresh hcd score")
+    markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
+                                         "replacing the table this benchmark wrote there before")
 
 
 @dataclass(frozen=True)
@@ -291,3 +293,5 @@ class BenchTrainConfig(Settings):
     throughput_n: int = setting(4096, "patches for the throughput epochs", lo=1)
     test: str | None = setting(None, "a labelled test source never used in training or epoch choice: also "
                                      "scored (dihedral TTA 8) and its AUC reported")
+    markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
+                                         "replacing the table this benchmark wrote there before")

@@ -82,3 +82,19 @@ def test_model_only_rows_run_where_the_scoring_actors_run():
 
     assert where_actors_run({"CPU": 16, "GPU": 4})["num_gpus"] == 1
     assert where_actors_run({"CPU": 2})["num_gpus"] == 0
+
+
+def test_a_benchmark_replaces_its_own_table_in_the_performance_doc(tmp_path):
+    from hcdlib.benchmark_doc import publish
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nIntro kept.\n")
+    cfg = BenchScoreConfig(n=40, pipeline_only=True, markdown=str(doc))
+    publish(str(doc), "pipeline", "The pipeline alone", "| a |\n|---|\n| 1 |", job="bench_score", cfg=cfg)
+    publish(str(doc), "other", "Other", "| b |\n|---|\n| 2 |", job="bench_score", cfg=cfg)
+    publish(str(doc), "pipeline", "The pipeline alone", "| a |\n|---|\n| 3 |", job="bench_score", cfg=cfg)
+    text = doc.read_text()
+    assert "Intro kept." in text and text.count("### The pipeline alone") == 1 and "| 1 |" not in text
+    assert "| 3 |" in text and "| 2 |" in text
+    assert "Command: `python jobs/bench_score.py --n 40 --pipeline-only`" in text  # --markdown left out
+    assert "Machine: " in text and " cores, native bf16: " in text and "Commit: " in text
