@@ -108,7 +108,7 @@ class SynthConfig(Settings):
 class PackConfig(Settings):
     """Pack any patch source into Parquet shards (few large objects instead of millions)."""
 
-    input: str = setting(help="patch source URI (folder, class folders, shards)")
+    input: str = setting(help="patch source URI (folder, class folders, shards, PatchCamelyon .h5)")
     out: str = setting(help="output folder URI for the shards", output=True)
     labels: str | None = setting(None, "labels CSV URI (id,label[,slide_id])")
     rows_per_file: int = setting(10_000, "patches per shard", lo=1)
@@ -151,7 +151,7 @@ class ScoreConfig(Settings):
 class TrainConfig(Settings):
     """Train a patch classifier with Ray Train; exports the best epoch to <out>/model.
 
-    Defaults are the settings that reach the PCam target on a 2-core CPU.
+    The defaults are tuned for a 30-minute budget on a CPU (docs/training.md).
     """
 
     data: str = setting(help="training patch source URI")
@@ -172,18 +172,17 @@ class TrainConfig(Settings):
     patience: int = setting(6, "early stopping: epochs without validation AUC gain, counted until "
                                  "the uniform weight average (--swa-from) starts", lo=1)
     crop: int = setting(96, "the model sees the centre CROP px of each 96 px patch (the label is about the "
-                            "centre 32 px; 64 trains 2.9x faster on CPU but generalised worse, README); "
-                            "recorded in the model, so scoring crops the same", lo=32, hi=96)
+                            "centre 32 px; a smaller crop trains faster); recorded in the model, so scoring "
+                            "crops the same", lo=32, hi=96)
     ema: float = setting(0.997, "decay of the exponential moving average of the weights that is validated "
                                 "and exported (0: the raw weights until --swa-from)", lo=0, hi=0.9999)
     swa_from: float = setting(0.6, "from this share of the run (its time budget, else its epochs) on, the "
                                    "exported weights are the plain mean of every step's (stochastic weight "
-                                   "averaging: +0.003 AUC at 30 minutes, README); 1: never", lo=0, hi=1)
+                                   "averaging); 1: never", lo=0, hi=1)
     val_tta: int = setting(1, "dihedral views averaged in each validation, as in scoring: 8 chooses the "
                               "exported epoch on the metric that scoring with 8 views reports, at 8x "
-                              "validation's compute (on 2 CPU cores, about a minute more per epoch for "
-                              "3,000 patches: one 30-minute run got 3 fewer epochs and 0.003 less AUC, "
-                              "README)", choices=TTA_CHOICES)
+                              "validation's compute (time a budget then spends on validation)",
+                           choices=TTA_CHOICES)
     precision: str = precision_setting()
     workers: int | None = setting(None, "Ray Train workers (default: one per GPU, else 1)", lo=1)
     gpus_per_worker: float | None = setting(None, "GPUs per worker (default 1 where GPUs exist; a fraction only "

@@ -162,3 +162,17 @@ def test_evaluate_summary_counts_the_patches_left_out(monkeypatch, caplog):
     caplog.clear()
     run_evaluate(EvalConfig(predictions="p", labels="l", out="r"))
     assert "patches  59" in caplog.text and "errors" not in caplog.text
+
+
+def test_the_flag_reference_in_docs_is_current():
+    """docs/cli.md is generated from the configs: a flag added, removed or reworded makes it stale."""
+    from hcdlib.cli_doc import markdown
+
+    doc = (REPO / "docs" / "cli.md").read_text()
+    assert doc == markdown(), "docs/cli.md is stale: run python -m hcdlib.cli_doc docs/cli.md"
+    for name in COMMANDS:
+        parser = command_parser(name)
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag not in ("--help", "--verbose"):
+                    assert f"`{flag}`" in doc, f"hcd {name} {flag} is not in docs/cli.md"

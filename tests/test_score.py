@@ -50,7 +50,10 @@ def corrupt_set(synth_small, tmp_path) -> tuple[Path, dict]:
 
 
 def _cfg(model_dir, inp, out, **kw) -> ScoreConfig:
-    return ScoreConfig(model=str(model_dir), input=str(inp), out=str(out), chunk_size=kw.pop("chunk_size", 64), **kw)
+    # fp32 unless a test says otherwise: the exact comparisons with infer_batch below are fp32's,
+    # and --precision auto is bf16 on CPUs that do it natively (its own test below)
+    return ScoreConfig(model=str(model_dir), input=str(inp), out=str(out), chunk_size=kw.pop("chunk_size", 64),
+                       precision=kw.pop("precision", "fp32"), **kw)
 
 
 def test_infer_batch_matches_the_model_without_ray(model_dir, synth_small):
@@ -221,6 +224,26 @@ def test_score_on_s3_input_and_output(ray_session, model_dir, synth_small, bucke
     a = read_predictions(f"{bucket}/preds-patches").sort_by("id")["prob"].to_numpy()
     b = read_predictions(f"{bucket}/preds-shards").sort_by("id")["prob"].to_numpy()
     np.testing.assert_allclose(a, b)  # same patches, same model: layout does not matter
+
+
+def test_precision_auto_scores_in_the_arithmetic_the_cpu_does_natively(ray_session, model_dir, synth_small,
+                                                                        tmp_path):
+    """--precision auto is bf16 where the CPU has AVX512-BF16 or AMX, else fp32; probabilities stay float32."""
+    from hcdlib.device import pick
+
+    auto = score(_cfg(model_dir, synth_small, tmp_path / "auto", precision="auto"))
+    assert auto["run"]["precision"] == "auto" and auto["ok"] == 300
+    a = read_predictions(str(tmp_path / "auto")).to_pandas().set_index("id").sort_index()
+    score(_cfg(model_dir, synth_small, tmp_path / "fp32"))
+    b = read_predictions(str(tmp_path / "fp32")).to_pandas().set_index("id").sort_index()
+    assert a.prob.dtype == np.float32
+    diff = np.abs(a.prob.to_numpy() - b.prob.to_numpy())
+    if pick().autocast is None:  # no native bf16 here: auto is fp32, the same numbers
+        np.testing.assert_allclose(a.prob.to_numpy(), b.prob.to_numpy(), atol=1e-6)
+    else:  # bf16: close to fp32, and not fp32 itself
+        assert diff.max() < 0.02 and diff.max() > 0
+    with pytest.raises(UserError, match=r"holds a run with a different precision \(.auto. there, .bf16. now"):
+        score(_cfg(model_dir, synth_small, tmp_path / "auto", precision="bf16"))
 
 
 def test_submission_csv(ray_session, model_dir, corrupt_set, tmp_path):
