@@ -83,9 +83,9 @@ def pack(cfg: PackConfig) -> dict:
     if urimod.within(cfg.out, cfg.input) or urimod.within(cfg.input, cfg.out):
         raise UserError(f"--out {cfg.out} and --input {cfg.input} overlap: shards would be read as input (or "
                         "input as shards) on the next run; choose an --out outside the input")
-    src = open_source(cfg.input, cfg.labels)
+    # --labels must label (as for train and evaluate): a CSV without a label column is refused.
+    src = open_source(cfg.input, cfg.labels, require_label=True)
     # A labelled archive (class folders, or labels for some patches): every patch 0 or 1, none forgotten.
-    # A labels CSV with slide ids only (a test set) packs unlabelled.
     if src.has_labels():
         check_labelled(src, "input")
     chunks = src.chunks(cfg.rows_per_file)

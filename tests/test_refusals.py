@@ -95,7 +95,11 @@ def test_labels_csv_without_label_column_is_refused(ten_patches, tmp_path, no_ra
         open_sources(TrainConfig(data=str(folder), labels=bad, out=str(tmp_path / "run")))
     with pytest.raises(SourceError, match="needs a 'label' column"):
         load_labels(bad)
-    assert not (tmp_path / "run").exists()
+    from hcdlib.pack import PackConfig, pack
+
+    with pytest.raises(SourceError, match="needs a 'label' column"):  # it packed every row with no label
+        pack(PackConfig(input=str(folder), labels=bad, out=str(tmp_path / "packed")))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "packed").exists()
     read_labels(bad, require_label=False)  # scoring may carry slide ids without labels
 
 
