@@ -78,10 +78,9 @@ def _steady(model_dir: str, small: str, big: str, out: str, *, slides: bool = Fa
 
     Ray is started and the N input scored once, untimed, first: if the run at N started Ray,
     T(N) would hold Ray's start (7 s here) and T(5N) not, and the difference would overstate the
-    rate (17,693 against 10,103 rows/s, the same (g) measured both ways back to back; session
-    19's figures "alone" were measured so). The first job on a Ray also starts Ray Data's own
-    actors (2 s more): the full benchmark's first row, (g), held that in its T(N). (``warm=False``:
-    the caller has done it, e.g. outside a count of the bytes the timed runs read.)
+    rate (17,693 against 10,103 rows/s, the same (g) measured both ways back to back). The first
+    job on a Ray also starts Ray Data's own actors (2 s more), which the warm-up takes too.
+    (``warm=False``: the caller has done it, e.g. outside a count of the bytes the timed runs read.)
     """
     from hcdlib.rayutil import init_ray
 

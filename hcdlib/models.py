@@ -23,8 +23,8 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 
 # hcdnet's shape is recorded in each artifact (``arch_args``), so a model loads as it was
-# trained even after this default changes. Five stages: the fifth runs at 3x3 px and costs 7%
-# of the training steps/s on 2 cores for +0.003 validation AUC in 30 minutes (README).
+# trained even after this default changes. Five stages: the fifth runs at 3x3 px, costs a few
+# percent of the training steps/s and gains validation AUC in a 30-minute CPU budget.
 HCDNET_SHAPE = {"stem": 16, "widths": (32, 64, 128, 256, 512)}
 
 

@@ -1,10 +1,11 @@
 """Patch sources: one factory picks the layout from what is at the URI.
 
-Layouts (see README):
+Layouts (docs/inputs.md):
 - ``kaggle``: a folder of ``<id>.tif`` (or .png/.jpg), labels from an optional CSV
   (``id,label[,slide_id]``; ``labels.csv`` inside the folder is used when present);
 - ``class_folders``: ``<root>/[split/]<label>/*.{tif,png,jpg}``, label = folder name;
-- ``parquet``: shards written by ``hcd pack`` (columns id, image, label, slide_id, source).
+- ``parquet``: shards written by ``hcd pack`` (columns id, image, label, slide_id, source);
+- ``pcam_h5``: PatchCamelyon's HDF5 files (:mod:`hcdlib.h5source`).
 
 - whole-slide images (``.svs``, ``.ndpi``, ..., or ``.tif`` with ``--slides``): scored as
   tissue tiles, see :class:`hcdlib.slides.SlideSource`.

@@ -53,10 +53,9 @@ def stop_reason(*, out_of_time: bool, epochs_since_best: int, patience: int, ave
     """Why the run stops after this epoch ("time budget", "early stopping"), or "" to go on.
 
     Patience does not end a run once the uniform weight average has begun: that stretch is the
-    schedule's low-learning-rate end, where the averaged model gained most (the best epoch fell in
-    it in 3 of the 4 30-minute runs on session 24's machine, README), and where the AUC moves by
-    up to 0.004 from one epoch to the next, as much as one run's noise. A seed-1 run was stopped
-    there 3 epochs in, at a third of the peak learning rate, with 9 minutes of its budget unspent.
+    schedule's low-learning-rate end, where the averaged model gains most and where the AUC moves
+    from one epoch to the next by as much as one run's noise, so a short plateau there is not a
+    reason to stop.
     """
     if out_of_time:
         return "time budget"
@@ -187,7 +186,7 @@ class WeightAverage:
     (``(1 + t) / (10 + t)``) so the average does not remember the random initialisation. From
     ``--swa-from`` of the run on, every step weighs the same (stochastic weight averaging,
     Izmailov et al. 2018): as the learning rate falls, the weights circle a minimum, and their
-    plain mean lies nearer its centre than any one of them (+0.003 AUC at 30 minutes, README).
+    plain mean lies nearer its centre than any one of them.
     Its BatchNorm statistics follow the live model's between validations and are re-estimated
     before each (:func:`recalibrate_batchnorm`).
     """

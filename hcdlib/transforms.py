@@ -102,7 +102,7 @@ def train_preset(x: torch.Tensor, *, generator: torch.Generator | None = None,
 
     Tissue has no orientation, so every dihedral transform is a valid sample; mild per-image
     colour jitter mimics stain and scanner variation between slides. (Stain-space HED jitter
-    and crops shifted around the labelled centre were measured and did not help: README.)
+    and crops shifted around the labelled centre were measured and did not help: docs/performance.md.)
     """
     import torch
 

@@ -1,4 +1,4 @@
-"""Run the whole product end to end on an embedded synthetic archive.
+"""Run the whole product end to end on the real PatchCamelyon sample that ships with hcd.
 
     python jobs/demo.py --out hcd-demo
 

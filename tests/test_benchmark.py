@@ -16,7 +16,7 @@ def _make_old_format(folder: Path) -> None:
 
 
 def _make_old_codec(folder: Path) -> None:
-    """Rewrite every shard as session 19's hcd pack stored them: the same columns, pixels in zstd."""
+    """Rewrite every shard as an older hcd pack stored them: the same columns, pixels in zstd."""
     for f in folder.rglob("*.parquet"):
         pq.write_table(pq.read_table(f), f, row_group_size=1024, compression="zstd", compression_level=1)
 

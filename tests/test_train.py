@@ -85,7 +85,7 @@ def test_two_workers_learn_and_export_round_trips(ray_session, synth_600, tmp_pa
     # Two epochs of 7 steps: with BatchNorm statistics re-estimated for the final weights the
     # validation slide is separated (AUC 0.999-1.0 in 10 of 10 runs, cached and streamed, five
     # seeds, bf16); without it, 5 of those 10 runs scored 0.52-0.68 in eval mode. On a CPU without
-    # bf16 (fp32 arithmetic, session 19) one full suite in three gave 0.853: the line is above what
+    # bf16 (fp32 arithmetic) one full suite in three gave 0.853: the line is above what
     # the broken case gives and below that.
     assert meta["metrics"]["val_auc"] > 0.8
     assert epochs[0]["bn_images"] > 0
