@@ -108,7 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     import pyarrow.parquet as pq
 
     from hcdlib.evaluate import EvalConfig, evaluate
-    from hcdlib.predictions import read_predictions
+    from hcdlib.predictions import read_manifest, read_predictions
     from hcdlib.rayutil import init_ray
     from hcdlib.sample import sample_uri
     from hcdlib.score import ScoreConfig, score
@@ -125,16 +125,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     meta = train(TrainConfig(data=sample_uri("train"), val_data=sample_uri("val"), out=paths["run"],
                              batch_size=64, time_budget_min=cfg.minutes))
     model_uri = urimod.join(paths["run"], "model")
-    log.info("[2/4] scoring and evaluating 300 held-out patches from other slides")
+    log.info("[2/4] scoring 300 held-out patches from other slides")
     scored = score(ScoreConfig(model=model_uri, input=sample_uri("test"), out=paths["predictions"], overwrite=True))
-    metrics = evaluate(EvalConfig(predictions=paths["predictions"], labels=sample_uri("test"), out=paths["report"]))
     log.info("[3/4] assembling a slide from 140 held-out patches and scoring it tile by tile")
     slide_path = urimod.join(paths["slide"], SLIDE_FILE)
     urimod.resolve(paths["slide"])[0].create_dir(urimod.resolve(paths["slide"])[1], recursive=True)
     truth = write_demo_slide(pq.read_table(urimod.join(sample_uri("slide"), "part-00000.parquet")), slide_path)
     score(ScoreConfig(model=model_uri, input=paths["slide"], out=paths["slide_predictions"], slides=True,
                       overwrite=True, chunk_size=64))
-    log.info("[4/4] drawing the slide heatmap with the known tumour region")
+    log.info("[4/4] the slide heatmap with the known tumour region, and the evaluation report")
     rows = read_predictions(paths["slide_predictions"]).to_pylist()
     auc, n_tiles = tile_auc(rows, truth)
     known = tumour_regions([dict(t, tile_size=TILE, prob=1.0, status="ok") for t in truth["tiles"] if t["label"]],
@@ -142,9 +141,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     key = slide_key(rows[0]["source"])  # the slide as hcd score listed it (an absolute URI), not as written here
     thumb = urimod.read_bytes(urimod.join(paths["slide_predictions"], "slides", f"{key}.thumbnail.png"))
     heatmap = urimod.join(cfg.out, HEATMAP)
-    urimod.write_bytes_atomic(heatmap, heatmap_png(
-        thumb, [r for r in rows if r["status"] == "ok"], width=truth["width"], height=truth["height"],
-        title=f"demo slide: tile AUC {auc:.3f} against the known tumour region (dashed)", truth=known))
+    png = heatmap_png(thumb, [r for r in rows if r["status"] == "ok"], width=truth["width"], height=truth["height"],
+                      title=f"demo slide: tile AUC {auc:.3f} against the known tumour region (dashed)", truth=known)
+    urimod.write_bytes_atomic(heatmap, png)
+    slide_row = read_manifest(paths["slide_predictions"])["slides"]["per_slide"][0]
+    metrics = evaluate(EvalConfig(predictions=paths["predictions"], labels=sample_uri("test"), out=paths["report"]),
+                       slides=[(slide_row, png)])
     p = metrics["patch"]
     lo, hi = p["roc_auc_ci95"] or (float("nan"), float("nan"))
     result = {**paths, "model": model_uri, "report_html": urimod.join(paths["report"], "report.html"),

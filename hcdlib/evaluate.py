@@ -211,8 +211,12 @@ def check_report_folder(out: str) -> None:
                         "choose a new or empty folder")
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Compute metrics and write ``metrics.json``, the figures and ``report.html`` to ``cfg.out``."""
+def evaluate(cfg: EvalConfig, *, slides: list[tuple[dict, bytes]] | None = None) -> dict:
+    """Compute metrics and write ``metrics.json``, the figures and ``report.html`` to ``cfg.out``.
+
+    ``slides``: (summary row, heatmap PNG) of slides scored elsewhere, shown in the report's slide
+    section beside those of ``cfg.predictions`` (the demo's slide, beside its patches).
+    """
     from hcdlib.predictions import once_per_id, read_predictions
     from hcdlib.report import PLURAL, REPORT, write_figures, write_html
 
@@ -245,7 +249,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     figures = write_figures(df, metrics, cfg)
     body = json.dumps(metrics, indent=1, default=float).encode()
     urimod.write_bytes_atomic(urimod.join(cfg.out, METRICS), body)
-    write_html(metrics, figures, cfg.out, slides=_slide_heatmaps(cfg.predictions))
+    write_html(metrics, figures, cfg.out, slides=(slides or []) + (_slide_heatmaps(cfg.predictions) or []))
     if metrics["patch"]["roc_auc"] < 0.5:  # a classifier worse than chance is most often a label mix-up
         log.warning("ROC AUC %.3f is below chance: the model ranks normal %s above tumour ones; check that 1 "
                     "means tumour in %s and in the labels the model was trained on", metrics["patch"]["roc_auc"],

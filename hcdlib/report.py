@@ -176,6 +176,25 @@ def write_figures(df: pd.DataFrame, metrics: dict, cfg) -> dict[str, bytes]:
     return figures
 
 
+def shown_path(uri: str) -> str:
+    """A location as the report shows it: inside hcd's own package or the working folder, relatively.
+
+    So a report (and its screenshot) names the sample that ships with hcd, or the user's own
+    folders, without the install's or the machine's absolute paths.
+    """
+    import os
+
+    import hcdlib
+
+    if urimod.is_s3(uri) or not os.path.isabs(uri):
+        return uri
+    package = os.path.dirname(os.path.abspath(hcdlib.__file__))
+    for base, shown in ((package, "hcdlib"), (os.getcwd(), ".")):
+        if uri == base or uri.startswith(base + os.sep):
+            return os.path.join(shown, os.path.relpath(uri, base))
+    return uri
+
+
 def _rows(pairs) -> str:
     return "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in pairs)
 
@@ -248,8 +267,9 @@ def write_html(metrics: dict, figures: dict[str, bytes], out: str, *,
 table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 figure{{margin:1em 0}}img{{max-width:100%}}</style></head><body>
 <h1>hcd evaluation report</h1>
-<p>Model <code>{escape(metrics['inputs']['model'])}</code>; predictions <code>{escape(metrics['inputs']['predictions'])}
-</code>; labels <code>{escape(metrics['inputs']['labels'])}</code>.</p>
+<p>Model <code>{escape(metrics['inputs']['model'])}</code>; predictions
+<code>{escape(shown_path(metrics['inputs']['predictions']))}</code>; labels
+<code>{escape(shown_path(metrics['inputs']['labels']))}</code>.</p>
 <h2>{heading}</h2><table>{table}</table>
 <h2>Inputs joined</h2><table>{join_rows}</table>
 <h2>{"Slide level" if u == "patch" else "Slide scores: the highest tile and the mean of the top tiles"}</h2>

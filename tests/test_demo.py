@@ -92,6 +92,7 @@ def test_demo_runs_every_stage_end_to_end(ray_session, tmp_path, monkeypatch):
     assert lo < out["test_auc"] < hi
     html = (tmp_path / "demo" / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "closer to the top-left" in html  # captions, not file names
+    assert "<h2>Slides</h2><h3>demo_slide</h3>" in html and 'alt="heatmap of demo_slide"' in html  # the slide too
     assert out["tiles"] >= 100 and out["tile_auc"] > 0.6  # the known region lights up, even after 36 s
     assert Path(out["heatmap"]).read_bytes()[:4] == b"\x89PNG"
     slide = read_manifest(out["slide_predictions"])

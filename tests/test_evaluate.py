@@ -329,3 +329,13 @@ def test_a_report_folder_holding_files_evaluate_did_not_write_is_refused(case, s
     (tmp_path / "proj" / "roc.png").write_bytes(b"stale")
     evaluate(cfg)
     assert (tmp_path / "proj" / "roc.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_report_names_hcds_sample_and_the_users_folders_without_machine_paths(tmp_path, monkeypatch):
+    from hcdlib.report import shown_path
+    from hcdlib.sample import sample_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(sample_uri("test")) == "hcdlib/data/pcam_sample/test"
+    assert shown_path(str(tmp_path / "preds")) == "./preds"
+    assert shown_path("/data/elsewhere") == "/data/elsewhere" and shown_path("s3://b/p") == "s3://b/p"
