@@ -273,6 +273,21 @@ class BenchScoreConfig(Settings):
 
 
 @dataclass(frozen=True)
+class BenchBackendsConfig(Settings):
+    """CPU scoring backends side by side: torch fp32/bf16/compiled, ONNX Runtime, OpenVINO, int8; hcd score."""
+
+    model: str = setting(help="an exported hcd model (e.g. bench_train's run/model)")
+    valid: str = setting(help="a labelled patch source: every backend's AUC over it")
+    n: int = setting(4096, "patches per timed round (taken from --valid)", lo=1)
+    batch_size: int = setting(256, "patches per model call", lo=1)
+    rounds: int = setting(3, "timed rounds per backend (the best is reported)", lo=1)
+    n_score: int = setting(40_000, "synthetic packed patches for hcd score end to end", lo=1)
+    work: str = setting("bench-out/backends", "local folder for exports, data and outputs", output=True)
+    markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
+                                         "replacing the table this benchmark wrote there before")
+
+
+@dataclass(frozen=True)
 class GpuCheckConfig(Settings):
     """Check hcd's GPU paths on one GPU machine; JSON and a Markdown table in --out."""
 

@@ -134,7 +134,7 @@ def test_resume_skips_done_chunks_and_refuses_mixing(ray_session, model_dir, syn
 def _start_score_job(ray_session, model_dir, data, out) -> subprocess.Popen:
     """``jobs/score.py`` as its own driver process on the session's Ray cluster."""
     args = ["--model", str(model_dir), "--input", str(data), "--out", str(out), "--chunk-size", "64",
-            "--tta", "8", "--batch-size", "32"]
+            "--tta", "8", "--batch-size", "32", "--precision", "fp32"]  # as _cfg, which the reruns use
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
     # SIGINT as a terminal delivers it, even where this test runs with it ignored (a background job)
     return subprocess.Popen([sys.executable, str(REPO / "jobs" / "score.py"), *args], env=env,

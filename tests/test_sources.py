@@ -234,8 +234,11 @@ def test_missing_and_empty_inputs_name_the_uri(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match=r"no patch images \(.*\) or Parquet shards found$"):
         open_source(str(tmp_path / "empty"))
-    (tmp_path / "empty" / "camelyonpatch_level_2_split_test_x.h5").write_bytes(b"\x89HDF")  # PCam's own release
-    with pytest.raises(SourceError, match=r"no patch images .* found; it holds 1 other files, e.g. .*test_x.h5"):
+    (tmp_path / "empty" / "camelyonpatch_level_2_split_test_x.h5").write_bytes(b"\x89HDF")  # PCam's name, cut short
+    with pytest.raises(SourceError, match=r"empty/camelyonpatch_level_2_split_test_x\.h5: not a readable HDF5 file"):
+        open_source(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "camelyonpatch_level_2_split_test_x.h5").rename(tmp_path / "empty" / "other.txt")
+    with pytest.raises(SourceError, match=r"no patch images .* found; it holds 1 other files, e.g. .*other.txt"):
         open_source(str(tmp_path / "empty"))
     (tmp_path / "train.zip").write_bytes(b"PK\x03\x04")  # Kaggle's download, passed as it came
     for uri in (tmp_path / "train.zip", tmp_path):
