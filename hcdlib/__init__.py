@@ -13,13 +13,13 @@ __all__ = ["load_model", "read_predictions"]
 
 
 def __getattr__(name: str):
-    # Deferred so that `import hcdlib.uri` in a Ray read task does not pull in torch.
+    # Deferred so that `import hcdlib.storage.uri` in a Ray read task does not pull in torch.
     if name == "load_model":
-        from hcdlib.artifact import load_model
+        from hcdlib.model.artifact import load_model
 
         return load_model
     if name == "read_predictions":
-        from hcdlib.predictions import read_predictions
+        from hcdlib.outputs.readers import read_predictions
 
         return read_predictions
     raise AttributeError(f"module 'hcdlib' has no attribute {name!r}")

@@ -21,8 +21,6 @@ import typing
 from collections.abc import Callable
 
 from hcdlib.config import (
-    BenchScoreConfig,
-    BenchTrainConfig,
     DemoConfig,
     EvalConfig,
     PackConfig,
@@ -104,7 +102,7 @@ def _description(config: type[Settings]) -> str:
 
 def run_synth(cfg: SynthConfig) -> int:
     """``hcd synth``."""
-    from hcdlib.synth import write_synth
+    from hcdlib.commands.synth import write_synth
 
     write_synth(cfg)  # it logs what it wrote
     return 0
@@ -112,7 +110,7 @@ def run_synth(cfg: SynthConfig) -> int:
 
 def run_pack(cfg: PackConfig) -> int:
     """``hcd pack``."""
-    from hcdlib.pack import pack
+    from hcdlib.commands.pack import pack
 
     m = pack(cfg)
     log.info("packed %d patches into %d shards at %s", m["rows"], len(m["files"]), cfg.out)
@@ -121,8 +119,8 @@ def run_pack(cfg: PackConfig) -> int:
 
 def run_score(cfg: ScoreConfig) -> int:
     """``hcd score``."""
-    from hcdlib import uri as urimod
-    from hcdlib.score import score
+    from hcdlib.commands.score.run import score
+    from hcdlib.storage import uri as urimod
 
     m = score(cfg)
     wall = m["wall_seconds"]
@@ -159,7 +157,7 @@ def run_score(cfg: ScoreConfig) -> int:
 
 def run_train(cfg: TrainConfig) -> int:
     """``hcd train``."""
-    from hcdlib.train import train
+    from hcdlib.commands.train.run import train
 
     meta = train(cfg)
     m = meta["metrics"]
@@ -174,7 +172,8 @@ def run_train(cfg: TrainConfig) -> int:
 
 def run_submission(cfg: SubmissionConfig) -> int:
     """``hcd submission``."""
-    from hcdlib.predictions import read_manifest, write_submission
+    from hcdlib.outputs.readers import write_submission
+    from hcdlib.outputs.runfolder import read_manifest
 
     n = write_submission(cfg.predictions, cfg.out, overwrite=cfg.overwrite)
     errors = read_manifest(cfg.predictions)["errors"]
@@ -186,8 +185,8 @@ def run_submission(cfg: SubmissionConfig) -> int:
 
 def run_evaluate(cfg: EvalConfig) -> int:
     """``hcd evaluate``."""
-    from hcdlib.evaluate import evaluate
-    from hcdlib.report import PLURAL, unit_of
+    from hcdlib.commands.evaluate.metrics import evaluate
+    from hcdlib.commands.evaluate.report import PLURAL, unit_of
 
     m = evaluate(cfg)
     p, failed, unit = m["patch"], m["join"]["error_rows"], unit_of(m)
@@ -202,25 +201,11 @@ def run_evaluate(cfg: EvalConfig) -> int:
     return 0
 
 
-def run_bench_score(cfg: BenchScoreConfig) -> int:
-    """``hcd bench-score``."""
-    from hcdlib.benchmark_score import run
-
-    run(cfg)
-    return 0
-
-
-def run_bench_train(cfg: BenchTrainConfig) -> int:
-    """``hcd bench-train``."""
-    from hcdlib.benchmark_train import run
-
-    run(cfg)
-    return 0
 
 
 def run_demo(cfg: DemoConfig) -> int:
     """``hcd demo``."""
-    from hcdlib.demo import run_demo as demo
+    from hcdlib.commands.demo import run_demo as demo
 
     demo(cfg)
     return 0
@@ -235,8 +220,6 @@ COMMANDS: dict[str, tuple[type[Settings], Callable[..., int]]] = {
     "score": (ScoreConfig, run_score),
     "evaluate": (EvalConfig, run_evaluate),
     "submission": (SubmissionConfig, run_submission),
-    "bench-score": (BenchScoreConfig, run_bench_score),
-    "bench-train": (BenchTrainConfig, run_bench_train),
 }
 
 

@@ -20,13 +20,13 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from hcdlib.errors import UserError, check_range
 
-# Architectures hcd can build (hcdlib.models holds the builders).
+# Architectures hcd can build (hcdlib.model.architectures holds the builders).
 ARCHES = ("hcdnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
 # Test-time augmentation: 1 none, 4 rotations, 8 the dihedral group.
 TTA_CHOICES = (1, 4, 8)
 # Training arithmetic: auto is bf16 autocast where the hardware does bf16 natively, else fp32.
 PRECISIONS = ("auto", "bf16", "fp32")
-# Decoded training data kept in Ray's object store: auto decides by its size (hcdlib.train).
+# Decoded training data kept in Ray's object store: auto decides by its size (hcdlib.commands.train.run).
 CACHE_CHOICES = ("auto", "on", "off")
 # Plausible scanner resolutions in microns per pixel (a 100x oil objective is ~0.1; a 1x overview ~10).
 MPP_RANGE = (0.05, 20.0)
@@ -36,7 +36,7 @@ def setting(default=MISSING, help: str = "", *, lo: float | None = None, hi: flo
             lo_open: bool = False, choices: tuple | None = None, output: bool = False):
     """A config field with its help text and allowed values (a field without default is required).
 
-    ``output``: the location the command writes to (checked by :func:`hcdlib.uri.check_kept`).
+    ``output``: the location the command writes to (checked by :func:`hcdlib.storage.uri.check_kept`).
     """
     meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "output": output}
     return field(default=default, metadata=meta)
@@ -73,7 +73,7 @@ class Settings:
                 raise UserError(f"{flag_name(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
             check_range(flag_name(f.name), value, f.metadata["lo"], f.metadata["hi"], lo_open=f.metadata["lo_open"])
             if f.metadata["output"]:
-                from hcdlib.uri import check_kept
+                from hcdlib.storage.uri import check_kept
 
                 check_kept(value, flag_name(f.name))
         self.check()
@@ -86,8 +86,8 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def located(self, *names: str):
-        """A copy with the local paths in fields ``names`` made absolute (see :func:`hcdlib.uri.absolute`)."""
-        from hcdlib.uri import absolute
+        """A copy with the local paths in fields ``names`` made absolute (see :func:`hcdlib.storage.uri.absolute`)."""
+        from hcdlib.storage.uri import absolute
 
         return dataclasses.replace(self, **{n: absolute(getattr(self, n)) for n in names})
 
@@ -248,64 +248,3 @@ class DemoConfig(Settings):
 
     out: str = setting("hcd-demo", "folder for everything the demo writes", output=True)
     minutes: float = setting(2.0, "training time budget", lo=0, lo_open=True)
-
-
-@dataclass(frozen=True)
-class BenchScoreConfig(Settings):
-    """Scoring benchmark: model only vs DataLoader vs hcd score (tif, Parquet, S3, slides), one run."""
-
-    n: int = setting(20_000, "synthetic patches", lo=1)
-    arch: str = setting("resnet18", "architecture", choices=ARCHES)
-    batch_size: int = setting(256, "patches per model call", lo=1)
-    tta: int = setting(1, "test-time augmentation", choices=TTA_CHOICES)
-    work: str = setting("bench-out", "local folder for data and outputs", output=True)
-    mem_factor: int = setting(5, "memory check at this many times N", lo=1)
-    s3_uri: str | None = setting(None, "score shards already at this S3 URI for (e) (default: a local moto server)")
-    skip_s3: bool = setting(False, "leave out (e)")
-    skip_memory: bool = setting(False, "leave out the N vs k*N memory check")
-    slide_tiles: int = setting(6400, "(f) tiles in a synthetic slide archive vs as many Parquet patches; "
-                                     "0 leaves it out", lo=0)
-    memory_only: bool = setting(False, "only (d) at N and --mem-factor x N: throughput and peak memory side by side")
-    pipeline_only: bool = setting(False, "only the (g) rows: the pipeline alone (a constant instead of the model), "
-                                         "steady state from N and 5N, and the start-up of a fresh hcd score")
-    markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
-                                         "replacing the table this benchmark wrote there before")
-
-
-@dataclass(frozen=True)
-class BenchBackendsConfig(Settings):
-    """CPU scoring backends side by side: torch fp32/bf16/compiled, ONNX Runtime, OpenVINO, int8; hcd score."""
-
-    model: str = setting(help="an exported hcd model (e.g. bench_train's run/model)")
-    valid: str = setting(help="a labelled patch source: every backend's AUC over it")
-    n: int = setting(4096, "patches per timed round (taken from --valid)", lo=1)
-    batch_size: int = setting(256, "patches per model call", lo=1)
-    rounds: int = setting(3, "timed rounds per backend (the best is reported)", lo=1)
-    n_score: int = setting(40_000, "synthetic packed patches for hcd score end to end", lo=1)
-    work: str = setting("bench-out/backends", "local folder for exports, data and outputs", output=True)
-    markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
-                                         "replacing the table this benchmark wrote there before")
-
-
-@dataclass(frozen=True)
-class GpuCheckConfig(Settings):
-    """Check hcd's GPU paths on one GPU machine; JSON and a Markdown table in --out."""
-
-    out: str = setting("gpu-check", "folder for the report and the check's own data", output=True)
-    dry_run: bool = setting(False, "tiny sizes on whatever device there is (CPU in CI): proves the check runs")
-
-
-@dataclass(frozen=True)
-class BenchTrainConfig(Settings):
-    """Training benchmark on real patches: AUC under a time budget, or Ray Train vs plain loop."""
-
-    train: str = setting(help="training patch source (e.g. pcam-real/train)")
-    valid: str = setting(help="validation patch source (e.g. pcam-real/valid)")
-    out: str = setting("bench-out/train", "output folder", output=True)
-    minutes: float = setting(30.0, "training time budget", lo=0, lo_open=True)
-    throughput: bool = setting(False, "images/s of Ray Train vs a plain PyTorch loop")
-    throughput_n: int = setting(4096, "patches for the throughput epochs", lo=1)
-    test: str | None = setting(None, "a labelled test source never used in training or epoch choice: also "
-                                     "scored (dihedral TTA 8) and its AUC reported")
-    markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
-                                         "replacing the table this benchmark wrote there before")

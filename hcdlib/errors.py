@@ -68,7 +68,7 @@ def _chain(exc: BaseException):
 
 def outside_cause(exc: BaseException) -> BaseException | None:
     """The fault of the environment behind ``exc`` (I/O, a lost node or worker), or None for a bug."""
-    import ray.exceptions as rex
+    import ray.exceptions as rex  # Ray only where a job runs
 
     faults = (OSError, rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError, rex.WorkerCrashedError,
               rex.ActorUnavailableError)

@@ -1,4 +1,4 @@
-"""CPU backends benchmark job; see hcdlib/benchmark_backends.py for what it measures.
+"""CPU backends benchmark job; see benchmarks/backends.py for what it measures.
 
 Run as ``python jobs/bench_backends.py --model <hcd model> --valid <labelled patches>``.
 """
@@ -10,9 +10,9 @@ from pathlib import Path
 # Runs from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hcdlib.benchmark_backends import run
+from benchmarks.backends import run
+from benchmarks.config import BenchBackendsConfig
 from hcdlib.cli import add_flags
-from hcdlib.config import BenchBackendsConfig
 from hcdlib.console import setup_logging
 
 if __name__ == "__main__":

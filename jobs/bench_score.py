@@ -1,17 +1,21 @@
-"""Scoring benchmark job; see hcdlib/benchmark_score.py for what it measures.
+"""Scoring benchmark job; see benchmarks/scoring.py for what it measures.
 
-    ray job submit --working-dir . -- python jobs/bench_score.py --help
-
-Same flags as `hcd bench-score`.
+Run as ``python jobs/bench_score.py --help``, or ``ray job submit --working-dir . -- python jobs/bench_score.py ...``.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
-# Runs from a checkout (ray job submit --working-dir .) without installing the package.
+# Runs from a checkout without installing the package: the benchmarks are not part of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hcdlib.cli import main
+from benchmarks.config import BenchScoreConfig
+from benchmarks.scoring import run
+from hcdlib.cli import add_flags
+from hcdlib.console import setup_logging
 
 if __name__ == "__main__":
-    sys.exit(main(["bench-score", *sys.argv[1:]]))
+    args = add_flags(argparse.ArgumentParser(description=BenchScoreConfig.__doc__), BenchScoreConfig).parse_args()
+    setup_logging(verbose=False)
+    run(BenchScoreConfig(**vars(args)))

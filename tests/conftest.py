@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hcdlib.s3local import free_port
+from hcdlib.storage.s3local import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PCAM_REAL = REPO.parent / "shared" / "data" / "pcam-real"
@@ -25,7 +25,7 @@ def ray_session(s3_server):
     """
     import ray
 
-    from hcdlib.rayutil import init_ray
+    from hcdlib.raykit.cluster import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     init_ray(num_cpus=2, dashboard=True)  # the training tests need it
@@ -91,7 +91,7 @@ def s3_server():
     Clients reach it through a :class:`TcpRelay` (the ``s3_relay`` fixture), so an outage can
     be staged without losing moto's in-memory buckets.
     """
-    from hcdlib.s3local import aws_env, moto_server
+    from hcdlib.storage.s3local import aws_env, moto_server
 
     with moto_server() as port:
         relay = TcpRelay(port)
@@ -137,7 +137,7 @@ def upload_dir(local: Path, s3_uri: str) -> None:
     """Copy a local folder tree to S3 with pyarrow (the code path users take)."""
     import pyarrow.fs as pafs
 
-    from hcdlib.uri import resolve
+    from hcdlib.storage.uri import resolve
 
     fs, path = resolve(s3_uri)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -146,7 +146,7 @@ def upload_dir(local: Path, s3_uri: str) -> None:
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """300 synthetic patches, Kaggle layout with labels.csv."""
-    from hcdlib.synth import SynthConfig, write_synth
+    from hcdlib.commands.synth import SynthConfig, write_synth
 
     out = tmp_path_factory.mktemp("synth") / "kaggle"
     write_synth(SynthConfig(out=str(out), n=300, slides=4, seed=7), processes=1)
@@ -166,10 +166,10 @@ def model_dir(synth_small, tmp_path_factory) -> Path:
     import pyarrow.csv as pacsv
     import torch
 
-    from hcdlib.artifact import HCDNET_SHAPE_UNRECORDED, export_model
-    from hcdlib.decode import decode_patch
-    from hcdlib.models import build_model
-    from hcdlib.transforms import to_input, train_preset
+    from hcdlib.model.architectures import build_model
+    from hcdlib.model.artifact import HCDNET_SHAPE_UNRECORDED, export_model
+    from hcdlib.model.transforms import to_input, train_preset
+    from hcdlib.sources.decode import decode_patch
 
     torch.manual_seed(0)
     labels = pacsv.read_csv(synth_small / "labels.csv").to_pydict()

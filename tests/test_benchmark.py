@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hcdlib.benchmark_score import _ensure_data, _packed_by_this_hcd, _pixels_codec, _replicated
-from hcdlib.chunks import ROW_SCHEMA
-from hcdlib.config import BenchScoreConfig
+from benchmarks.config import BenchScoreConfig
+from benchmarks.data import ensure_data, packed_by_this_hcd, pixels_codec, replicated
+from hcdlib.sources.chunks import ROW_SCHEMA
 
 
 def _make_old_format(folder: Path) -> None:
@@ -22,27 +22,27 @@ def _make_old_codec(folder: Path) -> None:
 
 
 def _codec(folder: Path) -> str:
-    return _pixels_codec(next(folder.rglob("*.parquet")))
+    return pixels_codec(next(folder.rglob("*.parquet")))
 
 
 def test_cached_shards_from_an_older_pack_are_rebuilt_not_timed(tmp_path):
     cfg = BenchScoreConfig(work=str(tmp_path), n=40)
-    tif, shards = _ensure_data(cfg, cfg.n, "n40")
-    copies = Path(_replicated(shards, 3, str(tmp_path / "x3")))
-    assert _packed_by_this_hcd(shards) and _packed_by_this_hcd(str(copies))
+    tif, shards = ensure_data(cfg, cfg.n, "n40")
+    copies = Path(replicated(shards, 3, str(tmp_path / "x3")))
+    assert packed_by_this_hcd(shards) and packed_by_this_hcd(str(copies))
     assert pq.read_table(copies).num_rows == 120
     # The copies are in the pack's own codecs: T(N) and T(5N) must time the same format (they
     # were snappy beside zstd shards, and the difference of the two timed the codecs).
     assert _codec(copies) == _codec(Path(shards)) == "LZ4"
-    assert not _packed_by_this_hcd(str(tmp_path / "absent"))
+    assert not packed_by_this_hcd(str(tmp_path / "absent"))
 
     _make_old_format(Path(shards))
     _make_old_format(copies)
-    assert not _packed_by_this_hcd(shards) and not _packed_by_this_hcd(str(copies))
+    assert not packed_by_this_hcd(shards) and not packed_by_this_hcd(str(copies))
 
     # The next benchmark run packs again and replaces the copies: it times this hcd's format.
-    assert _ensure_data(cfg, cfg.n, "n40") == (tif, shards)
-    assert _replicated(shards, 3, str(copies)) == str(copies)
+    assert ensure_data(cfg, cfg.n, "n40") == (tif, shards)
+    assert replicated(shards, 3, str(copies)) == str(copies)
     for folder in (Path(shards), copies):
         assert pq.read_schema(next(folder.rglob("*.parquet"))).names == ROW_SCHEMA.names
     assert pq.read_table(copies).num_rows == 120
@@ -50,25 +50,24 @@ def test_cached_shards_from_an_older_pack_are_rebuilt_not_timed(tmp_path):
 
 def test_cached_shards_in_an_older_codec_are_rebuilt(tmp_path):
     cfg = BenchScoreConfig(work=str(tmp_path), n=40)
-    _, shards = _ensure_data(cfg, cfg.n, "n40")
-    copies = Path(_replicated(shards, 2, str(tmp_path / "x2")))
+    _, shards = ensure_data(cfg, cfg.n, "n40")
+    copies = Path(replicated(shards, 2, str(tmp_path / "x2")))
     _make_old_codec(Path(shards))
     _make_old_codec(copies)
     assert _codec(copies) == "ZSTD"
-    assert not _packed_by_this_hcd(shards) and not _packed_by_this_hcd(str(copies))
-    _ensure_data(cfg, cfg.n, "n40")
-    _replicated(shards, 2, str(copies))
+    assert not packed_by_this_hcd(shards) and not packed_by_this_hcd(str(copies))
+    ensure_data(cfg, cfg.n, "n40")
+    replicated(shards, 2, str(copies))
     assert _codec(Path(shards)) == _codec(copies) == "LZ4"
     assert pq.read_table(copies).num_rows == 80
 
 
 def test_steady_state_starts_ray_and_warms_up_before_it_times_n(monkeypatch):
     """If the run at N started Ray, T(N) would hold Ray's start and T(5N) not: the rate came out 1.75x too high."""
-    import hcdlib.benchmark_pipeline as bp
-    import hcdlib.rayutil
+    import benchmarks.pipeline as bp
 
     calls = []
-    monkeypatch.setattr(hcdlib.rayutil, "init_ray", lambda *a, **k: calls.append("init_ray"))
+    monkeypatch.setattr(bp, "init_ray", lambda *a, **k: calls.append("init_ray"))
     times = {"small": (10.0, 100), "big": (30.0, 500)}
     monkeypatch.setattr(bp, "_timed", lambda m, src, out, **k: calls.append(src) or (*times[src], (1, 1)))
     r = bp._steady("model", "small", "big", "out")
@@ -78,14 +77,14 @@ def test_steady_state_starts_ray_and_warms_up_before_it_times_n(monkeypatch):
 
 def test_model_only_rows_run_where_the_scoring_actors_run():
     """The model-only row ran in the driver: on a GPU cluster it timed the driver's CPU."""
-    from hcdlib.benchmark_score import where_actors_run
+    from benchmarks.scoring import where_actors_run
 
     assert where_actors_run({"CPU": 16, "GPU": 4})["num_gpus"] == 1
     assert where_actors_run({"CPU": 2})["num_gpus"] == 0
 
 
 def test_a_benchmark_replaces_its_own_table_in_the_performance_doc(tmp_path):
-    from hcdlib.benchmark_doc import publish
+    from benchmarks.doc import publish
 
     doc = tmp_path / "performance.md"
     doc.write_text("# Performance\n\nIntro kept.\n")

@@ -103,13 +103,13 @@ def test_score_summary_names_the_slide_outputs_a_slow_rate_and_converted_rows(mo
     """A slide run says where its heatmaps are; one patch in 8 s is 0.12 patches/s, not 0; notes are counted."""
     import logging
 
-    import hcdlib.score
+    import hcdlib.commands.score.run
     from hcdlib.cli import run_score
 
     manifest = {"rows": 1, "ok": 1, "errors": 0, "duplicate_input_ids": 0, "wall_seconds": 8.0, "model": "m",
                 "manifest_uri": "o/_SUCCESS",
                 "slides": {"per_slide": [{"status": "ok", "tiles_scored": 5}, {"status": "error"}]}}
-    monkeypatch.setattr(hcdlib.score, "score", lambda cfg: manifest)
+    monkeypatch.setattr(hcdlib.commands.score.run, "score", lambda cfg: manifest)
     caplog.set_level(logging.INFO)
     assert run_score(ScoreConfig(model="m", input="i", out="o")) == 0
     assert " rate     0.12 patches/s" in caplog.text
@@ -149,12 +149,12 @@ def test_evaluate_summary_counts_the_patches_left_out(monkeypatch, caplog):
     """Error rows have no probability: the console says the metrics leave them out."""
     import logging
 
-    import hcdlib.evaluate
+    import hcdlib.commands.evaluate.metrics
     from hcdlib.cli import run_evaluate
     from hcdlib.config import EvalConfig
 
     m = {"patch": {"n": 59, "roc_auc": 0.97, "roc_auc_ci95": (0.92, 1.0), "pr_auc": 0.9}, "join": {"error_rows": 1}}
-    monkeypatch.setattr(hcdlib.evaluate, "evaluate", lambda cfg: m)
+    monkeypatch.setattr(hcdlib.commands.evaluate.metrics, "evaluate", lambda cfg: m)
     caplog.set_level(logging.INFO)
     run_evaluate(EvalConfig(predictions="p", labels="l", out="r"))
     assert " patches  59\n errors   1 labelled patches failed to decode: not in the metrics" in caplog.text

@@ -121,7 +121,8 @@ def test_two_node_cluster_ray_job_submit(synth_small, tmp_path):
         score = _job(dash, "hcd-score", "python", "jobs/score.py", "--model", str(run / "model"),
                      "--input", str(synth_small), "--out", str(preds), "--chunk-size", "64", env=env)
         assert "Job 'hcd-score' succeeded" in _status(dash, "hcd-score", env), score.stderr[-3000:]
-        from hcdlib.predictions import read_manifest, read_predictions
+        from hcdlib.outputs.readers import read_predictions
+        from hcdlib.outputs.runfolder import read_manifest
 
         assert read_manifest(str(preds))["rows"] == 300
         ids = read_predictions(str(preds))["id"].to_pylist()
@@ -169,8 +170,8 @@ def two_nodes():
 
 @pytest.mark.slow
 def test_worker_node_killed_mid_score_is_finished_or_resumed_exactly_once(two_nodes, model_dir, tmp_path):
-    from hcdlib.predictions import read_predictions
-    from hcdlib.synth import SynthConfig, write_synth
+    from hcdlib.commands.synth import SynthConfig, write_synth
+    from hcdlib.outputs.readers import read_predictions
 
     data, out = tmp_path / "data", tmp_path / "preds"
     write_synth(SynthConfig(out=str(data), n=1200, seed=5), processes=1)

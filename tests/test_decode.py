@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hcdlib.decode import decode_batch, decode_patch
+from hcdlib.sources.decode import decode_batch, decode_patch
 
 
 def _encode(arr_or_img, fmt="TIFF", **kw) -> bytes:
@@ -133,7 +133,7 @@ def _mixed_rows() -> dict:
 
 
 def test_pack_stores_decodable_patches_as_their_pixels_and_keeps_the_rest_encoded():
-    from hcdlib.decode import store_pixels
+    from hcdlib.sources.decode import store_pixels
 
     rows = _mixed_rows()
     image, pixels, note = store_pixels(rows["image"])
@@ -147,7 +147,7 @@ def test_stored_pixels_decode_exactly_as_the_encoded_patches_did():
     """A chunk read from a pack (pixels for some rows, bytes for others) gives what decoding the files gave."""
     import pyarrow as pa
 
-    from hcdlib.decode import PIXEL_BYTES, decode_table, store_pixels
+    from hcdlib.sources.decode import PIXEL_BYTES, decode_table, store_pixels
 
     rows = _mixed_rows()
     direct = decode_batch({k: np.array(v, dtype=object) for k, v in rows.items()})
@@ -169,7 +169,7 @@ def test_stored_pixels_decode_exactly_as_the_encoded_patches_did():
 def test_uncompressed_rgb_tiff_is_read_as_its_pixels_exactly_as_pil_decodes_it(writer, tmp_path):
     import tifffile
 
-    from hcdlib.decode import raw_tiff_pixels
+    from hcdlib.sources.decode import raw_tiff_pixels
 
     path = tmp_path / "p.tif"
     if writer.startswith("pil"):
@@ -188,7 +188,7 @@ def test_uncompressed_rgb_tiff_is_read_as_its_pixels_exactly_as_pil_decodes_it(w
 def test_other_tiffs_go_through_pil(variant, tmp_path):
     import tifffile
 
-    from hcdlib.decode import raw_tiff_pixels
+    from hcdlib.sources.decode import raw_tiff_pixels
 
     path = tmp_path / "p.tif"
     if variant == "lzw":
@@ -218,7 +218,7 @@ def test_a_tiff_header_that_lies_is_refused_cheaply():
     import struct
     import time
 
-    from hcdlib.decode import raw_tiff_pixels
+    from hcdlib.sources.decode import raw_tiff_pixels
 
     ifd = struct.pack("<H", 3) + b"".join(struct.pack("<HHII", tag, 4, 2**31, 8) for tag in (256, 273, 279))
     data = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 64

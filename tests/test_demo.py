@@ -7,12 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hcdlib.decode import decode_patch
-from hcdlib.demo import DemoConfig, check_demo_folder, layout_slide, run_demo, tile_auc, write_demo_slide
+from hcdlib.commands.demo import DemoConfig, check_demo_folder, layout_slide, run_demo, tile_auc, write_demo_slide
+from hcdlib.commands.score.run import ScoreConfig, score
 from hcdlib.errors import UserError
-from hcdlib.predictions import read_manifest, read_predictions
-from hcdlib.sample import MAX_BYTES, SAMPLE_DIR, SPLITS, sample_uri
-from hcdlib.score import ScoreConfig, score
+from hcdlib.outputs.readers import read_predictions
+from hcdlib.outputs.runfolder import read_manifest
+from hcdlib.sources.decode import decode_patch
+from hcdlib.sources.sample import MAX_BYTES, SAMPLE_DIR, SPLITS, sample_uri
 
 
 def test_embedded_sample_is_small_real_and_balanced():

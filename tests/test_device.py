@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from hcdlib.config import ScoreConfig, TrainConfig
-from hcdlib.device import DeviceError, DeviceFacts, autocast_dtype, choose
 from hcdlib.errors import UserError
-from hcdlib.infer import Predictor, compiled, infer_batch, to_device
-from hcdlib.models import build_model
-from hcdlib.rayutil import gpus_to_plan, is_fixed, plan_actors
-from hcdlib.transforms import Preprocess, dihedral, train_preset
+from hcdlib.model.architectures import build_model
+from hcdlib.model.device import DeviceError, DeviceFacts, autocast_dtype, choose
+from hcdlib.model.infer import Predictor, compiled, infer_batch, to_device
+from hcdlib.model.transforms import Preprocess, dihedral, train_preset
+from hcdlib.raykit.cluster import gpus_to_plan, is_fixed, plan_actors
 
 A100, T4 = (8, 0), (7, 5)
 
@@ -85,7 +85,7 @@ def test_tta_views_go_through_the_gpu_in_one_pass_and_average_as_eight():
     model.calls.clear()
     one_by_one = Predictor(model, pre, device=cpu, tta=8)(px)  # the CPU default: a view at a time
     assert model.calls == [6] * 8
-    from hcdlib.transforms import to_input
+    from hcdlib.model.transforms import to_input
 
     x = to_input(torch.from_numpy(px), pre)
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_non_finite_probabilities_are_scored_again_in_fp32_then_recorded_as_erro
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, infer_batch(Overflowing(), px, device=cpu, preprocess=pre), atol=1e-6)
 
-    from hcdlib.score import NON_FINITE, Scorer
+    from hcdlib.commands.score.actor import NON_FINITE, Scorer
 
     scorer = Scorer.__new__(Scorer)  # the batch path needs no artifact: only these attributes
     scorer.predict = Predictor(Broken(), pre, device=cpu, autocast="bf16")
@@ -183,7 +183,7 @@ def test_gpu_counts_come_from_the_autoscaler_or_flags_never_from_what_is_up():
 def test_fractional_gpus_per_worker_are_refused_with_several_workers():
     with pytest.raises(UserError, match=r"--gpus-per-worker 0\.5 with 2 workers would put two training ranks"):
         TrainConfig(data="d", out="o", workers=2, gpus_per_worker=0.5)
-    from hcdlib.train import _scaling
+    from hcdlib.commands.train.run import _scaling
 
     with pytest.raises(UserError, match=r"--gpus-per-worker 0\.5 makes 4 workers"):
         _scaling(TrainConfig(data="d", out="o", gpus_per_worker=0.5), {"CPU": 16, "GPU": 2})
@@ -194,7 +194,7 @@ def test_fractional_gpus_per_worker_are_refused_with_several_workers():
 
 
 def test_learning_rate_follows_the_global_batch():
-    from hcdlib.train_loop import scaled_lr
+    from hcdlib.commands.train.schedule import scaled_lr
 
     assert scaled_lr(3e-3, 128) == pytest.approx(3e-3)  # one worker at the defaults: --lr itself
     assert scaled_lr(3e-3, 8 * 128) == pytest.approx(3e-3 * 8 ** 0.5)
@@ -202,12 +202,12 @@ def test_learning_rate_follows_the_global_batch():
 
 
 def test_scoring_precision_is_part_of_the_run():
-    from hcdlib.score import _run_spec
+    from hcdlib.commands.score.run import run_spec
 
     meta = {"sha256": "a" * 64, "arch": "hcdnet"}
     cfg = ScoreConfig(model="m", input="i", out="o")
-    assert _run_spec(cfg, meta, "f")["precision"] == "auto"
-    assert _run_spec(cfg, meta, "f") != _run_spec(cfg.replace(precision="fp32"), meta, "f")
+    assert run_spec(cfg, meta, "f")["precision"] == "auto"
+    assert run_spec(cfg, meta, "f") != run_spec(cfg.replace(precision="fp32"), meta, "f")
 
 
 def test_a_training_step_does_not_wait_for_the_device(monkeypatch):
@@ -215,7 +215,7 @@ def test_a_training_step_does_not_wait_for_the_device(monkeypatch):
     import collections
     from types import SimpleNamespace
 
-    import hcdlib.train_loop as tl
+    import hcdlib.commands.train.loop as tl
 
     torch.manual_seed(0)
     model, pre = build_model("hcdnet")
@@ -241,3 +241,19 @@ def test_a_training_step_does_not_wait_for_the_device(monkeypatch):
     stats = loop.train_epoch(shard)
     assert loop.step == 17 and len(synced) == 3  # steps 0, 8 and 16 agree on the clock
     assert stats["train_loss"] > 0 and np.isfinite(stats["train_loss"])
+
+
+def test_gpu_actors_take_larger_batches_and_keep_their_constants_on_the_device(monkeypatch):
+    """A GPU idles on batches of 256, and two host-to-device copies of the normalisation per batch."""
+    import hcdlib.model.infer as infer
+    from hcdlib.commands.score.stream import default_batch
+
+    assert default_batch(plan_actors({"CPU": 16, "GPU": 2})) == 1024
+    assert default_batch(plan_actors({"CPU": 2})) == 256
+    made = []
+    real = infer.norm_stats
+    monkeypatch.setattr(infer, "norm_stats", lambda pre, device: made.append(device) or real(pre, device))
+    predict = Predictor(Counting(), Preprocess(), device=torch.device("cpu"))
+    for _ in range(3):
+        predict(_pixels(4))
+    assert len(made) == 1  # made once, with the predictor

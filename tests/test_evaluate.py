@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score
 
-from hcdlib import predictions as preds
+from hcdlib.commands.evaluate.metrics import EvalConfig, evaluate, expected_calibration_error
+from hcdlib.commands.evaluate.report import FIG_SIZE_PX, FIGURES, errors_size_px
 from hcdlib.errors import UserError
-from hcdlib.evaluate import EvalConfig, evaluate, expected_calibration_error
-from hcdlib.report import FIG_SIZE_PX, FIGURES, errors_size_px
+from hcdlib.outputs import runfolder as preds
 
 
 def _write_predictions(out: Path, df: pd.DataFrame) -> None:
@@ -158,8 +158,8 @@ def test_figures_and_self_contained_html(case, synth_small):
 @pytest.fixture()
 def slide_case(tmp_path):
     """Committed predictions of one 6x4-tile slide (tumour on the left half), its heatmap, tile labels."""
-    from hcdlib.slide_maps import heatmap_png
-    from hcdlib.slides import slide_key
+    from hcdlib.sources.slides.maps import heatmap_png
+    from hcdlib.sources.slides.plan import slide_key
 
     t = 96
     rows = [{"x": c * t, "y": r * t, "label": int(c < 3)} for r in range(4) for c in range(6)]
@@ -230,7 +230,7 @@ def _screenshot(html: Path, tmp: Path, *, height: int) -> np.ndarray:
 
 def test_a_report_embeds_the_heatmaps_of_the_top_slides_only(slide_case, tmp_path, monkeypatch):
     """Each heatmap is about 1 MB: all of a 130-slide archive's would make a report of about 165 MB."""
-    import hcdlib.evaluate
+    import hcdlib.commands.evaluate.metrics
 
     out, labels = slide_case
     manifest = json.loads((out / preds.MANIFEST).read_text())
@@ -238,7 +238,7 @@ def test_a_report_embeds_the_heatmaps_of_the_top_slides_only(slide_case, tmp_pat
     manifest["slides"]["per_slide"] = [dict(first, slide_id="low", source="/s/low.tif", max_prob=0.1), first,
                                        dict(first, slide_id="bad", source="/s/bad.tif", status="error", max_prob=None)]
     (out / preds.MANIFEST).write_text(json.dumps(manifest))
-    monkeypatch.setattr(hcdlib.evaluate, "REPORT_HEATMAPS", 1)
+    monkeypatch.setattr(hcdlib.commands.evaluate.metrics, "REPORT_HEATMAPS", 1)
     evaluate(EvalConfig(predictions=str(out), labels=str(labels), out=str(tmp_path / "r"), bootstrap=10))
     html = (tmp_path / "r" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(FIGURES) + 1 and 'alt="heatmap of s1"' in html
@@ -332,8 +332,8 @@ def test_a_report_folder_holding_files_evaluate_did_not_write_is_refused(case, s
 
 
 def test_the_report_names_hcds_sample_and_the_users_folders_without_machine_paths(tmp_path, monkeypatch):
-    from hcdlib.report import shown_path
-    from hcdlib.sample import sample_uri
+    from hcdlib.commands.evaluate.report import shown_path
+    from hcdlib.sources.sample import sample_uri
 
     monkeypatch.chdir(tmp_path)
     assert shown_path(sample_uri("test")) == "hcdlib/data/pcam_sample/test"

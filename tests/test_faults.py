@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 from conftest import upload_dir
 
-from hcdlib import predictions as preds
+from hcdlib.commands.pack import PackConfig, pack
+from hcdlib.commands.score.run import ScoreConfig, score
+from hcdlib.commands.synth import synth_slide_pixels, write_slide_tiff
 from hcdlib.errors import UserError
-from hcdlib.pack import PackConfig, pack
-from hcdlib.score import ScoreConfig, score
-from hcdlib.slides import PCAM_MPP
-from hcdlib.sources import ShardSource
-from hcdlib.synth import synth_slide_pixels, write_slide_tiff
+from hcdlib.outputs import readers
+from hcdlib.outputs import runfolder as preds
+from hcdlib.sources.shards import ShardSource
+from hcdlib.sources.slides.source import PCAM_MPP
 
 pytestmark = pytest.mark.slow
 
@@ -59,27 +60,27 @@ def test_s3_outage_mid_run_then_rerun_commits_every_id_once(ray_session, model_d
         assert "scoring stopped" in msg and "rerun the same command" in msg, msg
     rerun = score(cfg)
     assert rerun["rows"] == 300 and rerun["errors"] == 0
-    ids = preds.read_predictions(cfg.out)["id"].to_pylist()
+    ids = readers.read_predictions(cfg.out)["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 300
 
 
 def test_zero_byte_part_left_by_a_crash_is_scored_again(ray_session, model_dir, synth_small, tmp_path):
     cfg = ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(tmp_path / "out"), chunk_size=64)
-    first = preds.read_predictions(score(cfg)["manifest_uri"][: -len("/_SUCCESS")]).to_pandas()
+    first = readers.read_predictions(score(cfg)["manifest_uri"][: -len("/_SUCCESS")]).to_pandas()
     parts = sorted((tmp_path / "out" / preds.PARTS).glob("*.parquet"))
     parts[1].write_bytes(b"")  # a crash between create and write, as a non-fsynced disk leaves it
     manifest = tmp_path / "out" / preds.MANIFEST
     manifest.write_bytes(manifest.read_bytes()[:100])  # and a truncated manifest
     with pytest.raises(preds.CorruptOutputError, match="_SUCCESS: corrupt manifest"):
-        preds.read_predictions(str(tmp_path / "out"))
+        readers.read_predictions(str(tmp_path / "out"))
     kept = parts[0].stat().st_mtime_ns
     again = score(cfg)
     assert again["rows"] == 300 and parts[1].stat().st_size > 0 and parts[0].stat().st_mtime_ns == kept
-    second = preds.read_predictions(str(tmp_path / "out")).to_pandas()
+    second = readers.read_predictions(str(tmp_path / "out")).to_pandas()
     pd.testing.assert_frame_equal(first.sort_values("id").reset_index(drop=True),
                                   second.sort_values("id").reset_index(drop=True))
     manifest.write_bytes(manifest.read_bytes()[:100])  # every part fine, only the manifest damaged
-    assert score(cfg)["rows"] == 300 and preds.read_predictions(str(tmp_path / "out")).num_rows == 300
+    assert score(cfg)["rows"] == 300 and readers.read_predictions(str(tmp_path / "out")).num_rows == 300
 
 
 def test_corrupt_run_spec_is_named(ray_session, model_dir, synth_small, tmp_path):
@@ -104,7 +105,7 @@ def test_same_named_slides_in_two_folders_stay_apart(ray_session, model_dir, tmp
         write_slide_tiff(str(root / sub / "case.tif"), img, mpp=PCAM_MPP)
     out = tmp_path / "out"
     m = score(ScoreConfig(model=str(model_dir), input=str(root), out=str(out), slides=True))
-    t = preds.read_predictions(str(out)).to_pandas()
+    t = readers.read_predictions(str(out)).to_pandas()
     assert set(t.slide_id) == {"a/case", "b/case"}
     per = {s["slide_id"]: s for s in m["slides"]["per_slide"]}
     for sid in ("a/case", "b/case"):
@@ -129,7 +130,7 @@ def test_overwrite_keeps_the_users_files_end_to_end(ray_session, model_dir, synt
     m = score(ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(out), chunk_size=128, tta=4,
                           overwrite=True))
     assert m["rows"] == 300 and all(p.read_text() == "mine" for p in mine)
-    assert np.isfinite(preds.read_predictions(str(out))["prob"].to_numpy()).all()
+    assert np.isfinite(readers.read_predictions(str(out))["prob"].to_numpy()).all()
     assert Path(out / preds.RUN_SPEC).exists()
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from hcdlib.config import GpuCheckConfig
-from hcdlib.gpu_report import markdown, table
+from benchmarks.config import GpuCheckConfig
+from benchmarks.gpu_report import markdown, table
 
 
 def test_report_tables_take_every_key_in_order():
@@ -19,7 +19,7 @@ def test_report_tables_take_every_key_in_order():
 
 @pytest.mark.slow
 def test_the_dry_run_runs_every_section(ray_session, tmp_path):
-    from hcdlib.gpu_check import run
+    from benchmarks.gpu_check import run
 
     report = run(GpuCheckConfig(out=str(tmp_path), dry_run=True))
     assert report["failed_sections"] == []
@@ -27,8 +27,8 @@ def test_the_dry_run_runs_every_section(ray_session, tmp_path):
     assert saved["environment"]["cuda_available"] is False and saved["environment"]["ray"]
     assert saved["probes"][0] == {**saved["probes"][0], "asked_gpus": 0.0, "device": "cpu"}
     assert all(r["finite"] for r in saved["models"]) and {r["tta"] for r in saved["models"]} == {1, 8}
-    first, resumed = saved["train"]
-    assert (first["epochs_run"], resumed["epochs_run"], resumed["exported"]) == (1, 2, True)
+    (first,) = saved["train"]
+    assert (first["run"], first["epochs_run"], first["exported"]) == ("first", 1, True)
     assert [r["run"] for r in saved["score"]] == ["defaults", "batch 4096", "tta 8"]
     assert all(r["errors"] == 0 and r["rows"] == 128 for r in saved["score"])
     md = (tmp_path / "gpu_check.md").read_text()

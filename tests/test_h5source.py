@@ -6,11 +6,11 @@ import h5py
 import numpy as np
 import pytest
 
+from hcdlib.commands.pack import pack, read_packed
 from hcdlib.config import PackConfig
 from hcdlib.errors import UserError
-from hcdlib.h5source import H5Source
-from hcdlib.pack import pack, read_packed
-from hcdlib.sources import open_source
+from hcdlib.sources.factory import open_source
+from hcdlib.sources.h5 import H5Source
 
 
 def write_pcam(folder, split: str, n: int, *, seed: int = 0, labels: bool = True, y_rows: int | None = None):
@@ -99,8 +99,8 @@ def test_a_file_damaged_after_listing_makes_error_rows_not_a_crash(tmp_path):
 
 
 def test_training_on_h5_without_val_data_names_the_valid_split(tmp_path):
+    from hcdlib.commands.train.data import open_sources
     from hcdlib.config import TrainConfig
-    from hcdlib.train import open_sources
 
     write_pcam(tmp_path, "train", 20)
     cfg = TrainConfig(data=str(tmp_path / "camelyonpatch_level_2_split_train_x.h5"), out=str(tmp_path / "o"))
@@ -113,10 +113,10 @@ def test_hcd_score_reads_pcam_h5_exactly_once_with_the_same_probabilities(ray_se
     import torch
 
     from hcdlib import load_model, read_predictions
+    from hcdlib.commands.score.run import score
     from hcdlib.config import ScoreConfig
-    from hcdlib.infer import for_inference, infer_batch
-    from hcdlib.score import score
-    from hcdlib.transforms import Preprocess
+    from hcdlib.model.infer import for_inference, infer_batch
+    from hcdlib.model.transforms import Preprocess
 
     x, _ = write_pcam(tmp_path / "pcam", "test", 150)
     m = score(ScoreConfig(model=str(model_dir), input=str(tmp_path / "pcam"), out=str(tmp_path / "o"),

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from hcdlib.artifact import ArtifactError, export_model, load_model
 from hcdlib.errors import UserError
-from hcdlib.models import ARCHES, build_model, preprocess_for
-from hcdlib.transforms import IMAGENET_MEAN, PCAM_MEAN
+from hcdlib.model.architectures import ARCHES, build_model, preprocess_for
+from hcdlib.model.artifact import ArtifactError, export_model, load_model
+from hcdlib.model.transforms import IMAGENET_MEAN, PCAM_MEAN
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -25,7 +25,7 @@ def test_scoring_folds_batchnorm_without_changing_the_probabilities(arch):
     """for_inference folds each BatchNorm after a convolution into it; P(tumour) stays within float tolerance."""
     import numpy as np
 
-    from hcdlib.infer import for_inference, infer_batch
+    from hcdlib.model.infer import for_inference, infer_batch
 
     torch.manual_seed(0)
     model, pre = build_model(arch, weights="none")
@@ -47,7 +47,7 @@ def test_scoring_folds_batchnorm_without_changing_the_probabilities(arch):
 
 
 def test_a_model_torch_fx_cannot_trace_is_scored_unfolded():
-    from hcdlib.infer import for_inference
+    from hcdlib.model.infer import for_inference
 
     class Branchy(torch.nn.Module):
         def __init__(self):
@@ -120,8 +120,8 @@ def test_the_model_sees_the_centre_crop_its_artifact_records(tmp_path):
     """Train and score crop through one definition (to_input), stored in the artifact; old artifacts see 96 px."""
     import numpy as np
 
-    from hcdlib.artifact import ArtifactError, check_artifact
-    from hcdlib.transforms import Preprocess, to_input
+    from hcdlib.model.artifact import ArtifactError, check_artifact
+    from hcdlib.model.transforms import Preprocess, to_input
 
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8))
     full, crop = to_input(pixels, Preprocess()), to_input(pixels, Preprocess(crop=64))
@@ -148,9 +148,9 @@ def test_an_hcdnet_artifact_loads_in_the_shape_it_was_trained_with(tmp_path):
     """The artifact records hcdnet's shape; artifacts from before (no record) are the 4-stage net."""
     import numpy as np
 
-    from hcdlib.artifact import HCDNET_SHAPE_UNRECORDED
-    from hcdlib.infer import infer_batch
-    from hcdlib.models import HCDNET_SHAPE, HcdNet
+    from hcdlib.model.architectures import HCDNET_SHAPE, HcdNet
+    from hcdlib.model.artifact import HCDNET_SHAPE_UNRECORDED
+    from hcdlib.model.infer import infer_batch
 
     pixels = np.random.default_rng(1).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
     cpu = torch.device("cpu")

@@ -2,11 +2,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hcdlib.chunks import FilesChunk
-from hcdlib.decode import decode_patch, decode_table
-from hcdlib.pack import PackConfig, pack, read_packed
-from hcdlib.sources import SourceError, open_source
-from hcdlib.synth import SynthConfig, write_synth
+from hcdlib.commands.pack import PackConfig, pack, read_packed
+from hcdlib.commands.synth import SynthConfig, write_synth
+from hcdlib.sources.chunks import FilesChunk
+from hcdlib.sources.decode import decode_patch, decode_table
+from hcdlib.sources.factory import open_source
+from hcdlib.storage.listing import SourceError
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_reader_takes_only_manifest_listed_shards(synth_small, tmp_path):
 
 def test_shards_packed_without_labels_say_to_repack_with_them(synth_small, tmp_path):
     """The fix used to be "give --labels", which shards refuse: the user went round in a circle."""
-    from hcdlib.sources import check_labelled
+    from hcdlib.sources.labels import check_labelled
 
     plain = tmp_path / "plain"
     for p in sorted(synth_small.glob("*.tif"))[:20]:  # the patches without their labels.csv (a test set)

@@ -10,10 +10,11 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from hcdlib import predictions as preds
+from hcdlib.commands.score.commit import commit
+from hcdlib.commands.score.run import ScoreConfig
 from hcdlib.errors import RunStopped, release_frames
-from hcdlib.predictions import ChunkAssembler
-from hcdlib.score import ScoreConfig, _commit
+from hcdlib.outputs import runfolder as preds
+from hcdlib.outputs.assembly import ChunkAssembler
 
 
 def _rows(chunk: str, rows: list[int]) -> pa.Table:
@@ -60,19 +61,19 @@ def test_a_commit_refuses_parts_of_another_run_that_took_over_the_folder(tmp_pat
             "id": [f"{key}a", f"{key}b"], "prob": pa.array([0.1, 0.9], pa.float32()), "status": ["ok", "ok"],
             "source": ["s", "s"], "model": [model, model]}))
 
-    preds.claim_output(str(out), spec, overwrite=False)
+    preds.RunFolder(str(out)).claim(spec, overwrite=False)
     part("c0", "hcdnet-aaa")
     part("c1", "hcdnet-bbb")  # the other run's model
     with pytest.raises(RunStopped, match=r"part-c1.parquet holds predictions of model hcdnet-bbb, not of this run's "
                                          r"hcdnet-aaa: another hcd run wrote into the same --out while this one ran"):
-        _commit(cfg, chunks, spec, 1.0)
+        commit(cfg, chunks, spec, 1.0)
     assert not (out / preds.MANIFEST).exists()
     part("c1", "hcdnet-aaa")
     (out / preds.RUN_SPEC).write_text(json.dumps(dict(spec, model="hcdnet-bbb")))  # the other run's spec
     with pytest.raises(RunStopped, match=r"_RUN.json is no longer this run's: another hcd run"):
-        _commit(cfg, chunks, spec, 1.0)
+        commit(cfg, chunks, spec, 1.0)
     (out / preds.RUN_SPEC).write_text(json.dumps(dict(spec, job="score")))  # ours (an older hcd's extra key)
-    assert _commit(cfg, chunks, spec, 1.0)["rows"] == 4 and (out / preds.MANIFEST).exists()
+    assert commit(cfg, chunks, spec, 1.0)["rows"] == 4 and (out / preds.MANIFEST).exists()
 
 
 def test_a_stopped_run_lets_go_of_what_the_frames_of_a_still_running_thread_held():

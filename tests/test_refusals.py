@@ -23,33 +23,41 @@ import torch
 from conftest import copy_patches
 from PIL import Image
 
-from hcdlib import chunks, cli
-from hcdlib import predictions as preds
-from hcdlib import uri as urimod
-from hcdlib.artifact import ArtifactError, check_artifact, declares_arch, export_model, load_model
-from hcdlib.decode import decode_patch
+from hcdlib import cli
+from hcdlib.commands.evaluate.metrics import load_labels
+from hcdlib.commands.pack import PackConfig, pack
+from hcdlib.commands.score.run import ScoreConfig, score
+from hcdlib.commands.train.data import open_sources
+from hcdlib.commands.train.run import TrainConfig
 from hcdlib.errors import UserError
-from hcdlib.evaluate import load_labels
-from hcdlib.infer import infer_batch
-from hcdlib.listing import list_files
-from hcdlib.models import build_model
-from hcdlib.pack import PackConfig, pack
-from hcdlib.score import ScoreConfig, score
-from hcdlib.slides import slide_id_of
-from hcdlib.sources import SourceError, check_labelled, open_source, read_labels
-from hcdlib.train import TrainConfig, open_sources
-from hcdlib.transforms import Preprocess
+from hcdlib.model.architectures import build_model
+from hcdlib.model.artifact import ArtifactError, check_artifact, declares_arch, export_model, load_model
+from hcdlib.model.infer import infer_batch
+from hcdlib.model.transforms import Preprocess
+from hcdlib.outputs import readers
+from hcdlib.outputs import runfolder as preds
+from hcdlib.sources import chunks
+from hcdlib.sources.decode import decode_patch
+from hcdlib.sources.factory import open_source
+from hcdlib.sources.labels import check_labelled, read_labels
+from hcdlib.sources.slides.plan import slide_id_of
+from hcdlib.storage import uri as urimod
+from hcdlib.storage.listing import SourceError, list_files
 
 
 @pytest.fixture()
 def no_ray(monkeypatch):
     """Fail the test if anything tries to start or join Ray: refusals come before it."""
-    import hcdlib.rayutil
+    import hcdlib.commands.demo
+    import hcdlib.commands.score.run
+    import hcdlib.commands.train.run
+    import hcdlib.raykit.cluster
 
     def refuse(*_a, **_k):
         raise AssertionError("Ray was started before the input was checked")
 
-    monkeypatch.setattr(hcdlib.rayutil, "init_ray", refuse)
+    for module in (hcdlib.raykit.cluster, hcdlib.commands.score.run, hcdlib.commands.train.run, hcdlib.commands.demo):
+        monkeypatch.setattr(module, "init_ray", refuse)
 
 
 def _one_line_exit_2(capsys, argv: list[str], *, expect: str) -> str:
@@ -95,7 +103,7 @@ def test_labels_csv_without_label_column_is_refused(ten_patches, tmp_path, no_ra
         open_sources(TrainConfig(data=str(folder), labels=bad, out=str(tmp_path / "run")))
     with pytest.raises(SourceError, match="needs a 'label' column"):
         load_labels(bad)
-    from hcdlib.pack import PackConfig, pack
+    from hcdlib.commands.pack import PackConfig, pack
 
     with pytest.raises(SourceError, match="needs a 'label' column"):  # it packed every row with no label
         pack(PackConfig(input=str(folder), labels=bad, out=str(tmp_path / "packed")))
@@ -369,7 +377,8 @@ def test_imagenet_weights_that_cannot_be_downloaded_are_one_line_before_ray(ten_
 
 def test_train_resumes_only_the_run_its_out_holds(ten_patches, tmp_path, no_ray):
     """Another --data or --lr into a run's --out used to resume (or re-export) the old weights under the new flags."""
-    from hcdlib.train import TRAIN_SPEC, train
+    from hcdlib.commands.train.folder import TRAIN_SPEC
+    from hcdlib.commands.train.run import train
 
     folder, ids = ten_patches
     both = _class_folders(folder, tmp_path / "both", {i: n % 2 for n, i in enumerate(ids[:6])})
@@ -413,7 +422,7 @@ def test_train_out_inside_its_data_is_refused(ten_patches, tmp_path, capsys, no_
 @pytest.mark.parametrize("name", ["model", "metrics"])
 def test_a_fresh_train_run_never_replaces_a_model_it_cannot_resume(name, ten_patches, tmp_path, no_ray):
     """An --out holding model/ (a user's, or a run whose ray_train/ was deleted) had it replaced by the new run."""
-    from hcdlib.train import train
+    from hcdlib.commands.train.run import train
 
     folder, ids = ten_patches
     data = _class_folders(folder, tmp_path / "data", {i: n % 2 for n, i in enumerate(ids)})
@@ -455,7 +464,7 @@ def test_an_s3_uri_with_credentials_is_refused_without_repeating_them(argv, caps
 
 def test_scoring_with_a_model_of_weak_validation_auc_says_so(tmp_path, caplog):
     """A model exported after a few steps scores like any other: its probabilities looked like evidence."""
-    from hcdlib.score import _warn_weak
+    from hcdlib.commands.score.run import _warn_weak
 
     caplog.set_level(logging.WARNING)
     model, pre = build_model("hcdnet")
@@ -560,15 +569,15 @@ def _committed(out: Path, parts: dict[str, list[tuple[str, float]]]) -> None:
 def test_readers_refuse_a_part_that_differs_from_the_manifest(tmp_path):
     out = tmp_path / "out"
     _committed(out, {"a": [("p1", 0.1), ("p2", 0.9)], "b": [("p3", 0.5)]})
-    assert preds.read_predictions(str(out)).num_rows == 3
+    assert readers.read_predictions(str(out)).num_rows == 3
     part = out / preds.PARTS / preds.part_name("a")
     t = preds.read_part(str(part)).slice(0, 1)
     preds.write_part(str(part), t)  # replaced after the commit, one row short
     with pytest.raises(preds.CorruptOutputError, match=r"part-a.parquet: .*(bytes|rows), the manifest recorded"):
-        preds.read_predictions(str(out))
+        readers.read_predictions(str(out))
     part.unlink()
     with pytest.raises(preds.CorruptOutputError, match="listed in the manifest but missing"):
-        preds.read_predictions(str(out))
+        readers.read_predictions(str(out))
 
 
 def test_truncated_manifest_is_named(tmp_path):
@@ -577,7 +586,7 @@ def test_truncated_manifest_is_named(tmp_path):
     full = (out / preds.MANIFEST).read_bytes()
     (out / preds.MANIFEST).write_bytes(full[: len(full) // 2])
     with pytest.raises(preds.CorruptOutputError, match=r"_SUCCESS: corrupt manifest .*rerun the same hcd score"):
-        preds.read_predictions(str(out))
+        readers.read_predictions(str(out))
 
 
 def test_readers_tell_an_unfinished_run_from_a_folder_that_holds_none(synth_small, tmp_path, capsys):
@@ -591,7 +600,7 @@ def test_readers_tell_an_unfinished_run_from_a_folder_that_holds_none(synth_smal
     (out / preds.RUN_SPEC).write_text("{}")
     (out / preds.MANIFEST).unlink()  # a run that stopped before its commit
     with pytest.raises(preds.NotCommittedError, match="no _SUCCESS manifest; the run did not finish"):
-        preds.read_predictions(str(out))
+        readers.read_predictions(str(out))
 
 
 def test_zero_byte_and_short_parts_are_not_done(tmp_path):
@@ -599,8 +608,8 @@ def test_zero_byte_and_short_parts_are_not_done(tmp_path):
     _committed(out, {"a": [("p1", 0.1), ("p2", 0.2)], "b": [("p3", 0.3)], "c": [("p4", 0.4)]})
     (out / preds.PARTS / preds.part_name("b")).write_bytes(b"")  # a crash left a zero-byte part
     (out / preds.PARTS / preds.part_name("c")).write_bytes(b"PAR1garbage")
-    assert set(preds.done_parts(str(out), {"a": 2, "b": 1, "c": 1, "d": 1})) == {"a"}
-    assert set(preds.done_parts(str(out), {"a": 3})) == set()  # a part with fewer rows than its chunk
+    assert set(preds.RunFolder(str(out)).done({"a": 2, "b": 1, "c": 1, "d": 1})) == {"a"}
+    assert set(preds.RunFolder(str(out)).done({"a": 3})) == set()  # a part with fewer rows than its chunk
 
 
 def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
@@ -616,13 +625,13 @@ def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
 def test_submission_has_one_row_per_id(tmp_path):
     out = tmp_path / "out"
     _committed(out, {"a": [("p1", 0.25), ("p2", 0.5)], "b": [("p1", 0.25)]})  # the same patch twice
-    n = preds.write_submission(str(out), str(tmp_path / "sub.csv"))
+    n = readers.write_submission(str(out), str(tmp_path / "sub.csv"))
     sub = pacsv.read_csv(tmp_path / "sub.csv").to_pydict()
     assert n == 2 and sub == {"id": ["p1", "p2"], "label": [0.25, 0.5]}
     clash = tmp_path / "clash"
     _committed(clash, {"a": [("p1", 0.25), ("p2", 0.5)], "b": [("p2", 0.75)]})  # two images named p2
     with pytest.raises(UserError, match=r"1 ids have rows with different predictions .*e.g. p2"):
-        preds.write_submission(str(clash), str(tmp_path / "sub2.csv"))
+        readers.write_submission(str(clash), str(tmp_path / "sub2.csv"))
     assert not (tmp_path / "sub2.csv").exists()
 
 
@@ -667,8 +676,8 @@ def test_claim_output_deletes_only_what_hcd_wrote(tmp_path):
     for p in theirs:
         p.write_text("the user's own file")
     with pytest.raises(UserError, match="holds a run with a different model"):
-        preds.claim_output(str(out), {"model": "m2"}, overwrite=False)
-    preds.claim_output(str(out), {"model": "m2"}, overwrite=True)
+        preds.RunFolder(str(out)).claim({"model": "m2"}, overwrite=False)
+    preds.RunFolder(str(out)).claim({"model": "m2"}, overwrite=True)
     assert all(p.read_text() == "the user's own file" for p in theirs)
     assert not any((slides / n).exists() for n in ours)
     assert not list((out / preds.PARTS).glob("*.parquet")) and not (out / preds.MANIFEST).exists()
@@ -676,7 +685,7 @@ def test_claim_output_deletes_only_what_hcd_wrote(tmp_path):
     foreign = tmp_path / "foreign"
     (foreign / preds.PARTS).mkdir(parents=True)
     with pytest.raises(UserError, match="did not write"):  # no run spec: not hcd's parts folder
-        preds.claim_output(str(foreign), {"model": "m2"}, overwrite=True)
+        preds.RunFolder(str(foreign)).claim({"model": "m2"}, overwrite=True)
 
 
 def test_overwrite_never_deletes_the_input(model_dir, synth_small, tmp_path, no_ray):
@@ -768,7 +777,7 @@ def test_weights_declare_their_model_so_an_edited_model_json_is_refused_without_
     the weights be loaded into another model. Weights exported before they declared their
     model are still built on the driver (torch) to show they fit, before Ray starts.
     """
-    import hcdlib.artifact
+    import hcdlib.commands.score.run
 
     m = _artifact(tmp_path)
     meta = json.loads((m / "model.json").read_text())
@@ -777,7 +786,7 @@ def test_weights_declare_their_model_so_an_edited_model_json_is_refused_without_
     def built(*_a, **_k):
         raise AssertionError("the driver built the model")
 
-    monkeypatch.setattr(hcdlib.artifact, "load_model", built)
+    monkeypatch.setattr(hcdlib.commands.score.run, "load_model", built)
     # A problem found after the artifact check shows the check passed without building the model.
     _one_line_exit_2(capsys, ["score", "--model", str(m), "--input", str(synth_small),
                               "--out", str(synth_small / "o")], expect="is inside --input")
@@ -862,7 +871,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 def test_unlistable_sub_folder_is_named_and_the_rest_listed(synth_small, tmp_path, monkeypatch):
-    import hcdlib.listing as listing
+    import hcdlib.storage.listing as listing
 
     for sub in ("ok", "locked"):
         (tmp_path / "in" / sub).mkdir(parents=True)
@@ -911,7 +920,7 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(model_dir, synth
 def test_check_address_passes_a_listening_port_and_ray_lookups():
     import socket
 
-    from hcdlib.rayutil import check_address
+    from hcdlib.raykit.cluster import check_address
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from hcdlib.s3local import DUMMY_AWS, _read_ranges_only, aws_env, moto_server, whole_object_reads
+from hcdlib.storage.s3local import DUMMY_AWS, _read_ranges_only, aws_env, moto_server, whole_object_reads
 
 # Over moto's 5 MiB in-memory buffer, so the object lives in a temporary file, as a shard does.
 SIZE = 6 * 2**20 + 123

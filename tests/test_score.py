@@ -14,18 +14,19 @@ import torch
 from conftest import REPO, ray_worker_pids, upload_dir
 from PIL import Image
 
-from hcdlib import predictions as preds
 from hcdlib import read_predictions
-from hcdlib.artifact import export_model, load_model
-from hcdlib.decode import decode_patch
+from hcdlib.commands.pack import PackConfig, pack
+from hcdlib.commands.score.run import ScoreConfig, score
 from hcdlib.errors import UserError
-from hcdlib.infer import infer_batch
-from hcdlib.models import build_model
-from hcdlib.pack import PackConfig, pack
-from hcdlib.predictions import NotCommittedError, read_manifest, write_submission
-from hcdlib.rayutil import plan_actors
-from hcdlib.score import ScoreConfig, score
-from hcdlib.transforms import dihedral, to_input
+from hcdlib.model.architectures import build_model
+from hcdlib.model.artifact import export_model, load_model
+from hcdlib.model.infer import infer_batch
+from hcdlib.model.transforms import dihedral, to_input
+from hcdlib.outputs import assembly
+from hcdlib.outputs.readers import write_submission
+from hcdlib.outputs.runfolder import NotCommittedError, read_manifest
+from hcdlib.raykit.cluster import plan_actors
+from hcdlib.sources.decode import decode_patch
 
 
 @pytest.fixture()
@@ -58,7 +59,7 @@ def _cfg(model_dir, inp, out, **kw) -> ScoreConfig:
 
 def test_infer_batch_matches_the_model_without_ray(model_dir, synth_small):
     model, meta = load_model(str(model_dir))
-    from hcdlib.transforms import Preprocess
+    from hcdlib.model.transforms import Preprocess
 
     pre = Preprocess.from_dict(meta["preprocess"])
     pixels = np.stack([decode_patch(p.read_bytes()).pixels for p in sorted(synth_small.glob("*.tif"))[:16]])
@@ -97,7 +98,7 @@ def test_score_exactly_once_with_corrupt_files(ray_session, model_dir, corrupt_s
     assert (t.model == m["model"]).all() and t.x.isna().all()
     # the pipeline's probabilities are the plain function's
     model, meta = load_model(str(model_dir))
-    from hcdlib.transforms import Preprocess
+    from hcdlib.model.transforms import Preprocess
 
     sample = ok.sample(20, random_state=0)
     pixels = np.stack([decode_patch(Path(s).read_bytes()).pixels for s in sample.source])
@@ -148,7 +149,7 @@ def _parts(out: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def synth_1200(tmp_path_factory) -> Path:
-    from hcdlib.synth import SynthConfig, write_synth
+    from hcdlib.commands.synth import SynthConfig, write_synth
 
     data = tmp_path_factory.mktemp("s1200") / "data"
     write_synth(SynthConfig(out=str(data), n=1200, seed=9))
@@ -229,7 +230,7 @@ def test_score_on_s3_input_and_output(ray_session, model_dir, synth_small, bucke
 def test_precision_auto_scores_in_the_arithmetic_the_cpu_does_natively(ray_session, model_dir, synth_small,
                                                                         tmp_path):
     """--precision auto is bf16 where the CPU has AVX512-BF16 or AMX, else fp32; probabilities stay float32."""
-    from hcdlib.device import pick
+    from hcdlib.model.device import pick
 
     auto = score(_cfg(model_dir, synth_small, tmp_path / "auto", precision="auto"))
     assert auto["run"]["precision"] == "auto" and auto["ok"] == 300
@@ -279,9 +280,9 @@ def test_actor_plan_leaves_cpu_for_reads():
 
 def test_reads_of_local_patches_run_one_task_per_cpu_left_to_them(synth_small, tmp_path):
     """More CPU-bound read tasks than CPUs only started more processes: 2.3 s of start-up on 2 cores."""
-    from hcdlib.score import read_tasks
-    from hcdlib.slides import TilesChunk
-    from hcdlib.sources import open_source
+    from hcdlib.commands.score.stream import read_tasks
+    from hcdlib.sources.factory import open_source
+    from hcdlib.sources.slides.read import TilesChunk
 
     chunks = open_source(str(synth_small)).chunks(64)
     cfg = ScoreConfig(model="m", input=str(synth_small), out=str(tmp_path / "o"))
@@ -297,8 +298,8 @@ def test_reads_of_local_patches_run_one_task_per_cpu_left_to_them(synth_small, t
 
 def test_a_chunk_leaves_the_read_task_as_one_block_per_model_actor(synth_small, tmp_path):
     """Ray's cost is per block: blocks of one model batch held (g) to 11-12k rows/s, one per actor 16.5-17k."""
-    from hcdlib.score import block_rows
-    from hcdlib.sources import open_source
+    from hcdlib.commands.score.stream import block_rows
+    from hcdlib.sources.factory import open_source
 
     chunks = open_source(str(synth_small)).chunks(128)  # 300 patches: 128, 128, 44
     cfg = ScoreConfig(model="m", input=str(synth_small), out=str(tmp_path / "o"), batch_size=16)
@@ -312,7 +313,8 @@ def test_a_chunk_leaves_the_read_task_as_one_block_per_model_actor(synth_small, 
 _LATE_ACTOR_DRIVER = """
 import os, sys, time
 from hcdlib.config import ScoreConfig
-from hcdlib.score import Scorer, score
+from hcdlib.commands.score.actor import Scorer
+from hcdlib.commands.score.run import score
 
 model, data, out, first_up, calls = sys.argv[1:]
 
@@ -364,8 +366,8 @@ def test_a_model_actor_that_cannot_start_stops_the_run_in_one_line(ray_session, 
     It was "ActorDiedError: The actor died because of an error raised in its creation task,
     <colour codes>ray::MapWorker(...)", cut at 300 characters before the error itself.
     """
+    from hcdlib.commands.score.actor import Scorer
     from hcdlib.errors import RunStopped
-    from hcdlib.score import Scorer
 
     class StoreFails(Scorer):
         def __init__(self, *args, **kwargs):
@@ -383,8 +385,8 @@ def test_a_model_actor_that_cannot_start_stops_the_run_in_one_line(ray_session, 
 
 def test_the_read_cap_reaches_ray_data(ray_session, model_dir, synth_small, tmp_path):
     """The cap is what Ray Data is told: the read stage's task pool, under the model actors' stage."""
-    from hcdlib.score import scoring_dataset
-    from hcdlib.sources import open_source
+    from hcdlib.commands.score.stream import scoring_dataset
+    from hcdlib.sources.factory import open_source
 
     cfg = ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(tmp_path / "o"))
     ds = scoring_dataset(cfg, open_source(str(synth_small)).chunks(64), plan_actors({"CPU": 2}), "sha")
@@ -396,7 +398,7 @@ def test_gpus_a_local_ray_does_not_have_are_refused_and_a_cluster_may_still_add_
     """--gpus-per-actor 1 (or --gpus-per-worker 1) on a laptop waited for a GPU for ever, without a word."""
     import logging
 
-    from hcdlib.rayutil import check_gpus, is_local
+    from hcdlib.raykit.cluster import check_gpus, is_local
 
     asked = "model actors: 1 x 1 GPU (--actors, --gpus-per-actor)"
     with pytest.raises(UserError, match=r"model actors: 1 x 1 GPU \(--actors, --gpus-per-actor\): 1 GPUs in all, and "
@@ -419,8 +421,8 @@ def test_the_pipeline_of_a_gpu_plan_can_be_built(ray_session, model_dir, synth_s
     The dataset is built, not run (this machine has no GPU). A run end to end on a Ray that
     declares a GPU it does not have (the actor falls back to the CPU) gave the CPU plan's output.
     """
-    from hcdlib.score import scoring_dataset
-    from hcdlib.sources import open_source
+    from hcdlib.commands.score.stream import scoring_dataset
+    from hcdlib.sources.factory import open_source
 
     chunks = open_source(str(synth_small)).chunks(64)
     gpu = plan_actors({"CPU": 16, "GPU": 2})
@@ -433,8 +435,8 @@ def test_manifest_is_json_with_the_effective_config(ray_session, model_dir, synt
     # A chunk leaves the read task as one block per model actor (at least a model batch), so it
     # is shared by all actors: the driver sees the actors' output blocks, one per call.
     seen = []
-    add = preds.ChunkAssembler.add
-    monkeypatch.setattr(preds.ChunkAssembler, "add",
+    add = assembly.ChunkAssembler.add
+    monkeypatch.setattr(assembly.ChunkAssembler, "add",
                         lambda self, batch: seen.append(batch.num_rows) or add(self, batch))
     score(_cfg(model_dir, synth_small, tmp_path / "out", tta=4, batch_size=16))
     m = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
@@ -448,7 +450,7 @@ def test_packed_pixels_score_exactly_as_the_files(ray_session, model_dir, corrup
     """Packing stores decodable patches as pixels: predictions do not change, bad files stay error rows."""
     import pyarrow.parquet as pq
 
-    from hcdlib.transforms import Preprocess
+    from hcdlib.model.transforms import Preprocess
 
     folder, info = corrupt_set
     unlabelled = tmp_path / "unlabelled"  # a test archive: the corrupt files have no labels, and need none

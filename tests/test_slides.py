@@ -7,11 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hcdlib.commands.score.run import ScoreConfig, score
+from hcdlib.commands.synth import synth_slide_pixels, write_slide_tiff
 from hcdlib.errors import UserError
-from hcdlib.predictions import read_manifest, read_predictions, write_submission
-from hcdlib.score import ScoreConfig, score
-from hcdlib.slides import PCAM_MPP, plan_level, tissue_mask, tissue_tiles
-from hcdlib.synth import synth_slide_pixels, write_slide_tiff
+from hcdlib.outputs.readers import read_predictions, write_submission
+from hcdlib.outputs.runfolder import read_manifest
+from hcdlib.sources.slides.plan import plan_level, tissue_mask, tissue_tiles
+from hcdlib.sources.slides.source import PCAM_MPP
 
 T = 96  # tile edge at PCam resolution
 COLS, ROWS = 8, 6
@@ -54,8 +56,8 @@ def test_the_model_artifact_sets_the_resolution_tiles_are_cut_at(tmp_path):
     """A model trained at 0.5 um/px (20x) gets 96 px tiles of 48 um, with no code change; old artifacts stay 10x."""
     import torch
 
-    from hcdlib.artifact import export_model, read_meta
-    from hcdlib.transforms import Preprocess
+    from hcdlib.model.artifact import export_model, read_meta
+    from hcdlib.model.transforms import Preprocess
 
     pre20x = Preprocess(mpp=0.5)
     export_model(torch.nn.Linear(1, 1), str(tmp_path / "m"), arch="hcdnet", preprocess=pre20x)
@@ -105,7 +107,7 @@ def test_tissue_tiles_are_the_grid_cells_with_enough_tissue(seed):
 
 
 def test_prob_raster_takes_the_tile_under_each_pixel():
-    from hcdlib.slide_maps import prob_raster
+    from hcdlib.sources.slides.maps import prob_raster
 
     rows = [{"x": c * T, "y": r * T, "tile_size": T, "prob": 0.1 * (r * 3 + c), "status": "ok"}
             for r in range(2) for c in range(3) if (r, c) != (1, 2)]
@@ -156,7 +158,7 @@ def test_heatmap_panels_take_the_slides_shape_and_fit_the_figure(aspect):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hcdlib.slide_maps import _heatmap_axes
+    from hcdlib.sources.slides.maps import _heatmap_axes
 
     fig, left, right, bar = _heatmap_axes(plt, aspect)
     try:
@@ -172,7 +174,7 @@ def test_heatmap_panels_take_the_slides_shape_and_fit_the_figure(aspect):
 
 
 def test_tumour_regions_merge_tiles_into_polygons():
-    from hcdlib.slide_maps import geojson, tumour_regions
+    from hcdlib.sources.slides.maps import geojson, tumour_regions
 
     def tile(c, r, p):
         return {"x": c * T, "y": r * T, "tile_size": T, "prob": p, "status": "ok"}
@@ -191,7 +193,7 @@ def test_tumour_regions_are_the_union_of_the_hot_tiles(seed):
     """Rows of tiles merged into rectangles first give the same regions as the tiles merged one by one."""
     import shapely
 
-    from hcdlib.slide_maps import tumour_regions
+    from hcdlib.sources.slides.maps import tumour_regions
 
     rng = np.random.default_rng(seed)
     rows = [{"x": int(c) * t, "y": int(r) * t, "tile_size": t, "prob": float(rng.random()),
@@ -276,8 +278,9 @@ def test_tiles_read_in_runs_equal_tiles_read_one_by_one(tmp_path, scale, level):
     """Reading a row of tiles with one call and cutting it gives each tile's own read_region, at level 0 and 1."""
     import openslide
 
-    from hcdlib.slides import plan_slide, read_tiles, tile_chunks
-    from hcdlib.synth import synth_slide_pixels, write_slide_tiff
+    from hcdlib.commands.synth import synth_slide_pixels, write_slide_tiff
+    from hcdlib.sources.slides.plan import plan_slide
+    from hcdlib.sources.slides.read import read_tiles, tile_chunks
 
     img = synth_slide_pixels(7, 3, seed=5, blank_cols=2)
     img = img.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -295,7 +298,7 @@ def test_tiles_read_in_runs_equal_tiles_read_one_by_one(tmp_path, scale, level):
 
 
 def test_tile_runs_break_at_gaps_rows_and_length():
-    from hcdlib.slides import tile_runs
+    from hcdlib.sources.slides.read import tile_runs
 
     xs = np.array([0, 96, 192, 384, 0, 96, 192, 288, 384])
     ys = np.array([0, 0, 0, 0, 96, 96, 96, 96, 96])
@@ -307,7 +310,7 @@ def test_a_slide_whose_resolution_is_a_default_dpi_is_an_error_row_not_a_million
     """72 dpi (352.8 um/px) cut 1-px tiles: up to 1.3 million for this 1,152 px slide, each scored."""
     import tifffile
 
-    from hcdlib.slides import plan_slide
+    from hcdlib.sources.slides.plan import plan_slide
 
     path = str(tmp_path / "s72.tif")
     with tifffile.TiffWriter(path) as t:
@@ -323,7 +326,7 @@ def test_a_tiff_in_strips_is_an_error_row_that_says_how_to_tile_it(tmp_path):
     """OpenSlide reads tiled TIFFs only; it refused one in strips as an 'Unsupported or missing image file'."""
     import tifffile
 
-    from hcdlib.slides import plan_slide
+    from hcdlib.sources.slides.plan import plan_slide
 
     pixels = synth_slide_pixels(8, 8, seed=2)
     for name, tile in (("strips.tif", None), ("tiled.tif", (256, 256))):
@@ -344,7 +347,7 @@ def test_a_tiff_in_strips_is_an_error_row_that_says_how_to_tile_it(tmp_path):
 def test_slides_coarser_than_the_model_are_scored_with_a_warning(ray_session, tmp_path, caplog):
     import logging
 
-    from hcdlib.slides import plan_slides
+    from hcdlib.sources.slides.plan import plan_slides
 
     path = str(tmp_path / "s.tif")
     write_slide_tiff(path, synth_slide_pixels(8, 8, seed=2), mpp=PCAM_MPP)
@@ -358,7 +361,8 @@ def test_slides_coarser_than_the_model_are_scored_with_a_warning(ray_session, tm
 
 def _tissue_chunk(tmp_path):
     """A clean slide, the chunk of all its tissue tiles, and the tiles it reads to."""
-    from hcdlib.slides import plan_slide, read_tiles, tile_chunks
+    from hcdlib.sources.slides.plan import plan_slide
+    from hcdlib.sources.slides.read import read_tiles, tile_chunks
 
     path = tmp_path / "clean.tif"
     _write_slide(path, _canvas(), PCAM_MPP)
@@ -393,7 +397,7 @@ def test_a_corrupt_tile_in_a_slide_fails_only_the_tiles_over_it(tmp_path):
     """OpenSlide refuses every read on a handle after one failed: the whole chunk used to be error rows."""
     from dataclasses import replace
 
-    from hcdlib.slides import read_tiles
+    from hcdlib.sources.slides.read import read_tiles
 
     clean, chunk, want = _tissue_chunk(tmp_path)
     _edit_tile(clean, tmp_path / "corrupt.tif", 4, corrupt=True)  # level-0 tile x, y = 256-512
@@ -410,7 +414,7 @@ def test_tile_pixels_outside_the_scanned_area_are_background_with_a_note(tmp_pat
     """A sparse slide's missing tile reads transparent: it was scored as black pixels, silently."""
     from dataclasses import replace
 
-    from hcdlib.slides import read_tiles
+    from hcdlib.sources.slides.read import read_tiles
 
     clean, chunk, want = _tissue_chunk(tmp_path)
     assert (want["note"] == None).all()  # noqa: E711 (elementwise)
@@ -436,7 +440,7 @@ def test_tile_pixels_outside_the_scanned_area_are_background_with_a_note(tmp_pat
 
 def test_tiles_read_before_a_slide_breaks_are_kept(tmp_path, monkeypatch):
     """A slide that cannot be read any more (its staged copy gone) fails the tiles not yet read, not all."""
-    from hcdlib import slides
+    from hcdlib.sources.slides import read as slides
 
     _clean, chunk, want = _tissue_chunk(tmp_path)
     real, calls = slides._SlideReader.read, []
@@ -459,7 +463,7 @@ def test_the_background_colour_is_the_slides_own_and_white_where_unknown():
     """MIRAX and others name their background colour (hex); a missing or malformed value is white."""
     from types import SimpleNamespace
 
-    from hcdlib.slides import _background
+    from hcdlib.sources.slides.read import _background
 
     def slide(value):
         return SimpleNamespace(properties={} if value is None else {"openslide.background-color": value})

@@ -7,16 +7,12 @@ import pyarrow as pa
 import pytest
 from conftest import PCAM_REAL, copy_patches, upload_dir
 
-from hcdlib.decode import decode_patch, decode_table
-from hcdlib.pack import PackConfig, pack
-from hcdlib.sources import (
-    CLASS_FOLDERS,
-    KAGGLE,
-    PARQUET,
-    SourceError,
-    check_labelled,
-    open_source,
-)
+from hcdlib.commands.pack import PackConfig, pack
+from hcdlib.sources.base import CLASS_FOLDERS, KAGGLE, PARQUET
+from hcdlib.sources.decode import decode_patch, decode_table
+from hcdlib.sources.factory import open_source
+from hcdlib.sources.labels import check_labelled
+from hcdlib.storage.listing import SourceError
 
 
 def _labels(folder: Path) -> dict[str, tuple[int, str]]:
@@ -120,7 +116,7 @@ def test_class_folders_and_a_labels_csv_that_contradicts_them_are_refused(synth_
 
 def test_class_folders_named_normal_and_tumor_are_labelled(synth_small, tmp_path):
     """normal/ and tumor/ (as CAMELYON-derived sets name them) were read as unlabelled patches: training refused."""
-    from hcdlib.sources import check_labelled
+    from hcdlib.sources.labels import check_labelled
 
     labels = _labels(synth_small)
     root = tmp_path / "named"
@@ -191,8 +187,8 @@ def test_a_shard_chunk_on_s3_fetches_its_bytes_once_and_refuses_a_changed_shard(
     Counted by the S3 server (moto's recorder). Before, every chunk fetched the footer again: a
     shard of two row groups cost its own size plus two footer reads.
     """
-    from hcdlib import uri as urimod
-    from hcdlib.s3local import recorded
+    from hcdlib.storage import uri as urimod
+    from hcdlib.storage.s3local import recorded
 
     upload_dir(synth_small, f"{bucket}/kaggle")
     pack(PackConfig(input=f"{bucket}/kaggle", out=f"{bucket}/shards", rows_per_file=100, row_group_size=50))
@@ -218,7 +214,7 @@ def test_a_shard_chunk_on_s3_fetches_its_bytes_once_and_refuses_a_changed_shard(
 
 def test_a_shard_with_a_large_footer_is_read_without_carrying_it(synth_small, tmp_path, monkeypatch):
     """Past FOOTER_CARRIED_BYTES the chunks do not each carry a copy: each read fetches the footer."""
-    import hcdlib.sources as sources
+    import hcdlib.sources.shards as sources
 
     pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards"), rows_per_file=300, row_group_size=10))
     monkeypatch.setattr(sources, "FOOTER_CARRIED_BYTES", 1024)  # this shard's 30 row groups are past it
@@ -284,20 +280,20 @@ def test_real_pcam_jpeg_class_folders(tmp_path):
 
 
 def test_a_patch_run_lists_its_input_once(model_dir, synth_small, tmp_path, monkeypatch):
-    import hcdlib.listing
-    import hcdlib.predictions
-    import hcdlib.rayutil
-    import hcdlib.sources
-    from hcdlib.score import ScoreConfig, score
+    import hcdlib.commands.score.run
+    import hcdlib.outputs.runfolder
+    import hcdlib.sources.factory
+    import hcdlib.storage.listing
+    from hcdlib.commands.score.run import ScoreConfig, score
 
     calls = []
-    real = hcdlib.listing.list_files
+    real = hcdlib.storage.listing.list_files
 
     def counting(uri):
         calls.append(uri)
         return real(uri)
 
-    for module in (hcdlib.listing, hcdlib.sources):
+    for module in (hcdlib.storage.listing, hcdlib.sources.factory):
         monkeypatch.setattr(module, "list_files", counting)
 
     class Stop(Exception):
@@ -306,8 +302,8 @@ def test_a_patch_run_lists_its_input_once(model_dir, synth_small, tmp_path, monk
     def stop(*_a, **_k):  # everything up to the first read: listing, labels, run spec, chunks
         raise Stop
 
-    monkeypatch.setattr(hcdlib.rayutil, "init_ray", lambda *_a, **_k: None)
-    monkeypatch.setattr(hcdlib.predictions, "done_parts", stop)
+    monkeypatch.setattr(hcdlib.commands.score.run, "init_ray", lambda *_a, **_k: None)
+    monkeypatch.setattr(hcdlib.outputs.runfolder.RunFolder, "done", stop)
     with pytest.raises(Stop):
         score(ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(tmp_path / "o")))
     assert calls == [str(synth_small)]
@@ -317,7 +313,7 @@ def test_every_chunk_reads_itself_the_same_way(synth_small, tmp_path):
     """Files, shards and bad slides: each chunk's read() gives decoded rows; the pipeline asks nothing else."""
     import pickle
 
-    from hcdlib.slides import SlideErrorChunk
+    from hcdlib.sources.slides.read import SlideErrorChunk
 
     files = open_source(str(synth_small))
     pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards"), rows_per_file=100, row_group_size=100))
@@ -340,8 +336,8 @@ def test_read_tasks_yield_the_arrow_blocks_ray_data_would_build(synth_small, tmp
     """The read task builds its blocks in C++; they must be what Ray Data's own conversion gives."""
     from ray.data.block import BlockAccessor
 
-    from hcdlib.pipeline import read_decode
-    from hcdlib.slides import SlideErrorChunk
+    from hcdlib.raykit.pipeline import read_decode
+    from hcdlib.sources.slides.read import SlideErrorChunk
 
     pack(PackConfig(input=str(synth_small), out=str(tmp_path / "shards")))
     bad = SlideErrorChunk("s-1234abcd-error", 1, "/x/s.svs", "s", "slide /x/s.svs: cannot read: truncated")
@@ -367,7 +363,7 @@ def test_read_tasks_yield_the_arrow_blocks_ray_data_would_build(synth_small, tmp
 
 def test_slides_are_a_source_only_where_slides_are_scored(tmp_path):
     """The one factory: slide formats give a slide source when a job can tile them, and a refusal elsewhere."""
-    from hcdlib.slides import SlideSource, SlideTiling
+    from hcdlib.sources.slides.source import SlideSource, SlideTiling
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "s1.svs").write_bytes(b"not opened until planning")
@@ -404,8 +400,8 @@ def test_tif_slides_given_as_patches_are_refused_with_the_flag_that_tiles_them(s
 
     from PIL import Image
 
-    from hcdlib.slides import SlideSource, SlideTiling
-    from hcdlib.synth import write_slide_tiff
+    from hcdlib.commands.synth import write_slide_tiff
+    from hcdlib.sources.slides.source import SlideSource, SlideTiling
 
     tiling, forced = SlideTiling(out=str(tmp_path / "o")), SlideTiling(out=str(tmp_path / "o"), force=True)
     slides = tmp_path / "slides"
@@ -445,7 +441,7 @@ def test_a_mixed_input_never_leaves_one_kind_unscored_without_a_word(synth_small
     import logging
     import shutil
 
-    from hcdlib.slides import SlideSource, SlideTiling
+    from hcdlib.sources.slides.source import SlideSource, SlideTiling
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()

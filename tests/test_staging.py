@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hcdlib import staging
-from hcdlib import uri as urimod
+from hcdlib.storage import staging
+from hcdlib.storage import uri as urimod
 
 
 @pytest.fixture()
@@ -106,7 +106,7 @@ def test_the_server_sends_a_staged_slide_once(bucket, s3_server, tmp_path):
     """Counted by the S3 server itself (moto's recorder, as the benchmark counts): one slide's bytes, no more."""
     import boto3
 
-    from hcdlib.s3local import recorded
+    from hcdlib.storage.s3local import recorded
 
     slide, data = f"{bucket}/c/s3.svs", os.urandom(3 * 2**20 + 17)
     _put(slide, data)

@@ -2,7 +2,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from hcdlib.synth import SynthConfig, generate, write_synth
+from hcdlib.commands.synth import SynthConfig, generate, write_synth
 
 
 def test_deterministic_for_a_seed(tmp_path):

@@ -14,20 +14,22 @@ import pytest
 import torch
 from conftest import REPO, ray_worker_pids
 
-from hcdlib.artifact import load_model
-from hcdlib.decode import decode_patch
+from hcdlib.commands.train.data import split_by_group
+from hcdlib.commands.train.run import TrainConfig, train
+from hcdlib.commands.train.schedule import one_cycle, stop_reason, training_autocast, trains_in_bf16
 from hcdlib.errors import UserError
-from hcdlib.infer import infer_batch
-from hcdlib.models import build_model
-from hcdlib.sources import FileSource, open_source
-from hcdlib.train import TrainConfig, split_by_group, train
-from hcdlib.train_loop import one_cycle, stop_reason, training_autocast, trains_in_bf16
-from hcdlib.transforms import Preprocess
+from hcdlib.model.architectures import build_model
+from hcdlib.model.artifact import load_model
+from hcdlib.model.infer import infer_batch
+from hcdlib.model.transforms import Preprocess
+from hcdlib.sources.decode import decode_patch
+from hcdlib.sources.factory import open_source
+from hcdlib.sources.files import FileSource
 
 
 @pytest.fixture(scope="module")
 def synth_600(tmp_path_factory) -> Path:
-    from hcdlib.synth import SynthConfig, write_synth
+    from hcdlib.commands.synth import SynthConfig, write_synth
 
     out = tmp_path_factory.mktemp("s600") / "data"
     write_synth(SynthConfig(out=str(out), n=600, slides=6, seed=21))
@@ -133,7 +135,7 @@ def test_time_budget_stops_with_checkpoint_and_rerun_resumes(ray_session, synth_
 
 
 def test_data_is_kept_decoded_only_where_it_fits_or_is_asked_for():
-    from hcdlib.train import caches_decoded
+    from hcdlib.commands.train.data import caches_decoded
 
     store = 8 * 2**30
     cfg = _cfg("d", "o")
@@ -152,7 +154,7 @@ def test_kept_data_is_the_streamed_data_read_once_in_a_new_order_each_epoch(ray_
     import hashlib
     import shutil
 
-    from hcdlib.train import build_datasets
+    from hcdlib.commands.train.data import build_datasets
 
     folder = tmp_path / "k"
     folder.mkdir()
@@ -179,8 +181,8 @@ def test_kept_data_is_the_streamed_data_read_once_in_a_new_order_each_epoch(ray_
 
 def test_resuming_a_run_of_another_model_is_refused_before_ray_starts(tmp_path, synth_600):
     """A checkpoint of the four-stage hcdnet (an older hcd) or of another --arch cannot be resumed."""
-    from hcdlib.artifact import HCDNET_SHAPE_UNRECORDED
-    from hcdlib.train import check_resumable
+    from hcdlib.commands.train.folder import check_resumable
+    from hcdlib.model.artifact import HCDNET_SHAPE_UNRECORDED
 
     out = tmp_path / "run"
     ckpt = out / "ray_train" / "checkpoint_2026-11-01_00-00-00.000000"
@@ -248,7 +250,7 @@ def test_ctrl_c_says_what_is_kept_in_one_line(ray_session, synth_600, tmp_path):
 
 
 def test_checkpoints_and_model_on_s3(ray_session, synth_600, bucket):
-    from hcdlib.uri import exists
+    from hcdlib.storage.uri import exists
 
     out = f"{bucket}/run"
     meta = train(_cfg(synth_600, out, epochs=1))
@@ -261,7 +263,7 @@ def test_weight_average_follows_the_weights_at_its_decay():
     """The exported average: decay ramps up from the first step, floats are averaged, counters copied."""
     from torch import nn
 
-    from hcdlib.train_loop import WeightAverage
+    from hcdlib.commands.train.averaging import WeightAverage
 
     live = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     avg = WeightAverage(live, 0.9)
@@ -284,7 +286,7 @@ def test_uniform_average_is_the_plain_mean_of_its_steps_and_survives_a_checkpoin
     """--swa-from: every step weighs the same, a checkpoint keeps the count, an exponential step ends it."""
     from torch import nn
 
-    from hcdlib.train_loop import WeightAverage
+    from hcdlib.commands.train.averaging import WeightAverage
 
     torch.manual_seed(0)
     live = nn.Linear(4, 3)
@@ -321,7 +323,7 @@ def test_batchnorm_statistics_are_re_estimated_for_the_final_weights():
     """Stale running statistics are replaced by a plain average over the given batches, in eval mode."""
     from torch import nn
 
-    from hcdlib.train_loop import recalibrate_batchnorm
+    from hcdlib.commands.train.averaging import recalibrate_batchnorm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=0.1)).eval()
@@ -371,7 +373,8 @@ def test_validation_scores_as_hcd_score_does_with_val_tta_views():
     The shard hands batches on the worker's device unless asked for host batches: on a GPU
     worker, validation pinned a CUDA tensor and read CUDA labels as numpy, and crashed.
     """
-    from hcdlib.train_loop import TrainLoop, roc_auc
+    from hcdlib.commands.train.loop import TrainLoop
+    from hcdlib.commands.train.schedule import roc_auc
 
     torch.manual_seed(0)
     model, pre = build_model("hcdnet")  # random weights: not rotation invariant, so 1 and 8 views differ
@@ -398,7 +401,7 @@ def test_validation_scores_as_hcd_score_does_with_val_tta_views():
 
 def test_training_stops_early_enough_for_the_last_validation_to_fit_the_budget():
     """Training ends the last validation's length before the budget, and the schedule ends there."""
-    from hcdlib.train_loop import TrainLoop
+    from hcdlib.commands.train.loop import TrainLoop
 
     loop = TrainLoop.__new__(TrainLoop)  # the budget rule needs no Ray: only these attributes
     loop.budget_s, loop.val_s, loop.step, loop.total_steps = 1000.0, 70.0, 0, 10**9
@@ -418,7 +421,7 @@ def test_training_stops_early_enough_for_the_last_validation_to_fit_the_budget()
 
 
 def test_precision_is_bf16_where_asked_or_native():
-    from hcdlib.device import DeviceFacts
+    from hcdlib.model.device import DeviceFacts
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     laptop = DeviceFacts(None, False, cpu_native_bf16=False)  # e.g. an AVX2-only laptop
@@ -467,8 +470,8 @@ def test_a_budget_spent_before_the_first_step_exports_nothing(tmp_path):
     """A 12-s budget went to starting Ray: the untrained model used to be exported like any other."""
     from ray.train import Checkpoint
 
-    from hcdlib.train import export_best
-    from hcdlib.train_loop import STATE_FILE
+    from hcdlib.commands.train.folder import export_best
+    from hcdlib.commands.train.loop import STATE_FILE
 
     model, _ = build_model("hcdnet")
     ckpt = tmp_path / "ckpt"
@@ -488,7 +491,7 @@ def test_a_budget_spent_before_the_first_step_exports_nothing(tmp_path):
 
 def test_patches_that_cannot_train_are_recorded_not_dropped_without_a_word(tmp_path):
     """The read stage's record of what it leaves out: once per row, however often it is read."""
-    from hcdlib.pipeline import labelled_ok, skipped_rows
+    from hcdlib.raykit.pipeline import labelled_ok, skipped_rows
 
     n = 6
     batch = {"chunk": np.array(["files-000003"] * n, dtype=object), "row": np.arange(n),
@@ -512,8 +515,8 @@ def test_a_split_none_of_whose_patches_decode_is_refused(tmp_path, caplog):
     """128x128 patches everywhere: training used to run epochs on nothing and end in a traceback."""
     import logging
 
-    from hcdlib.pipeline import labelled_ok
-    from hcdlib.train import report_skipped
+    from hcdlib.commands.train.data import report_skipped
+    from hcdlib.raykit.pipeline import labelled_ok
 
     def read(key: str, n: int, bad: int) -> None:
         status = np.array(["error"] * bad + ["ok"] * (n - bad), dtype=object)
@@ -547,7 +550,7 @@ def test_training_says_which_patches_it_could_not_decode(ray_session, synth_600,
         p.write_bytes(p.read_bytes()[:50])
     meta = train(_cfg(data, tmp_path / "run", epochs=1))
     assert meta["skipped"] == len(bad)
-    from hcdlib.pipeline import skipped_rows
+    from hcdlib.raykit.pipeline import skipped_rows
 
     folders = [tmp_path / "run" / "skipped" / key for key in ("train", "val")]
     ids = [i for f in folders for i in skipped_rows(str(f))["id"].to_pylist()]
@@ -564,8 +567,8 @@ def test_validation_left_with_one_class_after_decoding_is_a_user_error(tmp_path)
     import torch
     from ray.train import Checkpoint
 
-    from hcdlib.train import export_best
-    from hcdlib.train_loop import STATE_FILE
+    from hcdlib.commands.train.folder import export_best
+    from hcdlib.commands.train.loop import STATE_FILE
 
     torch.save({"step": 12, "elapsed": 30.0, "best_model": None}, tmp_path / STATE_FILE)
     cfg = TrainConfig(data="d", out=str(tmp_path / "run"))
@@ -576,7 +579,7 @@ def test_validation_left_with_one_class_after_decoding_is_a_user_error(tmp_path)
 
 
 def test_clear_run_deletes_only_what_training_wrote(tmp_path):
-    from hcdlib.train import TRAIN_SPEC, clear_run
+    from hcdlib.commands.train.folder import TRAIN_SPEC, clear_run
 
     run = tmp_path / "run"
     (run / "notes").mkdir(parents=True)

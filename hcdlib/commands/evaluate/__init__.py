@@ -1,0 +1,1 @@
+"""``hcd evaluate``: metrics with intervals, figures and the HTML report."""

@@ -1,0 +1,1 @@
+"""``hcd train``: the driver (data, scaling, export) and the per-worker loop."""

@@ -1,0 +1,1 @@
+"""The model: architectures, the exported artifact, preprocessing, the device and the forward pass."""

@@ -1,0 +1,1 @@
+"""Outputs: the run folder every command writes, chunk assembly, and the readers of what it holds."""

@@ -1,0 +1,1 @@
+"""Sources: what is at an input URI, cut into chunks that read and decode themselves."""

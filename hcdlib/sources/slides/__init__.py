@@ -1,0 +1,1 @@
+"""Whole-slide images: plan the tissue tiles, read them, and draw the maps after scoring."""
