@@ -91,7 +91,7 @@ def openvino_rows(model, pre, threads: int, calibration: np.ndarray) -> dict[str
     config = {"INFERENCE_NUM_THREADS": threads}
     default = core.compile_model(ov_model, "CPU", config)
     hint = default.get_property("INFERENCE_PRECISION_HINT")  # what this CPU runs by default (bf16 where native)
-    rows = {f"OpenVINO (its default: {hint})": lambda x: default(x)[0]}
+    rows = {f"OpenVINO (its default: {getattr(hint, 'get_type_name', lambda: hint)()})": lambda x: default(x)[0]}
     try:
         import nncf
     except ImportError:

@@ -1,8 +1,7 @@
 """The forward pass: :class:`Predictor` (what a scoring actor holds) and ``infer_batch`` (one call).
 
-Tests and user code call them without Ray; the Ray actor in
-:mod:`hcdlib.commands.score.actor` only wraps a
-:class:`Predictor`.
+Tests and user code call them without Ray; the scoring actor
+(:mod:`hcdlib.commands.score.actor`) only wraps a :class:`Predictor`.
 """
 
 from __future__ import annotations
