@@ -31,6 +31,7 @@ from benchmarks.gpu_report import markdown
 from hcdlib.commands.pack import pack
 from hcdlib.commands.score.run import score
 from hcdlib.commands.synth import write_synth
+from hcdlib.commands.train.folder import clear_run
 from hcdlib.config import PackConfig, ScoreConfig, SynthConfig, TrainConfig
 from hcdlib.model.device import DeviceError, native_bf16, pick, probe
 from hcdlib.raykit.cluster import init_ray
@@ -204,7 +205,7 @@ def train_rows(sizes: Sizes, work: str, shards: tuple[str, str]) -> tuple[list[d
     from hcdlib.commands.train.run import train
 
     out = os.path.join(work, "train")
-    shutil.rmtree(out, ignore_errors=True)  # the check's own folder
+    clear_run(out)  # an earlier check's run, by hcd's own names: nothing else in --out is touched
     rows = []
     for i, minutes in enumerate(sizes.train_minutes):
         # a dry run trains by epochs (1, then 2): a budget on 2 CPU cores would go to starting Ray

@@ -11,7 +11,6 @@ CPU does bf16 in hardware. Scoring actors, training workers and the GPU check al
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from hcdlib.config import PRECISIONS
@@ -137,8 +136,3 @@ def pick(precision: str = "auto", *, fp16_fallback: bool = True, facts: DeviceFa
     plan = choose(facts or probe(), precision, fp16_fallback=fp16_fallback)
     log.debug("device: %s", plan)
     return plan
-
-
-def ids_text(ids: Sequence[str] | None) -> str:
-    """Ray's GPU ids for a report line."""
-    return "not in Ray" if ids is None else (",".join(ids) or "none")
