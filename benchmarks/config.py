@@ -30,6 +30,18 @@ class BenchScoreConfig(Settings):
 
 
 @dataclass(frozen=True)
+class BenchCoverageConfig(Settings):
+    """Tissue coverage of scored tiles against --tissue-threshold, on synthetic slides of ragged, pale tissue."""
+
+    slides: int = setting(4, "synthetic slides (one seed each)", lo=1)
+    side: int = setting(4096, "slide width in level-0 px (height 3/4 of it)", lo=512)
+    thresholds: str = setting("0.5,0.25,0.1,0.05", "tissue thresholds to measure (comma-separated)")
+    work: str = setting("bench-out/coverage", "local folder for the slides", output=True)
+    markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
+                                         "replacing the table this benchmark wrote there before")
+
+
+@dataclass(frozen=True)
 class BenchBackendsConfig(Settings):
     """CPU scoring backends side by side: torch fp32/bf16/compiled, ONNX Runtime, OpenVINO, int8; hcd score."""
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from benchmarks.config import BenchScoreConfig
 from hcdlib.commands.pack import PackConfig, pack, shard_options
-from hcdlib.commands.synth import SynthConfig, synth_slide_pixels, write_slide_tiff, write_synth
+from hcdlib.commands.synth import SynthConfig, write_synth
+from hcdlib.commands.synth_slides import synth_slide_pixels, write_slide_tiff
 from hcdlib.sources.base import PACK_MANIFEST
 from hcdlib.sources.chunks import ROW_SCHEMA
 from hcdlib.sources.decode import decode_patch

@@ -26,7 +26,7 @@ from benchmarks.data import PeakMemory, replicated, upload
 from benchmarks.doc import publish
 from hcdlib.commands.score.actor import Scorer
 from hcdlib.commands.score.run import ScoreConfig, score
-from hcdlib.commands.synth import synth_slide_pixels, write_slide_tiff
+from hcdlib.commands.synth_slides import synth_slide_pixels, write_slide_tiff
 from hcdlib.model.artifact import model_id, read_meta
 from hcdlib.raykit.cluster import init_ray
 from hcdlib.sources.slides.source import PCAM_MPP

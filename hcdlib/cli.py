@@ -192,14 +192,17 @@ def run_evaluate(cfg: EvalConfig) -> int:
     p, failed, unit = m["patch"], m["join"]["error_rows"], unit_of(m)
     # Patches that failed to decode (slides that could not be read) have no probability: the
     # metrics cover the others, and say so.
-    why = "failed to decode" if unit == "patch" else "had no tile scored"
-    errors = f"\n errors   {failed} labelled {PLURAL[unit]} {why}: not in the metrics" if failed else ""
-    per = " (each scored by its highest tile probability)" if unit == "slide" else ""
-    log.info("\n== hcd evaluate summary ==\n %-8s %d%s%s\n ROC AUC  %.4f (95%% CI %.4f-%.4f)\n PR AUC   %.4f\n"
+    why = {"patch": "failed to decode", "tile": "failed to read"}.get(unit, "had no tile scored")
+    errors = (f"\n errors   {failed} {'' if unit == 'tile' else 'labelled '}{PLURAL[unit]} {why}: not in the metrics"
+              if failed else "")
+    per = {"slide": " (each scored by its highest tile probability)",
+           "tile": " (against the annotated tumour under each tile's centre)"}.get(unit, "")
+    lesion = (m.get("lesion") or {}).get("froc")
+    extra = f"\n FROC     {lesion['score']:.4f} ({lesion['lesions']} lesions)" if lesion else ""
+    log.info("\n== hcd evaluate summary ==\n %-8s %d%s%s\n ROC AUC  %.4f (95%% CI %.4f-%.4f)\n PR AUC   %.4f%s\n"
              " report   %s", PLURAL[unit], p["n"], per, errors, p["roc_auc"],
-             *(p["roc_auc_ci95"] or (float("nan"),) * 2), p["pr_auc"], f"{cfg.out}/report.html")
+             *(p["roc_auc_ci95"] or (float("nan"),) * 2), p["pr_auc"], extra, f"{cfg.out}/report.html")
     return 0
-
 
 
 

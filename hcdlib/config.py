@@ -30,6 +30,10 @@ PRECISIONS = ("auto", "bf16", "fp32")
 CACHE_CHOICES = ("auto", "on", "off")
 # Plausible scanner resolutions in microns per pixel (a 100x oil objective is ~0.1; a 1x overview ~10).
 MPP_RANGE = (0.05, 20.0)
+# Share of a tile that must be tissue for it to be scored: on the coverage benchmark
+# (benchmarks/coverage.py) the highest that keeps 95% of the visible tissue in scored tiles,
+# with glass well under a quarter of their area.
+TISSUE_THRESHOLD = 0.25
 
 
 def setting(default=MISSING, help: str = "", *, lo: float | None = None, hi: float | None = None,
@@ -141,7 +145,8 @@ class ScoreConfig(Settings):
                                   "needed for .tif)")
     mpp: float | None = setting(None, "slides: microns per pixel, overriding (or replacing) the metadata",
                                 lo=MPP_RANGE[0], hi=MPP_RANGE[1])
-    tissue_threshold: float = setting(0.5, "slides: fraction of a tile that must be tissue for it to be scored",
+    tissue_threshold: float = setting(TISSUE_THRESHOLD, "slides: fraction of a tile that must be tissue for it to be "
+                                                        "scored",
                                       lo=0, hi=1)
     overwrite: bool = setting(False, "replace an earlier hcd run in --out (only files hcd wrote)")
     address: str | None = setting(None, "Ray address (default: RAY_ADDRESS, else a local Ray)")
@@ -214,13 +219,25 @@ class TrainConfig(Settings):
                             "held out of --data and labelled by --labels")
 
 
+# Class names of tumour in QuPath (Tumor), Camelyon16's ASAP groups (_0, _1) and Camelyon17 (metastases).
+TUMOUR_CLASSES = "tumor,tumour,metastasis,metastases,_0,_1"
+OTHER_CLASSES = "_2,normal,exclusion,other,stroma,necrosis,immune cells,region*,ignore*"
+
+
 @dataclass(frozen=True)
 class EvalConfig(Settings):
     """Metrics, figures and an HTML report for committed predictions against labels."""
 
     predictions: str = setting(help="output URI of hcd score")
-    labels: str = setting(help="labels CSV (id,label[,slide_id]) or a labelled patch source")
     out: str = setting(help="report folder URI", output=True)
+    labels: str | None = setting(None, "labels CSV (id,label[,slide_id]; ids may be slide ids) or a labelled patch "
+                                       "source; needed unless --annotations")
+    annotations: str | None = setting(None, "folder of slide annotations (QuPath GeoJSON, ASAP XML), a file per "
+                                             "slide named as the slide: tile, slide and lesion (FROC) metrics")
+    tumour_classes: str = setting(TUMOUR_CLASSES, "annotation classes that outline tumour (comma-separated, "
+                                                  "case-insensitive, * matches any text)")
+    other_classes: str = setting(OTHER_CLASSES, "other annotation classes, cut out of the tumour they lie in "
+                                                "(Camelyon16's _2); a class in neither list is refused")
     allow_missing: bool = setting(False, "evaluate over a partial join (counted)")
     target_sensitivity: float = setting(0.95, "operating point to report", lo=0, hi=1, lo_open=True)
     threshold: float | None = setting(None, "decision threshold (default: the model's, else 0.5)", lo=0, hi=1)

@@ -16,6 +16,9 @@ from hcdlib.storage.s3local import free_port
 REPO = Path(__file__).resolve().parents[1]
 PCAM_REAL = REPO.parent / "shared" / "data" / "pcam-real"
 
+# A smaller hcdnet (four stages) than the default: the tests' model trains in seconds.
+FOUR_STAGE_HCDNET = {"stem": 16, "widths": [32, 64, 128, 256]}
+
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
@@ -167,7 +170,7 @@ def model_dir(synth_small, tmp_path_factory) -> Path:
     import torch
 
     from hcdlib.model.architectures import build_model
-    from hcdlib.model.artifact import HCDNET_SHAPE_UNRECORDED, export_model
+    from hcdlib.model.artifact import export_model
     from hcdlib.model.transforms import to_input, train_preset
     from hcdlib.sources.decode import decode_patch
 
@@ -175,7 +178,7 @@ def model_dir(synth_small, tmp_path_factory) -> Path:
     labels = pacsv.read_csv(synth_small / "labels.csv").to_pydict()
     x = np.stack([decode_patch((synth_small / f"{i}.tif").read_bytes()).pixels for i in labels["id"]])
     y = torch.tensor(labels["label"], dtype=torch.float32).view(-1, 1)
-    model, pre = build_model("hcdnet", arch_args=dict(HCDNET_SHAPE_UNRECORDED))
+    model, pre = build_model("hcdnet", arch_args=FOUR_STAGE_HCDNET)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(3):

@@ -96,7 +96,7 @@ def test_help_shows_each_flags_default(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "patches per work unit (the granularity of resume) (default: 1024)" in out
     assert "patches per model call (default 256 on CPU actors, 1024 on GPU actors)" in out  # default by device
-    assert "(default: 0.5)" in out and "--verbose" in out
+    assert "(default: 0.25)" in out and "--verbose" in out  # --tissue-threshold
 
 
 def test_score_summary_names_the_slide_outputs_a_slow_rate_and_converted_rows(monkeypatch, caplog):

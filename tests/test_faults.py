@@ -13,7 +13,7 @@ from conftest import upload_dir
 
 from hcdlib.commands.pack import PackConfig, pack
 from hcdlib.commands.score.run import ScoreConfig, score
-from hcdlib.commands.synth import synth_slide_pixels, write_slide_tiff
+from hcdlib.commands.synth_slides import synth_slide_pixels, write_slide_tiff
 from hcdlib.errors import UserError
 from hcdlib.outputs import readers
 from hcdlib.outputs import runfolder as preds

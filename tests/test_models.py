@@ -131,7 +131,8 @@ def test_the_model_sees_the_centre_crop_its_artifact_records(tmp_path):
     assert pre.crop == 64 and model(crop).shape == (2, 1)
     old = Preprocess().to_dict()
     del old["crop"]
-    assert Preprocess.from_dict(old).crop == 96
+    with pytest.raises(KeyError, match="crop"):  # one format: every field recorded
+        Preprocess.from_dict(old)
     with pytest.raises(ValueError, match=r"crop 128 must be in 32\.\.size"):
         Preprocess(crop=128)
     out = tmp_path / "m"
@@ -145,11 +146,10 @@ def test_the_model_sees_the_centre_crop_its_artifact_records(tmp_path):
 
 
 def test_an_hcdnet_artifact_loads_in_the_shape_it_was_trained_with(tmp_path):
-    """The artifact records hcdnet's shape; artifacts from before (no record) are the 4-stage net."""
+    """The artifact records hcdnet's shape; one without it, or of another format, is refused naming it."""
     import numpy as np
 
     from hcdlib.model.architectures import HCDNET_SHAPE, HcdNet
-    from hcdlib.model.artifact import HCDNET_SHAPE_UNRECORDED
     from hcdlib.model.infer import infer_batch
 
     pixels = np.random.default_rng(1).integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)
@@ -161,16 +161,21 @@ def test_an_hcdnet_artifact_loads_in_the_shape_it_was_trained_with(tmp_path):
     loaded, _ = load_model(str(tmp_path / "new"))
     np.testing.assert_array_equal(infer_batch(loaded, pixels, device=cpu, preprocess=pre),
                                   infer_batch(new.eval(), pixels, device=cpu, preprocess=pre))
-    # an artifact exported before shapes were recorded: same arch name, the 4-stage weights
-    old = HcdNet(**HCDNET_SHAPE_UNRECORDED).eval()
+    # a four-stage net loads in its own shape
+    old = HcdNet(stem=16, widths=(32, 64, 128, 256)).eval()
     export_model(old, str(tmp_path / "old"), arch="hcdnet", preprocess=pre)
-    meta = json.loads((tmp_path / "old" / "model.json").read_text())
-    del meta["arch_args"]
-    (tmp_path / "old" / "model.json").write_text(json.dumps(meta))
     loaded, _ = load_model(str(tmp_path / "old"))
     assert len(loaded.state_dict()) == len(old.state_dict()) < len(new.state_dict())
     np.testing.assert_array_equal(infer_batch(loaded, pixels, device=cpu, preprocess=pre),
                                   infer_batch(old, pixels, device=cpu, preprocess=pre))
+    meta = json.loads((tmp_path / "old" / "model.json").read_text())
+    for edit, expect in (({"arch_args": None}, "missing arch_args"),
+                         ({"format": "hcd-model/0"}, "format 'hcd-model/0', and this hcd reads hcd-model/1"),
+                         ({"format": None}, "format None")):
+        (tmp_path / "old" / "model.json").write_text(
+            json.dumps({k: v for k, v in {**meta, **edit}.items() if v is not None}))
+        with pytest.raises(ArtifactError, match=expect):
+            load_model(str(tmp_path / "old"))
     for bad in ({"stem": 16}, {"stem": 16, "widths": [32, "64"]}, {"stem": True, "widths": [8]}, [16, 32]):
         meta["arch_args"] = bad
         (tmp_path / "old" / "model.json").write_text(json.dumps(meta))

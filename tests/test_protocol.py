@@ -69,10 +69,10 @@ def test_a_commit_refuses_parts_of_another_run_that_took_over_the_folder(tmp_pat
         commit(cfg, chunks, spec, 1.0)
     assert not (out / preds.MANIFEST).exists()
     part("c1", "hcdnet-aaa")
-    (out / preds.RUN_SPEC).write_text(json.dumps(dict(spec, model="hcdnet-bbb")))  # the other run's spec
+    (out / preds.RUN_SPEC).write_text(json.dumps(dict(spec, model="hcdnet-bbb", format=preds.RUN_FORMAT)))
     with pytest.raises(RunStopped, match=r"_RUN.json is no longer this run's: another hcd run"):
         commit(cfg, chunks, spec, 1.0)
-    (out / preds.RUN_SPEC).write_text(json.dumps(dict(spec, job="score")))  # ours (an older hcd's extra key)
+    (out / preds.RUN_SPEC).write_text(json.dumps(dict(spec, job="score", format=preds.RUN_FORMAT)))  # an extra key
     assert commit(cfg, chunks, spec, 1.0)["rows"] == 4 and (out / preds.MANIFEST).exists()
 
 

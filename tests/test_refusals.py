@@ -31,7 +31,7 @@ from hcdlib.commands.train.data import open_sources
 from hcdlib.commands.train.run import TrainConfig
 from hcdlib.errors import UserError
 from hcdlib.model.architectures import build_model
-from hcdlib.model.artifact import ArtifactError, check_artifact, declares_arch, export_model, load_model
+from hcdlib.model.artifact import ArtifactError, check_artifact, export_model, load_model
 from hcdlib.model.infer import infer_batch
 from hcdlib.model.transforms import Preprocess
 from hcdlib.outputs import readers
@@ -666,10 +666,11 @@ def test_submission_never_replaces_a_file_without_overwrite(tmp_path, capsys):
 def test_claim_output_deletes_only_what_hcd_wrote(tmp_path):
     out = tmp_path / "out"
     _committed(out, {"a": [("p1", 0.1)]})
-    (out / preds.RUN_SPEC).write_text(json.dumps({"model": "m1"}))
+    (out / preds.RUN_SPEC).write_text(json.dumps({"format": preds.RUN_FORMAT, "model": "m1"}))
     slides = out / "slides"
     slides.mkdir()
-    ours = ["s1-0123abcd.heatmap.png", "s1-0123abcd.geojson", "s1-0123abcd.thumbnail.png", "summary.csv"]
+    ours = ["s1-0123abcd.heatmap.png", "s1-0123abcd.geojson", "s1-0123abcd.thumbnail.png",
+            "s1-0123abcd.tissue.png", "summary.csv"]
     for name in ours:
         (slides / name).write_bytes(b"x")
     theirs = [out / "notes.txt", out / preds.PARTS / "README.md", slides / "my-figure.png"]
@@ -681,7 +682,11 @@ def test_claim_output_deletes_only_what_hcd_wrote(tmp_path):
     assert all(p.read_text() == "the user's own file" for p in theirs)
     assert not any((slides / n).exists() for n in ours)
     assert not list((out / preds.PARTS).glob("*.parquet")) and not (out / preds.MANIFEST).exists()
-    assert json.loads((out / preds.RUN_SPEC).read_text()) == {"model": "m2"}
+    assert json.loads((out / preds.RUN_SPEC).read_text()) == {"format": preds.RUN_FORMAT, "model": "m2"}
+    (out / preds.RUN_SPEC).write_text(json.dumps({"model": "m2"}))  # another hcd's run: named, not continued
+    with pytest.raises(UserError, match=r"_RUN.json: a run of format None, and this hcd continues hcd-run/1 runs"):
+        preds.RunFolder(str(out)).claim({"model": "m2"}, overwrite=False)
+    preds.RunFolder(str(out)).claim({"model": "m2"}, overwrite=True)  # still hcd's to clear
     foreign = tmp_path / "foreign"
     (foreign / preds.PARTS).mkdir(parents=True)
     with pytest.raises(UserError, match="did not write"):  # no run spec: not hcd's parts folder
@@ -775,18 +780,17 @@ def test_weights_declare_their_model_so_an_edited_model_json_is_refused_without_
 
     model.json is not covered by the weights' hash: changing its arch or shape must not let
     the weights be loaded into another model. Weights exported before they declared their
-    model are still built on the driver (torch) to show they fit, before Ray starts.
+    model are refused, naming the format.
     """
-    import hcdlib.commands.score.run
+    import hcdlib.model.architectures
 
     m = _artifact(tmp_path)
     meta = json.loads((m / "model.json").read_text())
-    assert declares_arch((m / "model.safetensors").read_bytes())
 
     def built(*_a, **_k):
         raise AssertionError("the driver built the model")
 
-    monkeypatch.setattr(hcdlib.commands.score.run, "load_model", built)
+    monkeypatch.setattr(hcdlib.model.architectures, "build_model", built)
     # A problem found after the artifact check shows the check passed without building the model.
     _one_line_exit_2(capsys, ["score", "--model", str(m), "--input", str(synth_small),
                               "--out", str(synth_small / "o")], expect="is inside --input")
@@ -799,17 +803,16 @@ def test_weights_declare_their_model_so_an_edited_model_json_is_refused_without_
         _one_line_exit_2(capsys, ["score", "--model", str(m), "--input", str(synth_small),
                                   "--out", str(tmp_path / "o")], expect=expect)
     monkeypatch.undo()
-    # Weights without the declaration (an older export): built on the driver, so a misfit is
-    # refused before Ray too.
+    # Weights without the declaration: not an export of this format, refused before Ray.
     from safetensors.torch import save
 
     old, _ = build_model("hcdnet", arch_args={"stem": 8, "widths": [16]})
     blob = save({k: v.contiguous() for k, v in old.state_dict().items()})
-    assert not declares_arch(blob)
     _rehash(m, blob, arch="hcdnet", arch_args=meta["arch_args"])
-    check_artifact(str(m))  # well-formed, hash matches: only building the model finds the misfit
+    with pytest.raises(ArtifactError, match="do not declare the model they hold, as every hcd-model/1 export's do"):
+        check_artifact(str(m))
     _one_line_exit_2(capsys, ["score", "--model", str(m), "--input", str(synth_small),
-                              "--out", str(tmp_path / "o")], expect="not hcdnet weights in safetensors format")
+                              "--out", str(tmp_path / "o")], expect="export the model again with this hcd")
     assert not (tmp_path / "o").exists()
 
 

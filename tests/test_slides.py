@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 from hcdlib.commands.score.run import ScoreConfig, score
-from hcdlib.commands.synth import synth_slide_pixels, write_slide_tiff
+from hcdlib.commands.synth_slides import synth_slide_pixels, write_slide_tiff
 from hcdlib.errors import UserError
 from hcdlib.outputs.readers import read_predictions, write_submission
 from hcdlib.outputs.runfolder import read_manifest
-from hcdlib.sources.slides.plan import plan_level, tissue_mask, tissue_tiles
+from hcdlib.sources.slides.plan import SATURATION_RANGE, plan_level, tissue_mask, tissue_tiles
 from hcdlib.sources.slides.source import PCAM_MPP
 
 T = 96  # tile edge at PCam resolution
@@ -53,20 +53,21 @@ def test_level_choice_from_mpp():
 
 
 def test_the_model_artifact_sets_the_resolution_tiles_are_cut_at(tmp_path):
-    """A model trained at 0.5 um/px (20x) gets 96 px tiles of 48 um, with no code change; old artifacts stay 10x."""
+    """A model trained at 0.5 um/px (20x) gets 96 px tiles of 48 um, with no code change; a resolution is required."""
     import torch
 
     from hcdlib.model.artifact import export_model, read_meta
     from hcdlib.model.transforms import Preprocess
 
     pre20x = Preprocess(mpp=0.5)
-    export_model(torch.nn.Linear(1, 1), str(tmp_path / "m"), arch="hcdnet", preprocess=pre20x)
+    export_model(torch.nn.Linear(1, 1), str(tmp_path / "m"), arch="resnet18", preprocess=pre20x)
     saved = Preprocess.from_dict(read_meta(str(tmp_path / "m"))["preprocess"])
     assert saved == pre20x
     p = plan_level(0.25, [1.0, 2.0, 4.0], target_mpp=saved.mpp)  # a 40x scan: level 1 is exactly 20x
     assert (p.tile_size, p.level, p.read_size) == (192, 1, 96)
-    old = {k: v for k, v in pre20x.to_dict().items() if k != "mpp"}  # model.json written before mpp existed
-    assert Preprocess.from_dict(old).mpp == PCAM_MPP
+    old = {k: v for k, v in pre20x.to_dict().items() if k != "mpp"}  # a model.json without its resolution
+    with pytest.raises(KeyError, match="mpp"):
+        Preprocess.from_dict(old)
 
 
 def test_tissue_mask_finds_tissue_not_glass():
@@ -88,7 +89,7 @@ def test_tissue_mask_saturation_is_hsv_saturation_in_float64():
         top = rgb.max(axis=-1)
         sat = np.divide(top - rgb.min(axis=-1), top, out=np.zeros_like(top), where=top > 0)
         t = threshold_otsu(sat) if np.ptp(sat) > 1e-6 else 1.0
-        assert np.array_equal(tissue_mask(img), sat > min(max(t, 0.07), 0.15))
+        assert np.array_equal(tissue_mask(img), sat > min(max(t, SATURATION_RANGE[0]), SATURATION_RANGE[1]))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -248,6 +249,35 @@ def test_score_a_slide_archive(ray_session, model_dir, slide_dir, tmp_path):
     assert read_manifest(str(out))["rows"] == 2 * len(expected) + 2
     with pytest.raises(UserError, match="predictions of whole-slide tiles, and a Kaggle submission"):
         write_submission(str(out), str(tmp_path / "submission.csv"))
+    for sid in ("s1_pcam_res", "s2_double_res"):  # every piece of tissue lies in a scored tile
+        assert per[sid]["tissue_coverage"] >= 0.95 and per[sid]["width"] == COLS * T * (2 if "double" in sid else 1)
+        assert per[sid]["scored_area_mm2"] == pytest.approx(len(expected) * (T * PCAM_MPP / 1000) ** 2, rel=1e-3)
+    _evaluate_against_annotations(out, tmp_path)
+
+
+def _evaluate_against_annotations(out: Path, tmp_path: Path) -> None:
+    """The tumour cells of both slides drawn as a pathologist would: QuPath GeoJSON for one, ASAP XML for the other."""
+    from hcdlib.commands.evaluate.metrics import EvalConfig, evaluate
+
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    rows, cols = sorted({r for r, _ in TUMOUR}), sorted({c for _, c in TUMOUR})
+    box = (cols[0] * T, rows[0] * T, (cols[-1] + 1) * T, (rows[-1] + 1) * T)
+    ring = [[box[0], box[1]], [box[2], box[1]], [box[2], box[3]], [box[0], box[3]], [box[0], box[1]]]
+    (ann / "s1_pcam_res.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
+    coords = "".join(f'<Coordinate Order="{i}" X="{2 * x}" Y="{2 * y}" />' for i, (x, y) in enumerate(ring[:4]))
+    (ann / "s2_double_res.xml").write_text(
+        '<?xml version="1.0"?><ASAP_Annotations><Annotations><Annotation Name="Annotation 0" Type="Polygon" '
+        f'PartOfGroup="_0" Color="#F4FA58"><Coordinates>{coords}</Coordinates></Annotation></Annotations>'
+        "<AnnotationGroups/></ASAP_Annotations>")
+    m = evaluate(EvalConfig(predictions=str(out), annotations=str(ann), out=str(tmp_path / "r"), bootstrap=20))
+    assert m["unit"] == "tile" and m["patch"]["positives"] == 2 * len(TUMOUR) and m["patch"]["roc_auc"] > 0.8
+    assert m["join"]["error_rows"] == 2 and m["slide"]["slides"] == 2  # the unreadable slides are not evaluated
+    assert m["lesion"]["froc"]["lesions"] == 2 and m["lesion"]["froc"]["at_fp_rates"]["8.0"] == 1.0
+    for sid in ("s1_pcam_res", "s2_double_res"):
+        assert (tmp_path / "r" / "camelyon" / "detections" / f"{sid}.csv").stat().st_size > 0
 
 
 def test_mpp_override_reads_a_slide_without_metadata(ray_session, model_dir, slide_dir, tmp_path):
@@ -278,7 +308,7 @@ def test_tiles_read_in_runs_equal_tiles_read_one_by_one(tmp_path, scale, level):
     """Reading a row of tiles with one call and cutting it gives each tile's own read_region, at level 0 and 1."""
     import openslide
 
-    from hcdlib.commands.synth import synth_slide_pixels, write_slide_tiff
+    from hcdlib.commands.synth_slides import synth_slide_pixels, write_slide_tiff
     from hcdlib.sources.slides.plan import plan_slide
     from hcdlib.sources.slides.read import read_tiles, tile_chunks
 
@@ -316,10 +346,10 @@ def test_a_slide_whose_resolution_is_a_default_dpi_is_an_error_row_not_a_million
     with tifffile.TiffWriter(path) as t:
         t.write(synth_slide_pixels(12, 12, seed=1), tile=(256, 256), resolution=(72, 72), resolutionunit="INCH")
     planned = plan_slide(path, slide_id="s72", out=str(tmp_path / "o"), mpp=None, tissue_threshold=0.5)
-    assert "its metadata says 352.8 microns per pixel, outside the 0.05-20 of a scan" in planned["error"]
-    assert "pass --mpp" in planned["error"] and "xs" not in planned
+    assert "its metadata says 352.8 microns per pixel, outside the 0.05-20 of a scan" in planned.error
+    assert "pass --mpp" in planned.error and planned.xs == []
     given = plan_slide(path, slide_id="s72", out=str(tmp_path / "o"), mpp=PCAM_MPP, tissue_threshold=0.5)
-    assert given["error"] is None and given["plan"]["tile_size"] == 96 and 0 < len(given["xs"]) <= 144
+    assert given.error is None and given.plan.tile_size == 96 and 0 < len(given.xs) <= 144
 
 
 def test_a_tiff_in_strips_is_an_error_row_that_says_how_to_tile_it(tmp_path):
@@ -334,14 +364,14 @@ def test_a_tiff_in_strips_is_an_error_row_that_says_how_to_tile_it(tmp_path):
                          resolutionunit="CENTIMETER")
     planned = plan_slide(str(tmp_path / "strips.tif"), slide_id="s", out=str(tmp_path / "o"), mpp=None,
                          tissue_threshold=0.5)
-    assert "cannot read: Unsupported or missing image file; it is a TIFF stored in strips" in planned["error"]
-    assert "vips tiffsave in.tif out.tif --tile --pyramid" in planned["error"]
+    assert "cannot read: Unsupported or missing image file; it is a TIFF stored in strips" in planned.error
+    assert "vips tiffsave in.tif out.tif --tile --pyramid" in planned.error
     tiled = plan_slide(str(tmp_path / "tiled.tif"), slide_id="s", out=str(tmp_path / "o"), mpp=None,
                        tissue_threshold=0.5)
-    assert tiled["error"] is None and tiled["plan"]["tile_size"] == 96 and len(tiled["xs"]) > 0
+    assert tiled.error is None and tiled.plan.tile_size == 96 and len(tiled.xs) > 0
     (tmp_path / "not.tif").write_bytes(b"not an image")  # no hint where the file is no TIFF at all
     assert plan_slide(str(tmp_path / "not.tif"), slide_id="n", out=str(tmp_path / "o"), mpp=None,
-                      tissue_threshold=0.5)["error"].endswith("cannot read: Unsupported or missing image file")
+                      tissue_threshold=0.5).error.endswith("cannot read: Unsupported or missing image file")
 
 
 def test_slides_coarser_than_the_model_are_scored_with_a_warning(ray_session, tmp_path, caplog):
@@ -353,9 +383,9 @@ def test_slides_coarser_than_the_model_are_scored_with_a_warning(ray_session, tm
     write_slide_tiff(path, synth_slide_pixels(8, 8, seed=2), mpp=PCAM_MPP)
     caplog.set_level(logging.WARNING)
     fine = plan_slides([{"slide": path, "slide_id": "s"}], out=str(tmp_path / "o"), mpp=None, tissue_threshold=0.5)
-    assert fine[0]["error"] is None and "coarser" not in caplog.text
+    assert fine[0].error is None and "coarser" not in caplog.text
     coarse = plan_slides([{"slide": path, "slide_id": "s"}], out=str(tmp_path / "o"), mpp=2.0, tissue_threshold=0.5)
-    assert coarse[0]["error"] is None and coarse[0]["plan"]["tile_size"] == 47  # 96 px at 0.972 um/px
+    assert coarse[0].error is None and coarse[0].plan.tile_size == 47  # 96 px at 0.972 um/px
     assert "1 slides are scanned coarser than the model's 0.972 um/px" in caplog.text and "2.1x" in caplog.text
 
 

@@ -400,7 +400,7 @@ def test_tif_slides_given_as_patches_are_refused_with_the_flag_that_tiles_them(s
 
     from PIL import Image
 
-    from hcdlib.commands.synth import write_slide_tiff
+    from hcdlib.commands.synth_slides import write_slide_tiff
     from hcdlib.sources.slides.source import SlideSource, SlideTiling
 
     tiling, forced = SlideTiling(out=str(tmp_path / "o")), SlideTiling(out=str(tmp_path / "o"), force=True)

@@ -180,14 +180,13 @@ def test_kept_data_is_the_streamed_data_read_once_in_a_new_order_each_epoch(ray_
 
 
 def test_resuming_a_run_of_another_model_is_refused_before_ray_starts(tmp_path, synth_600):
-    """A checkpoint of the four-stage hcdnet (an older hcd) or of another --arch cannot be resumed."""
+    """A checkpoint of a four-stage hcdnet (another shape) or of another --arch cannot be resumed."""
     from hcdlib.commands.train.folder import check_resumable
-    from hcdlib.model.artifact import HCDNET_SHAPE_UNRECORDED
 
     out = tmp_path / "run"
     ckpt = out / "ray_train" / "checkpoint_2026-11-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
-    old, _ = build_model("hcdnet", arch_args=dict(HCDNET_SHAPE_UNRECORDED))
+    old, _ = build_model("hcdnet", arch_args={"stem": 16, "widths": [32, 64, 128, 256]})
     torch.save({"model": old.state_dict()}, ckpt / "state.pt")
     with pytest.raises(UserError, match="checkpointed with another model than --arch hcdnet builds"):
         train(_cfg(synth_600, out))
@@ -307,11 +306,8 @@ def test_uniform_average_is_the_plain_mean_of_its_steps_and_survives_a_checkpoin
     seen.append(live.weight.detach().clone())
     resumed.update(live, 3, uniform=True)
     torch.testing.assert_close(resumed.model.weight, torch.stack(seen).mean(0))
-    # older checkpoints kept the bare weights: they load as an exponential average
-    old = WeightAverage(nn.Linear(4, 3), 0.997)
-    old.load_state_dict(avg.model.state_dict())
-    assert old.uniform_steps == 0
-    torch.testing.assert_close(old.model.weight, avg.model.weight)
+    with pytest.raises(KeyError):  # bare weights are not an average's state
+        WeightAverage(nn.Linear(4, 3), 0.997).load_state_dict(avg.model.state_dict())
     # an exponential step (a larger budget moved the run back before --swa-from) ends the stretch
     before = resumed.model.weight.clone()
     resumed.update(live, 10_000, uniform=False)

@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from hcdlib.commands.evaluate.metrics import EvalConfig, evaluate
 from hcdlib.commands.score.run import ScoreConfig, score
-from hcdlib.commands.synth import write_slide_tiff
+from hcdlib.commands.synth_slides import write_slide_tiff
 from hcdlib.config import DemoConfig
 from hcdlib.errors import UserError
 from hcdlib.outputs.readers import read_predictions

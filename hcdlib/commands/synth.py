@@ -23,7 +23,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
-import tifffile  # deferred: only synthetic slides need it
 from PIL import Image
 
 from hcdlib.config import SynthConfig
@@ -237,37 +236,3 @@ def write_synth(cfg: SynthConfig, *, processes: int | None = None) -> str:
     log.info("wrote %d synthetic patches (%d positive) and labels.csv to %s",
              cfg.n, sum(r[1] for r in rows), cfg.out)
     return cfg.out
-
-
-def synth_slide_pixels(cols: int, rows: int, *, seed: int = 0, blank_cols: int = 0,
-                       tumour: set[tuple[int, int]] = frozenset()) -> np.ndarray:
-    """A slide image at PCam resolution made of ``rows x cols`` synthetic patches.
-
-    Glass fills the first ``blank_cols`` columns, tumour patches the (row, col) cells in
-    ``tumour``, normal tissue the rest.
-    """
-    need = {1: len(tumour), 0: rows * (cols - blank_cols) - len(tumour)}
-    pools: dict[int, list[np.ndarray]] = {0: [], 1: []}
-    for _, label, _, pixels in generate(10 * (need[0] + need[1]) + 100, seed=seed, slides=1):
-        if len(pools[label]) < need[label]:
-            pools[label].append(pixels)
-        if all(len(pools[k]) >= need[k] for k in pools):
-            break
-    rng = np.random.default_rng(seed)
-    s = PATCH_SIZE
-    img = np.clip(rng.normal(238, 2, (rows * s, cols * s, 3)), 0, 255).astype(np.uint8)
-    for r in range(rows):
-        for c in range(blank_cols, cols):
-            img[r * s:(r + 1) * s, c * s:(c + 1) * s] = pools[1 if (r, c) in tumour else 0].pop()
-    return img
-
-
-def write_slide_tiff(path: str, img: np.ndarray, *, mpp: float | None, levels: int = 3) -> None:
-    """Write a pyramidal tiled TIFF that OpenSlide reads as generic-tiff (MPP in the resolution tags)."""
-    with tifffile.TiffWriter(path, bigtiff=img.nbytes > 2**31) as tif:
-        level = img
-        for i in range(levels):
-            kw = {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
-            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
-                      subfiletype=1 if i else 0, **kw)
-            level = level[::2, ::2]

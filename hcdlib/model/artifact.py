@@ -25,8 +25,7 @@ if TYPE_CHECKING:  # torch is imported where a model is built: check_artifact ne
 
 log = logging.getLogger(__name__)
 
-# The shape of every hcdnet artifact exported before shapes were recorded (no ``arch_args``).
-HCDNET_SHAPE_UNRECORDED = {"stem": 16, "widths": (32, 64, 128, 256)}
+FORMAT = "hcd-model/1"  # the one artifact format this hcd writes and reads
 # Keys of the safetensors header's metadata in which an export records the model it holds.
 DECLARED_ARCH, DECLARED_ARCH_ARGS = "hcd_arch", "hcd_arch_args"
 # Bytes per element of each safetensors dtype (the format's own list).
@@ -49,7 +48,7 @@ def export_model(model: nn.Module, out: str, *, arch: str, preprocess: Preproces
 
     blob = save_safetensors(state, metadata={DECLARED_ARCH: arch, DECLARED_ARCH_ARGS: json.dumps(arch_args)})
     meta = {
-        "format": "hcd-model/1",
+        "format": FORMAT,
         "arch": arch,
         **({"arch_args": arch_args} if arch_args else {}),  # hcdnet's shape
         "preprocess": preprocess.to_dict(),
@@ -81,7 +80,12 @@ def read_meta(uri: str) -> dict:
         raise ArtifactError(f"{target}: invalid JSON ({exc}); re-export or re-copy the model") from exc
     if not isinstance(meta, dict):
         raise ArtifactError(f"{target}: not a JSON object; re-export or re-copy the model")
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{target}: format {meta.get('format')!r}, and this hcd reads {FORMAT} models only; "
+                            "export the model again with this hcd")
     missing = [k for k in ("arch", "preprocess", "sha256") if k not in meta]
+    if meta.get("arch") == "hcdnet" and "arch_args" not in meta:
+        missing.append("arch_args")
     if missing:
         raise ArtifactError(f"{target}: missing {', '.join(missing)}; re-export or re-copy the model")
     if meta["arch"] not in ARCHES:
@@ -108,12 +112,8 @@ def _valid_arch_args(arch: str, args: object) -> bool:
 
 
 def arch_args_of(meta: dict) -> dict | None:
-    """The shape to build an artifact's model with: as recorded, else the one of unrecorded exports."""
-    if "arch_args" in meta:
-        return meta["arch_args"]
-    if meta["arch"] != "hcdnet":
-        return None
-    return {"stem": HCDNET_SHAPE_UNRECORDED["stem"], "widths": list(HCDNET_SHAPE_UNRECORDED["widths"])}
+    """The shape to build an artifact's model with (hcdnet's; None for the others)."""
+    return meta.get("arch_args")
 
 
 def check_artifact(uri: str) -> tuple[dict, bytes]:
@@ -121,8 +121,8 @@ def check_artifact(uri: str) -> tuple[dict, bytes]:
 
     Needs no torch (a fraction of a second), so ``hcd score`` runs it before anything else: a
     missing, half-copied, tampered or mixed artifact is refused before Ray starts. The weights
-    must be a well-formed safetensors file, and where they declare the model they hold (every
-    export since they do: :func:`declares_arch`), it must be the one ``model.json`` names.
+    must be a well-formed safetensors file that declares the model it holds, the one
+    ``model.json`` names.
     """
     meta = read_meta(uri)
     target = urimod.join(uri, WEIGHTS)
@@ -138,28 +138,22 @@ def check_artifact(uri: str) -> tuple[dict, bytes]:
         declared = safetensors_header(blob).get("__metadata__") or {}
     except ValueError as exc:
         raise ArtifactError(f"{target}: not {meta['arch']} weights in safetensors format ({exc})") from None
-    if DECLARED_ARCH in declared:
-        try:
-            held = (declared[DECLARED_ARCH], json.loads(declared.get(DECLARED_ARCH_ARGS, "null")))
-        except json.JSONDecodeError:
-            raise ArtifactError(f"{target}: the model its header declares is not JSON; re-export the model") from None
-        named = (meta["arch"], arch_args_of(meta))
-        if held != named:
-            raise ArtifactError(f"{target}: these are {_model_name(*held)} weights, but {META} says "
-                                f"{_model_name(*named)}; the artifact was edited or mixed: re-export or re-copy it")
+    if DECLARED_ARCH not in declared:
+        raise ArtifactError(f"{target}: the weights do not declare the model they hold, as every {FORMAT} export's "
+                            "do; export the model again with this hcd")
+    try:
+        held = (declared[DECLARED_ARCH], json.loads(declared.get(DECLARED_ARCH_ARGS, "null")))
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{target}: the model its header declares is not JSON; re-export the model") from None
+    named = (meta["arch"], arch_args_of(meta))
+    if held != named:
+        raise ArtifactError(f"{target}: these are {_model_name(*held)} weights, but {META} says "
+                            f"{_model_name(*named)}; the artifact was edited or mixed: re-export or re-copy it")
     return meta, blob
 
 
 def _model_name(arch: str, arch_args: dict | None) -> str:
     return f"{arch} of shape {arch_args}" if arch_args else arch
-
-
-def declares_arch(blob: bytes) -> bool:
-    """Whether safetensors weights (checked by :func:`check_artifact`) say which model they hold.
-
-    Exports before this did not; for those only building the model (torch) shows the weights fit.
-    """
-    return DECLARED_ARCH in (safetensors_header(blob).get("__metadata__") or {})
 
 
 def safetensors_header(blob: bytes) -> dict:

@@ -51,11 +51,9 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        """Inverse of :meth:`to_dict`."""
-        # Artifacts from before mpp was recorded were all trained at PatchCamelyon's resolution.
-        # and saw the whole patch before crop was recorded.
-        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), size=int(d["size"]), mpp=float(d.get("mpp", PCAM_MPP)),
-                   crop=int(d.get("crop", d["size"])))
+        """Inverse of :meth:`to_dict`; KeyError where a field is missing."""
+        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), size=int(d["size"]), mpp=float(d["mpp"]),
+                   crop=int(d["crop"]))
 
 
 def norm_stats(pre: Preprocess, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

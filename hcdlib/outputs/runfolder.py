@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "_SUCCESS"
 RUN_SPEC = "_RUN.json"
+RUN_FORMAT = "hcd-run/1"  # every run spec says it; a spec of another (or none) is another run
 PARTS = "parts"
 
 SCHEMA = pa.schema([
@@ -99,7 +100,7 @@ def read_part(part_uri: str, columns: list[str] | None = None, *, expect_rows: i
 # deletes these and nothing else (--out may hold the user's own files, even their input).
 OWNED = (MANIFEST, RUN_SPEC, PARTS, "slides")
 _PART_RE = re.compile(r"^part-.+\.parquet(\.tmp-[0-9a-f]{32})?$")
-_SLIDE_FILE_RE = re.compile(r"^(.+-[0-9a-f]{8}\.(thumbnail\.png|heatmap\.png|geojson)|summary\.csv)"
+_SLIDE_FILE_RE = re.compile(r"^(.+-[0-9a-f]{8}\.(thumbnail\.png|tissue\.png|heatmap\.png|geojson)|summary\.csv)"
                             r"(\.tmp-[0-9a-f]{32})?$")
 
 
@@ -156,10 +157,16 @@ class RunFolder:
 
         A rerun continues only the run it is: another input, model or setting in the same folder
         would mix two runs into one result that claims to be the second. ``fix``: what to do instead.
+        A spec of another format (another hcd's) is refused naming it.
         """
         old = self.read_spec(fix=fix)
         if old is None:
             return False
+        spec = {"format": RUN_FORMAT, **spec}
+        if not isinstance(old, dict) or old.get("format") != RUN_FORMAT:
+            raise UserError(f"{self.uri(self.spec_name)}: a run of format "
+                            f"{old.get('format') if isinstance(old, dict) else None!r}, and this hcd continues "
+                            f"{RUN_FORMAT} runs only; {fix}")
         diff = spec_differences(old, spec)
         if diff:
             said = ", ".join(f"{k} ({old.get(k)!r} there, {spec[k]!r} now{_SPEC_MEANS.get(k, '')})" for k in diff)
@@ -168,12 +175,13 @@ class RunFolder:
 
     def write_spec(self, spec: dict) -> None:
         """Write the run spec (before any part: its presence says hcd owns what is beside it)."""
-        urimod.write_bytes_atomic(self.uri(self.spec_name), json.dumps(spec, indent=1).encode())
+        body = json.dumps({"format": RUN_FORMAT, **spec}, indent=1).encode()
+        urimod.write_bytes_atomic(self.uri(self.spec_name), body)
 
     def still_ours(self, spec: dict) -> bool:
         """Whether the run spec is still ``spec``: not removed or replaced by another run since it was claimed."""
         try:
-            return not spec_differences(self.read_spec(fix=""), spec)
+            return not spec_differences(self.read_spec(fix=""), {"format": RUN_FORMAT, **spec})
         except (OSError, CorruptOutputError):  # removed, or half-written by another run
             return False
 

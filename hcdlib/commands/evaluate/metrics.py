@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
-from sklearn.utils import resample
 
+from hcdlib.commands.evaluate import ranking
+from hcdlib.commands.evaluate.annotated import annotated_tiles
+from hcdlib.commands.evaluate.lesion_report import froc_png, lesion_html
 from hcdlib.commands.evaluate.report import FIGURES, PLURAL, REPORT, write_figures, write_html
 from hcdlib.config import EvalConfig
 from hcdlib.errors import UserError
@@ -83,23 +85,21 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
 
 
 def patch_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float, target_sensitivity: float,
-                  bootstrap: int, seed: int) -> dict:
-    """Patch-level metrics (scikit-learn): AUCs with a bootstrap CI, operating points, calibration."""
-    auc = float(roc_auc_score(y, p))
-    rng = np.random.RandomState(seed)
-    boots = []
-    for _ in range(bootstrap):
-        yb, pb = resample(y, p, random_state=rng)
-        if len(np.unique(yb)) == 2:
-            boots.append(roc_auc_score(yb, pb))
+                  bootstrap: int, seed: int, groups: np.ndarray | None = None) -> dict:
+    """Patch-level metrics: AUCs with bootstrap intervals, operating points, calibration.
+
+    ``groups`` (e.g. each tile's slide): the bootstrap redraws whole groups, as tiles of one slide
+    are not independent draws.
+    """
     _, tpr, thr = roc_curve(y, p)
     reach = np.nonzero(tpr >= target_sensitivity)[0]
     t_sens = float(thr[reach[0]]) if len(reach) else 0.0
     return {
         "n": len(y), "positives": int(y.sum()),
-        "roc_auc": auc,
-        "roc_auc_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else None,
+        "roc_auc": float(roc_auc_score(y, p)),
         "pr_auc": float(average_precision_score(y, p)),
+        **ranking.bootstrap(y, p, reps=bootstrap, seed=seed, groups=groups),
+        "bootstrap": "slides" if groups is not None else "rows",
         "brier": float(brier_score_loss(y, p)),
         "ece": expected_calibration_error(y, p),
         "at_model_threshold": _at_threshold(y, p, threshold),
@@ -203,15 +203,8 @@ def check_report_folder(out: str) -> None:
                         "choose a new or empty folder")
 
 
-def evaluate(cfg: EvalConfig, *, slides: list[tuple[dict, bytes]] | None = None) -> dict:
-    """Compute metrics and write ``metrics.json``, the figures and ``report.html`` to ``cfg.out``.
-
-    ``slides``: (summary row, heatmap PNG) of slides scored elsewhere, shown in the report's slide
-    section beside those of ``cfg.predictions`` (the demo's slide, beside its patches).
-    """
-    urimod.check_folder(cfg.out)
-    check_report_folder(cfg.out)
-    preds = once_per_id(read_predictions(cfg.predictions), cfg.predictions, then="each is evaluated once").to_pandas()
+def _labelled(cfg: EvalConfig, preds: pd.DataFrame) -> dict:
+    """Predictions joined with labels: per patch, or per slide when the labels name the slides of tiles."""
     labels = load_labels(cfg.labels)
     unit, tiles = "patch", None
     if labels_name_slides(preds, labels):  # labels per slide, predictions per tile: evaluated per slide
@@ -223,27 +216,76 @@ def evaluate(cfg: EvalConfig, *, slides: list[tuple[dict, bytes]] | None = None)
     if tiles is not None:  # each scored tile with its slide's label: the slide table's max and top-k mean
         tiles = tiles[tiles["status"] == "ok"].merge(df[["id", "label"]].rename(columns={"id": "slide_id"}),
                                                      on="slide_id")
+    return {"unit": unit, "df": df, "join": counts, "slide": slide_metrics(df if tiles is None else tiles,
+                                                                           top_k=cfg.top_k)}
+
+
+def _annotated(cfg: EvalConfig, preds: pd.DataFrame) -> dict:
+    """Tiles against the annotated tumour, slides and lesions (``--annotations``)."""
+    labels = load_labels(cfg.labels) if cfg.labels else None
+    a = annotated_tiles(cfg, preds, labels)
+    df = a["tiles"].drop(columns=["label"], errors="ignore").rename(columns={"truth": "label"})
+    if df["label"].nunique() < 2:
+        raise UserError(f"--annotations {cfg.annotations}: the scored tiles are all "
+                        f"{'tumour' if df['label'].any() else 'normal'}; a tile AUC needs both (check "
+                        "--tumour-classes and that the annotations are in level-0 pixels)")
+    counts = {"predictions": len(preds), "error_rows": int((preds["status"] != "ok").sum()), "evaluated": len(df),
+              "slides": a["slide"]["slides"], "annotation_files": sum(t.file is not None for t in a["truths"].values())}
+    return {"unit": "tile", "df": df, "join": counts, "slide": a["slide"], "lesion": a["lesion"],
+            "files": a["files"], "groups": df["slide_id"].to_numpy()}
+
+
+def evaluate(cfg: EvalConfig, *, slides: list[tuple[dict, bytes]] | None = None) -> dict:
+    """Compute metrics and write ``metrics.json``, the figures and ``report.html`` to ``cfg.out``.
+
+    ``slides``: (summary row, heatmap PNG) of slides scored elsewhere, shown in the report's slide
+    section beside those of ``cfg.predictions`` (the demo's slide, beside its patches).
+    """
+    if not cfg.labels and not cfg.annotations:
+        raise UserError("hcd evaluate needs --labels (a labels CSV or labelled patches) or --annotations (a folder "
+                        "of slide annotations)")
+    urimod.check_folder(cfg.out)
+    check_report_folder(cfg.out)
+    preds = once_per_id(read_predictions(cfg.predictions), cfg.predictions, then="each is evaluated once").to_pandas()
+    e = _annotated(cfg, preds) if cfg.annotations else _labelled(cfg, preds)
+    unit, df = e["unit"], e["df"]
     threshold = cfg.threshold if cfg.threshold is not None else _model_threshold(cfg.predictions)
     y, p = df["label"].to_numpy(), df["prob"].to_numpy(dtype=float)
     metrics = {
         "schema": METRICS_SCHEMA,
-        "unit": unit,  # what each evaluated row is: a patch (or tile), or a slide scored by its highest tile
-        "inputs": {"predictions": cfg.predictions, "labels": cfg.labels, "model": str(preds["model"].iloc[0])},
-        "join": counts,
+        "unit": unit,  # a patch, a tile against annotations, or a slide scored by its highest tile
+        "inputs": {"predictions": cfg.predictions, "labels": cfg.labels, "annotations": cfg.annotations,
+                   "model": str(preds["model"].iloc[0])},
+        "join": e["join"],
         "patch": patch_metrics(y, p, threshold=threshold, target_sensitivity=cfg.target_sensitivity,
-                               bootstrap=cfg.bootstrap, seed=cfg.seed),
-        "slide": slide_metrics(df if tiles is None else tiles, top_k=cfg.top_k),
+                               bootstrap=cfg.bootstrap, seed=cfg.seed, groups=e.get("groups")),
+        "slide": e["slide"],
+        "lesion": e.get("lesion"),
         "config": asdict(cfg),
     }
     figures = write_figures(df, metrics, cfg)
+    extra = ""
+    if metrics["lesion"]:
+        extra = lesion_html(metrics["slide"], metrics["lesion"])
+        if metrics["lesion"]["froc"]:
+            figures["froc.png"] = froc_png(metrics["lesion"]["froc"])
+        for name, data in {"froc.png": figures.get("froc.png"), **e["files"]}.items():
+            if data is not None:
+                urimod.write_bytes_atomic(urimod.join(cfg.out, name), data)
     body = json.dumps(metrics, indent=1, default=float).encode()
     urimod.write_bytes_atomic(urimod.join(cfg.out, METRICS), body)
-    write_html(metrics, figures, cfg.out, slides=(slides or []) + (_slide_heatmaps(cfg.predictions) or []))
-    if metrics["patch"]["roc_auc"] < 0.5:  # a classifier worse than chance is most often a label mix-up
-        log.warning("ROC AUC %.3f is below chance: the model ranks normal %s above tumour ones; check that 1 "
-                    "means tumour in %s and in the labels the model was trained on", metrics["patch"]["roc_auc"],
-                    PLURAL[unit], cfg.labels)
-    ci = metrics["patch"]["roc_auc_ci95"] or (float("nan"), float("nan"))
-    log.info("ROC AUC %.3f (95%% CI %.3f-%.3f) on %d %s; report at %s", metrics["patch"]["roc_auc"], *ci,
-             len(y), PLURAL[unit], urimod.join(cfg.out, REPORT))
+    write_html(metrics, figures, cfg.out, slides=(slides or []) + (_slide_heatmaps(cfg.predictions) or []),
+               extra_html=extra)
+    _log_result(metrics, cfg)
     return metrics
+
+
+def _log_result(metrics: dict, cfg: EvalConfig) -> None:
+    unit, pm = metrics["unit"], metrics["patch"]
+    if pm["roc_auc"] < 0.5:  # a classifier worse than chance is most often a label mix-up
+        log.warning("ROC AUC %.3f is below chance: the model ranks normal %s above tumour ones; check that 1 "
+                    "means tumour in %s and in the labels the model was trained on", pm["roc_auc"],
+                    PLURAL[unit], cfg.labels or cfg.annotations)
+    ci = pm["roc_auc_ci95"] or (float("nan"), float("nan"))
+    log.info("ROC AUC %.3f (95%% CI %.3f-%.3f) on %d %s; report at %s", pm["roc_auc"], *ci,
+             pm["n"], PLURAL[unit], urimod.join(cfg.out, REPORT))

@@ -31,22 +31,24 @@ CAPTIONS = {
                      "that barely overlap.",
     "errors.png": "The most confident mistakes: normal patches scored highest and tumour patches scored lowest "
                   "(probability above each). Look here for artefacts, stain or labels to check.",
+    "froc.png": "FROC: the share of annotated lesions found against false positives per slide as the threshold "
+                "moves; Camelyon16's score is the mean sensitivity at the marked 1/4 to 8 false positives per slide.",
 }
 FIG_SIZE_PX = (800, 600)  # every figure but the error grid
 DPI = 100
 # What each evaluated row can be (metrics.json's "unit"), and its plural for the report's words.
-PLURAL = {"patch": "patches", "slide": "slides"}
+PLURAL = {"patch": "patches", "tile": "tiles", "slide": "slides"}
 
 
 def unit_of(m: dict) -> str:
-    """What each evaluated row is: ``patch``, or ``slide`` (labels per slide, scored by its highest tile)."""
+    """What each evaluated row is: ``patch``, ``tile`` (of a slide, against annotations), or ``slide``."""
     return m.get("unit", "patch")
 
 
 def caption(name: str, m: dict) -> str:
-    """The caption of figure ``name``, in the words of the evaluated unit (patches or slides)."""
-    text = CAPTIONS.get(name, name)
-    return text.replace("patches", "slides").replace("patch", "slide") if unit_of(m) == "slide" else text
+    """The caption of figure ``name``, in the words of the evaluated unit (patches, tiles or slides)."""
+    text, u = CAPTIONS.get(name, name), unit_of(m)
+    return text.replace("patches", PLURAL[u]).replace("patch", u)
 
 
 def png_data_uri(data: bytes) -> str:
@@ -59,7 +61,8 @@ def escape(text: object) -> str:
     return html.escape(str(text))
 
 
-def _figure(size_px=FIG_SIZE_PX):
+def figure(size_px=FIG_SIZE_PX):
+    """A headless matplotlib figure of ``size_px`` and pyplot."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on a cluster node
@@ -70,7 +73,7 @@ def _figure(size_px=FIG_SIZE_PX):
 
 def _roc(df, m) -> bytes:
 
-    fig, plt = _figure()
+    fig, plt = figure()
     fpr, tpr, _ = roc_curve(df["label"], df["prob"])
     ax = fig.add_subplot()
     lo, hi = m["patch"]["roc_auc_ci95"] or (float("nan"), float("nan"))
@@ -82,35 +85,35 @@ def _roc(df, m) -> bytes:
                 f"(t={op['threshold']:.2f})")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, {unit_of(m)} level")
     ax.legend(loc="lower right")
-    return _done(fig, plt)
+    return png_bytes(fig, plt)
 
 
 def _pr(df, m) -> bytes:
 
-    fig, plt = _figure()
+    fig, plt = figure()
     prec, rec, _ = precision_recall_curve(df["label"], df["prob"])
     ax = fig.add_subplot()
     ax.plot(rec, prec, label=f"PR AUC {m['patch']['pr_auc']:.3f}")
     ax.axhline(df["label"].mean(), ls="--", color="grey", lw=1, label="prevalence")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"Precision-recall, {unit_of(m)} level")
     ax.legend(loc="lower left")
-    return _done(fig, plt)
+    return png_bytes(fig, plt)
 
 
 def _reliability(df, m) -> bytes:
 
-    fig, plt = _figure()
+    fig, plt = figure()
     frac, mean = calibration_curve(df["label"], df["prob"], n_bins=10)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
     ax.plot(mean, frac, "o-", label=f"model (ECE {m['patch']['ece']:.3f}, Brier {m['patch']['brier']:.3f})")
     ax.set(xlabel="predicted P(tumour)", ylabel="observed fraction tumour", title="Reliability diagram")
     ax.legend(loc="upper left")
-    return _done(fig, plt)
+    return png_bytes(fig, plt)
 
 
 def _histogram(df, m) -> bytes:
-    fig, plt = _figure()
+    fig, plt = figure()
     ax = fig.add_subplot()
     bins = np.linspace(0, 1, 41)
     for label, name in ((0, "normal (label 0)"), (1, "tumour (label 1)")):
@@ -118,7 +121,7 @@ def _histogram(df, m) -> bytes:
     ax.axvline(m["patch"]["at_model_threshold"]["threshold"], color="k", lw=1, label="model threshold")
     ax.set(xlabel="predicted P(tumour)", ylabel=PLURAL[unit_of(m)], title="Probabilities per class", yscale="log")
     ax.legend()
-    return _done(fig, plt)
+    return png_bytes(fig, plt)
 
 
 def _patch_pixels(source: str) -> np.ndarray:
@@ -139,7 +142,7 @@ def _errors(df, m, grid: int) -> bytes:
     t = m["patch"]["at_model_threshold"]["threshold"]
     fp = df[(df["label"] == 0) & (df["prob"] >= t)].nlargest(grid, "prob")
     fn = df[(df["label"] == 1) & (df["prob"] < t)].nsmallest(grid, "prob")
-    fig, plt = _figure(errors_size_px(grid))
+    fig, plt = figure(errors_size_px(grid))
     for row, (rows, name) in enumerate(((fp, "false positive"), (fn, "false negative"))):
         for col in range(grid):
             ax = fig.add_subplot(2, grid, row * grid + col + 1)
@@ -153,10 +156,11 @@ def _errors(df, m, grid: int) -> bytes:
             if col == 0:
                 ax.set_ylabel(name, fontsize=7)
     fig.suptitle("Most confident errors (yellow: the centre 32x32 region that defines the label)", fontsize=8)
-    return _done(fig, plt)
+    return png_bytes(fig, plt)
 
 
-def _done(fig, plt) -> bytes:
+def png_bytes(fig, plt) -> bytes:
+    """The figure as PNG bytes, closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)  # no bbox_inches="tight": keep the stated pixel size
     plt.close(fig)
@@ -222,9 +226,10 @@ def _slides_html(slides: list[tuple[dict, bytes | None]]) -> str:
 
 
 def write_html(metrics: dict, figures: dict[str, bytes], out: str, *,
-               slides: list[tuple[dict, bytes]] | None = None) -> str:
+               slides: list[tuple[dict, bytes]] | None = None, extra_html: str = "") -> str:
     """One self-contained page: the figures are embedded, so it opens offline and can be mailed.
 
+    ``extra_html``: a section shown after the slide level (the lesion level against annotations).
     ``slides`` (summary row, heatmap PNG) adds a section per whole-slide image.
     """
     p = metrics["patch"]
@@ -255,8 +260,11 @@ def write_html(metrics: dict, figures: dict[str, bytes], out: str, *,
                    f"<figcaption>{escape(caption(name, metrics))}</figcaption></figure>"
                    for name, data in figures.items())
     slides_html = _slides_html(slides) if slides else ""
-    heading = ("Slide level: each slide scored by its highest tile probability, against the labels per slide"
-               if u == "slide" else "Patch level")
+    heading = {"slide": "Slide level: each slide scored by its highest tile probability, against the labels per slide",
+               "tile": "Tile level: each scored tile against the annotated tumour under its centre",
+               }.get(u, "Patch level")
+    truth = " ".join(f"{k} <code>{escape(shown_path(metrics['inputs'][k]))}</code>"
+                     for k in ("labels", "annotations") if metrics["inputs"].get(k))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hcd evaluation report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
@@ -264,12 +272,12 @@ table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;paddi
 figure{{margin:1em 0}}img{{max-width:100%}}</style></head><body>
 <h1>hcd evaluation report</h1>
 <p>Model <code>{escape(metrics['inputs']['model'])}</code>; predictions
-<code>{escape(shown_path(metrics['inputs']['predictions']))}</code>; labels
-<code>{escape(shown_path(metrics['inputs']['labels']))}</code>.</p>
+<code>{escape(shown_path(metrics['inputs']['predictions']))}</code>; {truth}.</p>
 <h2>{heading}</h2><table>{table}</table>
 <h2>Inputs joined</h2><table>{join_rows}</table>
 <h2>{"Slide level" if u == "patch" else "Slide scores: the highest tile and the mean of the top tiles"}</h2>
 {slide_html}
+{extra_html}
 <h2>Figures</h2>{imgs}
 {slides_html}
 </body></html>"""

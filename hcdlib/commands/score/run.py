@@ -25,7 +25,7 @@ from hcdlib.commands.score.commit import commit
 from hcdlib.commands.score.stream import default_batch, run_pipeline
 from hcdlib.config import ScoreConfig
 from hcdlib.errors import Interrupted, RunStopped, UserError, outside_cause, release_frames
-from hcdlib.model.artifact import check_artifact, declares_arch, load_model, model_id
+from hcdlib.model.artifact import check_artifact, model_id
 from hcdlib.model.transforms import Preprocess
 from hcdlib.outputs import runfolder as preds
 from hcdlib.outputs.runfolder import RunFolder
@@ -109,14 +109,10 @@ def _checked(cfg: ScoreConfig) -> tuple[ScoreConfig, dict, Source]:
     """The config with absolute paths, the model's metadata and the listed input, all checked.
 
     The artifact (metadata, hash, the model its weights declare), --out against --input, and the
-    input, which is listed once. Only weights exported before they declared their model are built
-    into it here, to show they fit.
+    input, which is listed once.
     """
     cfg = cfg.located("model", "input", "out", "labels")  # Ray's processes do not share our working directory
-    checked = check_artifact(cfg.model)
-    meta = checked[0]
-    if not declares_arch(checked[1]):
-        load_model(cfg.model, checked=checked)  # raises ArtifactError if the weights do not fit
+    meta, _ = check_artifact(cfg.model)
     _warn_weak(cfg.model, meta)
     _check_locations(cfg)
     pre = Preprocess.from_dict(meta["preprocess"])  # slides are cut at the model's resolution and patch

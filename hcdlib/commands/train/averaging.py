@@ -92,7 +92,6 @@ class WeightAverage:
         return {"weights": self.model.state_dict(), "uniform_steps": self.uniform_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (or the bare weights older checkpoints kept)."""
-        weights = state["weights"] if "uniform_steps" in state else state
-        self.model.load_state_dict(weights)
-        self.uniform_steps = int(state.get("uniform_steps", 0))
+        """Restore :meth:`state_dict`."""
+        self.model.load_state_dict(state["weights"])
+        self.uniform_steps = int(state["uniform_steps"])

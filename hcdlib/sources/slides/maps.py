@@ -18,6 +18,7 @@ import shapely
 from PIL import Image
 
 from hcdlib.outputs import readers
+from hcdlib.sources.slides.plan import PlannedSlide
 from hcdlib.storage import uri as urimod
 
 # What the maps read of each committed tile row.
@@ -25,7 +26,7 @@ TILE_COLUMNS = ["x", "y", "tile_size", "prob", "status"]
 
 
 def tumour_area_mm2(tiles: int, tile_size: int, mpp: float) -> float:
-    """Area covered by ``tiles`` tiles of ``tile_size`` level-0 px at ``mpp``."""
+    """Area covered by ``tiles`` tiles of ``tile_size`` level-0 px at ``mpp`` (tumour tiles, or all scored)."""
     return tiles * (tile_size * mpp / 1000.0) ** 2
 
 
@@ -99,7 +100,8 @@ def geojson(slide_rows, *, threshold: float) -> dict:
 
 
 HEATMAP_CAPTION = ("Left: the slide. Right: every scored tile coloured by the model's probability of tumour "
-                   "(colour bar); tiles with too little tissue are not scored and stay uncoloured.")
+                   "(colour bar); tiles with too little tissue are not scored and stay uncoloured, and tissue left "
+                   "unscored is outlined in green.")
 
 
 def prob_raster(rows, *, width: int, height: int, shape: tuple[int, int]) -> np.ndarray:
@@ -146,10 +148,11 @@ def _heatmap_axes(plt, aspect: float):
 
 
 def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int, title: str = "",
-                truth: list | None = None) -> bytes:
+                truth: list | None = None, tissue: np.ndarray | None = None) -> bytes:
     """The slide beside P(tumour) per tile over it, with a 0-1 colour bar (and ``truth`` outlined).
 
     ``truth``: polygons in level-0 px (shapely), drawn dashed where the real tumour is known.
+    ``tissue``: the slide's tissue mask (any size); tissue no scored tile covers is outlined.
     """
     import matplotlib
 
@@ -167,6 +170,11 @@ def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int, title: s
     right.imshow(thumb, interpolation="none")
     im = right.imshow(prob, cmap="inferno", vmin=0, vmax=1, alpha=0.65, interpolation="none")
     right.set_title("P(tumour) per tile")
+    if tissue is not None:
+        shown = np.asarray(Image.fromarray(tissue).resize((tw, th), Image.Resampling.NEAREST), bool)
+        missed = shown & np.isnan(prob)
+        if missed.any():
+            right.contour(missed, levels=[0.5], colors="lime", linewidths=1)
     for poly in truth or []:
         xs, ys = poly.exterior.xy
         right.plot(np.asarray(xs) * tw / width, np.asarray(ys) * th / height, "--", color="cyan", lw=2,
@@ -183,26 +191,37 @@ def heatmap_png(thumbnail_png: bytes, rows, *, width: int, height: int, title: s
     return buf.getvalue()
 
 
-def slide_outputs(out: str, planned: dict, keys: list[str], *, threshold: float, top_k: int = 5) -> dict:
+def tissue_coverage(tissue: np.ndarray, rows, *, width: int, height: int) -> float | None:
+    """The share of the tissue mask's pixels whose centre lies in a scored tile; None without tissue."""
+    if not tissue.any():
+        return None
+    scored = ~np.isnan(prob_raster(rows, width=width, height=height, shape=tissue.shape))
+    return float((tissue & scored).sum() / tissue.sum())
+
+
+def slide_outputs(out: str, planned: PlannedSlide, keys: list[str], *, threshold: float, top_k: int = 5) -> dict:
     """One slide's heatmap PNG and GeoJSON from its committed parts ``keys``; returns its summary row."""
-    if planned["error"]:
-        return {"slide_id": planned["slide_id"], "source": planned["slide"], "status": "error",
-                "error": planned["error"]}
+    if planned.error:
+        return {"slide_id": planned.slide_id, "source": planned.slide, "status": "error", "error": planned.error}
     rows = readers.read_parts(out, keys, TILE_COLUMNS) if keys else []  # no keys: no tissue found
     c = _columns(rows)
     probs = c["prob"][c["status"] == "ok"].astype(float)
     tumour = int((probs >= threshold).sum())
-    plan = planned["plan"]
-    base = urimod.join(out, "slides", planned["key"])
+    plan, w, h = planned.plan, planned.width, planned.height
+    base = urimod.join(out, "slides", planned.key)
+    tissue = np.asarray(Image.open(io.BytesIO(urimod.read_bytes(base + ".tissue.png"))), bool)
     urimod.write_bytes_atomic(base + ".geojson", json.dumps(geojson(rows, threshold=threshold)).encode())
-    heat = heatmap_png(urimod.read_bytes(base + ".thumbnail.png"), rows, width=planned["width"],
-                       height=planned["height"], title=planned["slide_id"])
+    heat = heatmap_png(urimod.read_bytes(base + ".thumbnail.png"), rows, width=w, height=h, title=planned.slide_id,
+                       tissue=tissue)
     urimod.write_bytes_atomic(base + ".heatmap.png", heat)
     return {
-        "slide_id": planned["slide_id"], "source": planned["slide"], "status": "ok", "error": None,
-        "mpp": plan["mpp"], "tile_size": plan["tile_size"], "level": plan["level"],
+        "slide_id": planned.slide_id, "source": planned.slide, "status": "ok", "error": None,
+        "width": w, "height": h, "mpp": plan.mpp, "tile_size": plan.tile_size, "level": plan.level,
         "tiles_scored": len(probs), "tiles_failed": len(c["status"]) - len(probs), "tumour_tiles": tumour,
-        "tumour_area_mm2": tumour_area_mm2(tumour, plan["tile_size"], plan["mpp"]),
+        "tumour_area_mm2": tumour_area_mm2(tumour, plan.tile_size, plan.mpp),
+        "tissue_area_mm2": float(tissue.sum() * (w / tissue.shape[1]) * (h / tissue.shape[0]) * plan.mpp ** 2 / 1e6),
+        "scored_area_mm2": tumour_area_mm2(len(probs), plan.tile_size, plan.mpp),
+        "tissue_coverage": tissue_coverage(tissue, rows, width=w, height=h),
         "max_prob": float(probs.max()) if len(probs) else None,
         "topk_mean_prob": float(np.sort(probs)[-top_k:].mean()) if len(probs) else None,
     }

@@ -11,13 +11,10 @@ from PIL import Image
 
 from hcdlib.sources.chunks import Chunk
 from hcdlib.sources.decode import PATCH_SIZE
-from hcdlib.sources.slides.plan import TilePlan
+from hcdlib.sources.slides.plan import PlannedSlide, TilePlan
 from hcdlib.storage.staging import local_slide
 
 log = logging.getLogger(__name__)
-
-# Formats only OpenSlide reads; .tif/.tiff slides need --slides (a .tif is also a patch).
-
 
 @dataclass(frozen=True)
 class TilesChunk(Chunk):
@@ -52,14 +49,14 @@ class SlideErrorChunk(Chunk):
         return out
 
 
-def tile_chunks(planned: dict, chunk_size: int, *, stage: str | None = None) -> list[Chunk]:
+def tile_chunks(planned: PlannedSlide, chunk_size: int, *, stage: str | None = None) -> list[Chunk]:
     """Work units for one planned slide: runs of tiles, or one error unit for a bad slide."""
-    if planned["error"]:
-        return [SlideErrorChunk(f"{planned['key']}-error", 1, planned["slide"], planned["slide_id"], planned["error"])]
-    xs, ys, plan = planned["xs"], planned["ys"], TilePlan(**planned["plan"])
-    return [TilesChunk(f"{planned['key']}-{i:05d}", len(xs[a:a + chunk_size]), planned["slide"], planned["slide_id"],
-                       plan, tuple(xs[a:a + chunk_size]), tuple(ys[a:a + chunk_size]), stage)
-            for i, a in enumerate(range(0, len(xs), chunk_size))]
+    p = planned
+    if p.error:
+        return [SlideErrorChunk(f"{p.key}-error", 1, p.slide, p.slide_id, p.error)]
+    return [TilesChunk(f"{p.key}-{i:05d}", len(p.xs[a:a + chunk_size]), p.slide, p.slide_id, p.plan,
+                       tuple(p.xs[a:a + chunk_size]), tuple(p.ys[a:a + chunk_size]), stage)
+            for i, a in enumerate(range(0, len(p.xs), chunk_size))]
 
 
 # Most tiles one read_region call covers (a 32 x 96 px strip is 288 KB of RGBA at a time).

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from hcdlib.config import TISSUE_THRESHOLD
 from hcdlib.sources.base import IMAGE_EXTS
 from hcdlib.sources.chunks import Chunk
 from hcdlib.sources.decode import PATCH_SIZE, PCAM_MPP
 from hcdlib.sources.slides.maps import slide_outputs, write_summary
-from hcdlib.sources.slides.plan import SLIDE_EXTS, plan_slides, slide_inputs
+from hcdlib.sources.slides.plan import SLIDE_EXTS, PlannedSlide, plan_slides, slide_inputs
 from hcdlib.sources.slides.read import tile_chunks
 from hcdlib.storage import uri as urimod
 from hcdlib.storage.listing import Listing, SourceError
@@ -38,7 +39,7 @@ class SlideTiling:
     target_mpp: float = PCAM_MPP
     patch: int = PATCH_SIZE
     mpp: float | None = None  # --mpp: the slides' resolution where their metadata has none
-    tissue_threshold: float = 0.5
+    tissue_threshold: float = TISSUE_THRESHOLD
     force: bool = False  # --slides: .tif/.tiff files are slides, not patches
 
 
@@ -51,10 +52,11 @@ class SlideSource:
 
     layout = "slides"
 
-    def __init__(self, uri: str, slides: list[dict], refused: list[dict], tiling: SlideTiling, list_seconds: float):
+    def __init__(self, uri: str, slides: list[dict], refused: list[PlannedSlide], tiling: SlideTiling,
+                 list_seconds: float):
         self.uri, self.slides, self.refused, self.tiling = uri, slides, refused, tiling
         self.list_seconds = list_seconds
-        self.planned: list[dict] | None = None
+        self.planned: list[PlannedSlide] | None = None
         self._chunks: list[Chunk] = []
 
     @classmethod
@@ -65,7 +67,8 @@ class SlideSource:
 
     def fingerprint(self) -> str:
         """A hash of the slides found, so a resumed run can tell the input has not changed."""
-        return hashlib.sha256("\n".join(s["slide"] for s in self.slides + self.refused).encode()).hexdigest()[:16]
+        uris = [s["slide"] for s in self.slides] + [r.slide for r in self.refused]
+        return hashlib.sha256("\n".join(uris).encode()).hexdigest()[:16]
 
     def chunks(self, chunk_size: int = 1024) -> list[Chunk]:
         """Plan every slide (once; needs Ray), then cut its tissue tiles into chunks."""
@@ -112,9 +115,8 @@ class SlideSource:
         for c in self._chunks:
             keys.setdefault(c.slide, []).append(c.key)
         # A slide that failed planning is only its summary row: no task (and no CPU) for it.
-        jobs = [slide_outputs(out, p, [], threshold=threshold) if p["error"] else
-                task.remote(out, {k: v for k, v in p.items() if k not in ("xs", "ys")}, keys.get(p["slide"], []),
-                            threshold=threshold)
+        jobs = [slide_outputs(out, p, [], threshold=threshold) if p.error else
+                task.remote(out, replace(p, xs=[], ys=[]), keys.get(p.slide, []), threshold=threshold)
                 for p in self.planned or []]
         summary = [ray.get(j) if isinstance(j, ray.ObjectRef) else j for j in jobs]
         write_summary(out, summary)

@@ -1,0 +1,68 @@
+"""How much of the visible tissue the scored tiles cover, and how much of them is glass, per tissue threshold.
+
+Synthetic slides of tissue with ragged edges and pale stroma on glass (hcdlib.commands.synth_slides)
+are planned as ``hcd score --slides`` plans them; "visible tissue" is HSV saturation > 0.07 and
+value < 0.92 at level 0, every 8th pixel. The default ``--tissue-threshold`` is chosen from this table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from benchmarks.config import BenchCoverageConfig
+from benchmarks.doc import publish
+from hcdlib.commands.synth_slides import coverage_of, synth_tissue_pixels, visible_tissue, write_slide_tiff
+from hcdlib.config import TISSUE_THRESHOLD
+from hcdlib.sources.decode import PCAM_MPP
+from hcdlib.sources.slides.plan import plan_slide
+
+log = logging.getLogger(__name__)
+
+
+def measure(cfg: BenchCoverageConfig) -> list[dict]:
+    """One row per threshold: coverage and glass share (mean, min, max over slides), tiles, planning time."""
+    os.makedirs(cfg.work, exist_ok=True)
+    thresholds = [float(t) for t in cfg.thresholds.split(",")]
+    got: dict[float, list[tuple[float, float, int, float]]] = {t: [] for t in thresholds}
+    for seed in range(cfg.slides):
+        img = synth_tissue_pixels(cfg.side, cfg.side * 3 // 4, seed=seed)
+        path = os.path.join(cfg.work, f"tissue-{cfg.side}-{seed}.tif")
+        write_slide_tiff(path, img, mpp=PCAM_MPP)
+        visible = visible_tissue(img)
+        for t in thresholds:
+            start = time.perf_counter()
+            plan = plan_slide(path, slide_id=str(seed), out=os.path.join(cfg.work, "out"), mpp=None,
+                              tissue_threshold=t)
+            seconds = time.perf_counter() - start
+            got[t].append((*coverage_of(visible, plan.xs, plan.ys, plan.plan.tile_size), len(plan.xs), seconds))
+            log.info("slide %d, threshold %g: coverage %.3f, glass %.3f", seed, t, *got[t][-1][:2])
+    return [{"threshold": t, "coverage": np.array([r[0] for r in rows]), "glass": np.array([r[1] for r in rows]),
+             "tiles": np.mean([r[2] for r in rows]), "seconds": np.median([r[3] for r in rows])}
+            for t, rows in got.items()]
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table, the default threshold marked."""
+    def span(v: np.ndarray) -> str:
+        return f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f})"
+
+    lines = ["| --tissue-threshold | visible tissue in scored tiles | glass share of scored area | tiles per slide "
+             "| planning (s, median) |", "|---|---|---|---:|---:|"]
+    for r in rows:
+        mark = " (default)" if r["threshold"] == TISSUE_THRESHOLD else ""
+        lines.append(f"| {r['threshold']:g}{mark} | {span(r['coverage'])} | {span(r['glass'])} | {r['tiles']:.0f} "
+                     f"| {r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def run(cfg: BenchCoverageConfig) -> None:
+    """Measure, log the table, and write it into ``cfg.markdown`` if given."""
+    text = table(measure(cfg))
+    log.info("\n%s", text)
+    if cfg.markdown:
+        publish(cfg.markdown, "coverage", f"Tissue coverage of scored tiles ({cfg.slides} synthetic slides, "
+                f"{cfg.side} px wide, ragged edges, pale stroma)", text, job="bench_coverage", cfg=cfg)
