@@ -26,6 +26,7 @@ ARCHES = ("hcdnet", "resnet18", "resnet50", "densenet121", "efficientnet_b0")
 TTA_CHOICES = (1, 4, 8)
 # Training arithmetic: auto is bf16 autocast where the hardware does bf16 natively, else fp32.
 PRECISIONS = ("auto", "bf16", "fp32")
+BACKENDS = ("torch", "openvino")  # the runtime of the scoring actors' model
 # Decoded training data kept in Ray's object store: auto decides by its size (hcdlib.commands.train.run).
 CACHE_CHOICES = ("auto", "on", "off")
 # Plausible scanner resolutions in microns per pixel (a 100x oil objective is ~0.1; a 1x overview ~10).
@@ -133,6 +134,8 @@ class ScoreConfig(Settings):
     batch_size: int | None = setting(None, "patches per model call (default 256 on CPU actors, 1024 on GPU actors)",
                                      lo=1)
     precision: str = precision_setting()
+    backend: str = setting("torch", "the model's runtime: torch, or openvino on CPU actors (pip install "
+                                    "'hcd[openvino]'; faster on CPUs with native bf16)", choices=BACKENDS)
     actors: int | None = setting(None, "model actors (default: from the cluster; on a cluster with no GPU node up "
                                        "and no autoscaler limits, give it with --gpus-per-actor)", lo=1)
     gpus_per_actor: float | None = setting(None, "GPUs per actor (default 0.5 where GPUs exist: two actors share "

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,54 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if {"ray_session", "two_nodes"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture()
+def no_ray(monkeypatch):
+    """Fail the test if anything tries to start or join Ray: refusals come before it."""
+    import hcdlib.commands.demo
+    import hcdlib.commands.score.run
+    import hcdlib.commands.train.run
+    import hcdlib.raykit.cluster
+
+    def refuse(*_a, **_k):
+        raise AssertionError("Ray was started before the input was checked")
+
+    for module in (hcdlib.raykit.cluster, hcdlib.commands.score.run, hcdlib.commands.train.run, hcdlib.commands.demo):
+        monkeypatch.setattr(module, "init_ray", refuse)
+
+
+def one_line_exit_2(capsys, argv: list[str], *, expect: str) -> str:
+    """Run ``hcd`` in-process; the user error must be one line naming ``expect``, with exit code 2."""
+    from hcdlib import cli
+
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and expect in lines[0], lines
+    assert "Traceback" not in err
+    assert time.perf_counter() - t0 < 20
+    return lines[0]
+
+
+@pytest.fixture()
+def ten_patches(synth_small, tmp_path) -> tuple[Path, list[str]]:
+    """Ten of the synthetic patches in a folder of their own, and their ids."""
+    folder = tmp_path / "k"
+    folder.mkdir()
+    ids = sorted(p.stem for p in synth_small.glob("*.tif"))[:10]
+    for i in ids:
+        shutil.copy(synth_small / f"{i}.tif", folder / f"{i}.tif")
+    return folder, ids
+
+
+def csv_file(path: Path, text: str) -> str:
+    """Write ``text`` to ``path``; its path as text."""
+    path.write_text(text)
+    return str(path)

@@ -23,7 +23,7 @@ class Scorer:
     """
 
     def __init__(self, model_uri: str, *, sha256: str, tta: int, threads: int, batch_size: int,
-                 compile: bool = False, precision: str = "auto"):
+                 compile: bool = False, precision: str = "auto", backend: str = "torch"):
         import torch  # torch only where a model runs
 
         from hcdlib.model.infer import Predictor, compiled, for_inference
@@ -34,11 +34,17 @@ class Scorer:
         model, meta = load_model(model_uri, device=self.device)
         if meta["sha256"] != sha256:
             raise RuntimeError(f"{model_uri} changed while the job ran (hash {meta['sha256'][:12]})")
-        model = for_inference(model)
-        if compile:
-            model = compiled(model)
-        self.predict = Predictor(model, Preprocess.from_dict(meta["preprocess"]), device=self.device, tta=tta,
-                                 autocast=self.plan.autocast, fixed_batch=batch_size if compile else None)
+        pre = Preprocess.from_dict(meta["preprocess"])
+        if backend == "openvino":  # CPU actors only: the driver plans no GPU for them
+            from hcdlib.model.openvino import OpenVinoPredictor  # only where it was asked for
+
+            self.predict = OpenVinoPredictor(model, pre, tta=tta, threads=threads, precision=precision)
+        else:
+            model = for_inference(model)
+            if compile:
+                model = compiled(model)
+            self.predict = Predictor(model, pre, device=self.device, tta=tta, autocast=self.plan.autocast,
+                                     fixed_batch=batch_size if compile else None)
         self.model_id = model_id(meta)
         self.batch_size = batch_size
 

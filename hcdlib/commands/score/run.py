@@ -25,6 +25,7 @@ from hcdlib.commands.score.commit import commit
 from hcdlib.commands.score.stream import default_batch, run_pipeline
 from hcdlib.config import ScoreConfig
 from hcdlib.errors import Interrupted, RunStopped, UserError, outside_cause, release_frames
+from hcdlib.model import openvino
 from hcdlib.model.artifact import check_artifact, model_id
 from hcdlib.model.transforms import Preprocess
 from hcdlib.outputs import runfolder as preds
@@ -112,6 +113,7 @@ def _checked(cfg: ScoreConfig) -> tuple[ScoreConfig, dict, Source]:
     input, which is listed once.
     """
     cfg = cfg.located("model", "input", "out", "labels")  # Ray's processes do not share our working directory
+    _check_backend(cfg)
     meta, _ = check_artifact(cfg.model)
     _warn_weak(cfg.model, meta)
     _check_locations(cfg)
@@ -126,12 +128,26 @@ def _checked(cfg: ScoreConfig) -> tuple[ScoreConfig, dict, Source]:
     return cfg, meta, src
 
 
+def _check_backend(cfg: ScoreConfig) -> None:
+    """``--backend openvino``: installed, on CPU actors, and without torch's --compile."""
+    if cfg.backend != "openvino":
+        return
+    if not openvino.available():
+        raise UserError("--backend openvino: OpenVINO is not installed; pip install 'hcd[openvino]' (on every node "
+                        "of a cluster), or score with --backend torch")
+    if cfg.gpus_per_actor:
+        raise UserError(f"--backend openvino runs on CPU actors, and --gpus-per-actor {cfg.gpus_per_actor:g} asks "
+                        "for GPUs; drop --gpus-per-actor (or pass 0), or score on GPUs with --backend torch")
+    if cfg.compile:
+        raise UserError("--compile compiles the torch model; --backend openvino compiles its own: drop --compile")
+
+
 def _planned(cfg: ScoreConfig):
     """The model actors for this cluster (GPUs from the autoscaler or the flags), and the batch they take."""
-    resources, gpus = planning_resources(cfg.address, per=cfg.gpus_per_actor, count=cfg.actors,
+    per = 0.0 if cfg.backend == "openvino" else cfg.gpus_per_actor  # OpenVINO's actors take no GPU
+    resources, gpus = planning_resources(cfg.address, per=per, count=cfg.actors,
                                          flags="--actors and --gpus-per-actor")
-    plan = plan_actors(resources, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
-                       gpus_per_actor=cfg.gpus_per_actor, gpus=gpus)
+    plan = plan_actors(resources, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=per, gpus=gpus)
     check_gpus(resources, plan.actors * plan.gpus_per_actor, local=is_local(cfg.address),
                asked=f"model actors: {plan.actors} x {plan.gpus_per_actor:g} GPU (--actors, --gpus-per-actor)")
     log.debug("model actors: %s", plan)
@@ -184,7 +200,7 @@ def _stop_reason(cause: BaseException) -> str:
 def run_spec(cfg: ScoreConfig, meta: dict, fingerprint: str) -> dict:
     """What must match for a rerun to continue the run already in ``cfg.out``."""
     spec = {"input": cfg.input, "input_fingerprint": fingerprint, "model": model_id(meta),
-            "tta": cfg.tta, "precision": cfg.precision, "chunk_size": cfg.chunk_size}
+            "tta": cfg.tta, "precision": cfg.precision, "backend": cfg.backend, "chunk_size": cfg.chunk_size}
     if cfg.slides or cfg.mpp is not None:
         spec.update(mpp=cfg.mpp, tissue_threshold=cfg.tissue_threshold)
     return spec

@@ -85,7 +85,7 @@ def scoring_dataset(cfg: ScoreConfig, todo: list[Chunk], plan, sha256: str, *, a
         actor,
         fn_constructor_kwargs={"model_uri": cfg.model, "sha256": sha256, "tta": cfg.tta,
                                "threads": plan.torch_threads, "batch_size": cfg.batch_size, "compile": cfg.compile,
-                               "precision": cfg.precision},
+                               "precision": cfg.precision, "backend": cfg.backend},
         compute=ray.data.ActorPoolStrategy(size=plan.actors), batch_format="pyarrow",
         # On CPU each block (an actor's share of a chunk, cut by the read task) is one call, scored
         # a model batch at a time: re-batching to an exact size would concatenate, i.e. copy, the

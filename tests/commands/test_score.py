@@ -259,25 +259,6 @@ def test_submission_csv(ray_session, model_dir, corrupt_set, tmp_path):
     assert (sub.set_index("id").loc[list(info["bad"]), "label"] == 0.5).all()
 
 
-def test_actor_plan_leaves_cpu_for_reads():
-    # 2 cores: two single-threaded actors whose CPU requests leave one CPU to the readers
-    plan = plan_actors({"CPU": 2})
-    assert (plan.actors, plan.cpus_per_actor, plan.gpus_per_actor, plan.torch_threads) == (2, 0.5, 0, 1)
-    big = plan_actors({"CPU": 64})
-    assert big.actors * big.torch_threads == 64 and big.actors * big.cpus_per_actor <= 48
-    assert plan_actors({"CPU": 1}).cpus_per_actor == 0  # a 1-core laptop: the reader keeps its CPU
-    mine = plan_actors({"CPU": 2}, actors=1)
-    assert (mine.actors, mine.cpus_per_actor, mine.torch_threads) == (1, 1, 2)
-    gpu = plan_actors({"CPU": 16, "GPU": 4})  # two actors share each GPU
-    assert gpu.actors == 8 and gpu.gpus_per_actor == 0.5 and gpu.read_cpus == 8
-    whole = plan_actors({"CPU": 16, "GPU": 4}, gpus_per_actor=1)
-    assert whole.actors == 4 and whole.gpus_per_actor == 1
-    # GPUs an autoscaler may still add count (rayutil.gpus_to_plan), not only those up now
-    assert plan_actors({"CPU": 16}, gpus=4.0).actors == 8
-    with pytest.raises(UserError, match="would starve them"):
-        plan_actors({"CPU": 2}, actors=2, cpus_per_actor=1)
-
-
 def test_reads_of_local_patches_run_one_task_per_cpu_left_to_them(synth_small, tmp_path):
     """More CPU-bound read tasks than CPUs only started more processes: 2.3 s of start-up on 2 cores."""
     from hcdlib.commands.score.stream import read_tasks
@@ -392,27 +373,6 @@ def test_the_read_cap_reaches_ray_data(ray_session, model_dir, synth_small, tmp_
     ds = scoring_dataset(cfg, open_source(str(synth_small)).chunks(64), plan_actors({"CPU": 2}), "sha")
     (read,) = ds._logical_plan.dag.input_dependencies
     assert read.compute.size == 1
-
-
-def test_gpus_a_local_ray_does_not_have_are_refused_and_a_cluster_may_still_add_them(caplog, monkeypatch):
-    """--gpus-per-actor 1 (or --gpus-per-worker 1) on a laptop waited for a GPU for ever, without a word."""
-    import logging
-
-    from hcdlib.raykit.cluster import check_gpus, is_local
-
-    asked = "model actors: 1 x 1 GPU (--actors, --gpus-per-actor)"
-    with pytest.raises(UserError, match=r"model actors: 1 x 1 GPU \(--actors, --gpus-per-actor\): 1 GPUs in all, and "
-                                        r"this machine's Ray has 0, so they would wait for ever; ask for fewer, or 0"):
-        check_gpus({"CPU": 2}, 1.0, local=True, asked=asked)
-    caplog.set_level(logging.WARNING)
-    check_gpus({"CPU": 2, "GPU": 1}, 2.0, local=False, asked=asked)  # an autoscaler may add GPU nodes
-    assert "2 GPUs in all, and the Ray cluster has 1 now; they wait until GPU nodes join" in caplog.text
-    caplog.clear()
-    for need in (0.0, 1.0):
-        check_gpus({"CPU": 2, "GPU": 1}, need, local=True, asked=asked)
-    assert not caplog.text
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert is_local(None) and not is_local("127.0.0.1:6379")
 
 
 def test_the_pipeline_of_a_gpu_plan_can_be_built(ray_session, model_dir, synth_small):

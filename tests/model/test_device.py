@@ -14,7 +14,7 @@ from hcdlib.model.architectures import build_model
 from hcdlib.model.device import DeviceError, DeviceFacts, autocast_dtype, choose
 from hcdlib.model.infer import Predictor, compiled, infer_batch, to_device
 from hcdlib.model.transforms import Preprocess, dihedral, train_preset
-from hcdlib.raykit.cluster import gpus_to_plan, is_fixed, plan_actors
+from hcdlib.raykit.cluster import plan_actors
 
 A100, T4 = (8, 0), (7, 5)
 
@@ -160,24 +160,6 @@ def test_augmentation_draws_views_without_syncing_on_indices(monkeypatch):
     y = train_preset(x, generator=torch.Generator().manual_seed(0), stain_jitter=0, brightness=0)
     views = [[k for k in range(8) if torch.equal(y[i], dihedral(x[i:i + 1], k)[0])] for i in range(64)]
     assert all(views) and {v[0] for v in views} == set(range(8))  # each image is one view; all eight drawn
-
-
-def test_gpu_counts_come_from_the_autoscaler_or_flags_never_from_what_is_up():
-    kw = {"flags": "--actors and --gpus-per-actor"}
-    up_now = {"CPU": 8}  # the head of cluster/aws.yaml, before any GPU node joined
-    assert gpus_to_plan(up_now, {"CPU": 72, "GPU": 8}, fixed=False, per=None, count=None, **kw) == 8
-    assert gpus_to_plan({"CPU": 16, "GPU": 2}, None, fixed=False, per=None, count=None, **kw) == 2
-    assert gpus_to_plan(up_now, None, fixed=False, per=1, count=4, **kw) == 4
-    assert gpus_to_plan(up_now, None, fixed=False, per=0, count=None, **kw) == 0
-    with pytest.raises(UserError, match=r"no GPU node up now .* reports no autoscaling limits.*give --actors and "
-                                        r"--gpus-per-actor"):
-        gpus_to_plan(up_now, None, fixed=False, per=1, count=None, **kw)
-    with pytest.raises(UserError, match="has no limit on GPUs"):
-        gpus_to_plan(up_now, {"GPU": 2**63 - 1}, fixed=False, per=None, count=None, **kw)
-    assert gpus_to_plan({"CPU": 2}, None, fixed=True, per=None, count=None, **kw) == 0  # this machine's Ray
-    assert is_fixed("127.0.0.1:6379") and not is_fixed("10.0.0.5:6379")
-    plan = plan_actors(up_now, gpus=8.0)
-    assert (plan.actors, plan.gpus_per_actor) == (16, 0.5)
 
 
 def test_fractional_gpus_per_worker_are_refused_with_several_workers():
