@@ -158,6 +158,18 @@ def synth_small(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def any_model(tmp_path_factory) -> Path:
+    """An exported, untrained four-stage hcdnet: for tests of refusals and plumbing, not of accuracy."""
+    from hcdlib.model.architectures import build_model
+    from hcdlib.model.artifact import export_model
+
+    model, pre = build_model("hcdnet", arch_args=FOUR_STAGE_HCDNET)
+    out = tmp_path_factory.mktemp("any-model") / "model"
+    export_model(model.eval(), str(out), arch="hcdnet", preprocess=pre)
+    return out
+
+
+@pytest.fixture(scope="session")
 def model_dir(synth_small, tmp_path_factory) -> Path:
     """A small hcdnet trained for a few seconds on the synthetic patches, exported as an artifact.
 

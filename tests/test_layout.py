@@ -81,3 +81,16 @@ def test_imports_point_one_way_along_the_data_flow():
             if stage(t) == "benchmarks" or STAGES.index(stage(t)) > STAGES.index(stage(m)):
                 wrong.append(f"{m} ({stage(m)}) imports {t} ({stage(t)})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_modules_and_functions_stay_short_enough_to_read():
+    """No module over 300 lines and no function over 60: each reads top to bottom in one sitting."""
+    long = []
+    for name, path in _modules().items():
+        src = path.read_text()
+        if len(src.splitlines()) > 300:
+            long.append(f"{name}: {len(src.splitlines())} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long

@@ -18,11 +18,11 @@ from hcdlib.storage import uri as urimod
     ["score", "--model", "{model}", "--input", "{input}"], ["pack", "--input", "{input}"],
     ["train", "--data", "{input}"], ["evaluate", "--predictions", "{input}", "--labels", "{labels}"],
     ["synth", "--n", "5"], ["demo"]])
-def test_an_out_that_a_file_stands_in_is_one_line(argv, model_dir, synth_small, tmp_path, capsys, no_ray):
+def test_an_out_that_a_file_stands_in_is_one_line(argv, any_model, synth_small, tmp_path, capsys, no_ray):
     """The first write used to fail in pyarrow with a traceback (FileExistsError); the file is left alone."""
     blocker = tmp_path / "notes.txt"
     blocker.write_text("mine")
-    args = [a.format(model=model_dir, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
+    args = [a.format(model=any_model, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
     for out in (blocker, blocker / "sub"):
         one_line_exit_2(capsys, [*args, "--out", str(out)], expect=f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "mine"
@@ -31,9 +31,9 @@ def test_an_out_that_a_file_stands_in_is_one_line(argv, model_dir, synth_small, 
 @pytest.mark.parametrize("argv", [
     ["score", "--model", "{model}", "--input", "{input}"], ["pack", "--input", "{input}"],
     ["train", "--data", "{input}"], ["evaluate", "--predictions", "{input}", "--labels", "{labels}"]])
-def test_an_out_named_like_a_file_is_one_line(argv, model_dir, synth_small, tmp_path, capsys, no_ray):
+def test_an_out_named_like_a_file_is_one_line(argv, any_model, synth_small, tmp_path, capsys, no_ray):
     """`--out preds.csv` made a folder of that name, holding Parquet parts: not the CSV a user meant."""
-    args = [a.format(model=model_dir, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
+    args = [a.format(model=any_model, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
     for name, hint in (("preds.csv", " (hcd submission --out writes one CSV)"), ("model.pt", "")):
         line = one_line_exit_2(capsys, [*args, "--out", str(tmp_path / name)],
                                 expect=f"names a {name[name.index('.'):]} file, and --out is a folder")
@@ -45,13 +45,13 @@ def test_an_out_named_like_a_file_is_one_line(argv, model_dir, synth_small, tmp_
     ["score", "--model", "{model}", "--input", "{input}"], ["pack", "--input", "{input}"],
     ["train", "--data", "{input}"], ["evaluate", "--predictions", "{input}", "--labels", "{labels}"],
     ["submission", "--predictions", "{input}"], ["synth", "--n", "5"], ["demo"]])
-def test_a_relative_out_in_a_ray_jobs_working_dir_copy_is_one_line(argv, model_dir, synth_small, tmp_path, capsys,
+def test_a_relative_out_in_a_ray_jobs_working_dir_copy_is_one_line(argv, any_model, synth_small, tmp_path, capsys,
                                                                     monkeypatch, no_ray):
     """A relative --out in `ray job submit --working-dir .` went into Ray's copy of the folder, deleted later.
 
     The user's own folder never saw the predictions.
     """
-    args = [a.format(model=model_dir, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
+    args = [a.format(model=any_model, input=synth_small, labels=synth_small / "labels.csv") for a in argv]
     copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1234"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
@@ -73,10 +73,10 @@ def test_a_relative_out_in_a_ray_jobs_working_dir_copy_is_one_line(argv, model_d
     urimod.check_kept("preds", "--out")
 
 
-def test_score_out_inside_the_model_folder_is_one_line(model_dir, synth_small, tmp_path, capsys, no_ray):
+def test_score_out_inside_the_model_folder_is_one_line(any_model, synth_small, tmp_path, capsys, no_ray):
     """Predictions were written into the model artifact's folder, beside its weights."""
     model = tmp_path / "model"
-    shutil.copytree(model_dir, model)
+    shutil.copytree(any_model, model)
     before = sorted(p.name for p in model.iterdir())
     for out in (model, model / "preds"):
         one_line_exit_2(capsys, ["score", "--model", str(model), "--input", str(synth_small), "--out", str(out)],
@@ -84,18 +84,18 @@ def test_score_out_inside_the_model_folder_is_one_line(model_dir, synth_small, t
     assert sorted(p.name for p in model.iterdir()) == before
 
 
-def test_an_out_in_a_bucket_that_does_not_exist_is_one_line(model_dir, synth_small, bucket, capsys, no_ray):
+def test_an_out_in_a_bucket_that_does_not_exist_is_one_line(any_model, synth_small, bucket, capsys, no_ray):
     """The first write used to fail in pyarrow ("Bucket not found") with a traceback."""
-    for argv in (["score", "--model", str(model_dir), "--input", str(synth_small)],
+    for argv in (["score", "--model", str(any_model), "--input", str(synth_small)],
                  ["train", "--data", str(synth_small)]):
         one_line_exit_2(capsys, [*argv, "--out", "s3://hcd-no-such-bucket/run"],
                          expect="--out s3://hcd-no-such-bucket/run: bucket hcd-no-such-bucket does not exist")
     urimod.check_folder(f"{bucket}/not/yet/written")  # a bucket that exists: its folders need not
 
 
-def test_mpp_for_patches_is_refused(model_dir, synth_small, tmp_path, capsys, no_ray):
+def test_mpp_for_patches_is_refused(any_model, synth_small, tmp_path, capsys, no_ray):
     """--mpp on patches was ignored without a word: they were scored as they were."""
-    one_line_exit_2(capsys, ["score", "--model", str(model_dir), "--input", str(synth_small), "--out",
+    one_line_exit_2(capsys, ["score", "--model", str(any_model), "--input", str(synth_small), "--out",
                               str(tmp_path / "o"), "--mpp", "0.5"],
                      expect=f"--mpp 0.5 sets the resolution of whole-slide images, and {synth_small} holds patches")
     assert not (tmp_path / "o").exists()
@@ -127,14 +127,14 @@ def test_scoring_with_a_model_of_weak_validation_auc_says_so(tmp_path, caplog):
         assert line in caplog.text if said else caplog.text == ""
 
 
-def test_overwrite_never_deletes_the_input(model_dir, synth_small, tmp_path, no_ray):
+def test_overwrite_never_deletes_the_input(any_model, synth_small, tmp_path, no_ray):
     proj = tmp_path / "proj"
     shutil.copytree(synth_small, proj / "slides")  # the issue's example: --input proj/slides --out proj
     before = sorted(p.name for p in (proj / "slides").iterdir())
     with pytest.raises(UserError, match="where hcd score writes its outputs"):
-        score(ScoreConfig(model=str(model_dir), input=str(proj / "slides"), out=str(proj), overwrite=True))
+        score(ScoreConfig(model=str(any_model), input=str(proj / "slides"), out=str(proj), overwrite=True))
     with pytest.raises(UserError, match="inside --input"):
-        score(ScoreConfig(model=str(model_dir), input=str(proj), out=str(proj / "preds"), overwrite=True))
+        score(ScoreConfig(model=str(any_model), input=str(proj), out=str(proj / "preds"), overwrite=True))
     assert sorted(p.name for p in (proj / "slides").iterdir()) == before
 
 
@@ -149,8 +149,8 @@ def test_overwrite_never_deletes_the_input(model_dir, synth_small, tmp_path, no_
     (["--tta", "3"], "--tta: invalid choice"),
     (["--cpus-per-actor", "-1"], "--cpus-per-actor must be >= 0, got -1.0"),
 ])
-def test_bad_score_flags_are_one_line(flags, expect, model_dir, synth_small, tmp_path, capsys, no_ray):
-    one_line_exit_2(capsys, ["score", "--model", str(model_dir), "--input", str(synth_small),
+def test_bad_score_flags_are_one_line(flags, expect, any_model, synth_small, tmp_path, capsys, no_ray):
+    one_line_exit_2(capsys, ["score", "--model", str(any_model), "--input", str(synth_small),
                                       "--out", str(tmp_path / "o"), *flags], expect=expect)
 
 

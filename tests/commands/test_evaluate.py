@@ -288,6 +288,7 @@ def test_labels_per_slide_evaluate_tile_predictions_per_slide(tmp_path, caplog, 
             "scored: not in the metrics\n ROC AUC  ") in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts a browser
 def test_report_renders_in_headless_chromium(case, synth_small):
     _df, tmp = case
     evaluate(EvalConfig(predictions=str(tmp / "preds"), labels=str(synth_small / "labels.csv"),
@@ -300,6 +301,7 @@ def test_report_renders_in_headless_chromium(case, synth_small):
     assert blue.sum() > 300
 
 
+@pytest.mark.slow
 def test_slide_report_renders_in_headless_chromium(slide_case, tmp_path):
     out, labels = slide_case
     evaluate(EvalConfig(predictions=str(out), labels=str(labels), out=str(tmp_path / "slide-report"), bootstrap=10))

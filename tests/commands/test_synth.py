@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -26,6 +27,7 @@ def _hist(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([np.histogram(pixels[..., ch], bins=16, range=(0, 256))[0] for ch in range(3)])
 
 
+@pytest.mark.slow  # trains two small classifiers on 2,400 patches
 def test_learnable_but_not_by_colour_histogram():
     rows = list(generate(2400, seed=11))
     y = np.array([r[1] for r in rows])

@@ -71,12 +71,12 @@ def test_dihedral_views_match_torchs():
     (["--gpus-per-actor", "1"], "--backend openvino runs on CPU actors, and --gpus-per-actor 1 asks for GPUs"),
     (["--compile"], "--compile compiles the torch model; --backend openvino compiles its own"),
 ])
-def test_openvino_with_gpus_or_compile_is_one_line(model_dir, synth_small, tmp_path, capsys, no_ray, flags, expect):
-    one_line_exit_2(capsys, ["score", "--model", str(model_dir), "--input", str(synth_small), "--out",
+def test_openvino_with_gpus_or_compile_is_one_line(any_model, synth_small, tmp_path, capsys, no_ray, flags, expect):
+    one_line_exit_2(capsys, ["score", "--model", str(any_model), "--input", str(synth_small), "--out",
                              str(tmp_path / "o"), "--backend", "openvino", *flags], expect=expect)
 
 
-def test_openvino_not_installed_is_one_line(model_dir, synth_small, tmp_path, capsys, no_ray, monkeypatch):
+def test_openvino_not_installed_is_one_line(any_model, synth_small, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.setattr(openvino, "available", lambda: False)
-    one_line_exit_2(capsys, ["score", "--model", str(model_dir), "--input", str(synth_small), "--out",
+    one_line_exit_2(capsys, ["score", "--model", str(any_model), "--input", str(synth_small), "--out",
                              str(tmp_path / "o"), "--backend", "openvino"], expect="pip install 'hcd[openvino]'")

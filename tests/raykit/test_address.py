@@ -15,14 +15,14 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_ray_address_where_nothing_listens_is_refused_at_once(model_dir, synth_small, tmp_path):
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(any_model, synth_small, tmp_path):
     """``ray.init`` waited over two minutes, silently, at a closed port; hcd says so in a line."""
     import subprocess
     import sys
 
     address = f"127.0.0.1:{_closed_port()}"
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "hcdlib.cli", "score", "--model", str(model_dir), "--input",
+    res = subprocess.run([sys.executable, "-m", "hcdlib.cli", "score", "--model", str(any_model), "--input",
                           str(synth_small), "--out", str(tmp_path / "o"), "--address", address],
                          capture_output=True, text=True, timeout=120)
     lines = [line for line in res.stderr.splitlines() if line.strip()]

@@ -21,7 +21,7 @@ def _tif(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_16_bit_and_float_patches_are_scaled_or_refused_never_clipped(synth_small, model_dir):
+def test_16_bit_and_float_patches_are_scaled_or_refused_never_clipped(synth_small, any_model):
     rgb = decode_patch(sorted(synth_small.glob("*.tif"))[0].read_bytes()).pixels
     gray8 = np.asarray(Image.fromarray(rgb).convert("L"))
     as16 = decode_patch(_tif(gray8.astype(np.uint16) * 257))
@@ -34,7 +34,7 @@ def test_16_bit_and_float_patches_are_scaled_or_refused_never_clipped(synth_smal
     for arr, mode in ((gray8.astype(np.float32) / 255, "F"), (gray8.astype(np.int32) * 1000, "I")):
         res = decode_patch(_tif(arr))
         assert res.pixels is None and f"pixel format {mode} cannot be converted" in res.error
-    model, meta = load_model(str(model_dir))
+    model, meta = load_model(str(any_model))
     pre = Preprocess.from_dict(meta["preprocess"])
     p = infer_batch(model, np.stack([as8.pixels, as16.pixels, rgb16.pixels, rgb]), device=torch.device("cpu"),
                     preprocess=pre)

@@ -162,6 +162,7 @@ def test_parquet_shards_local(synth_small, tmp_path):
     _check_rows(_read_all(src), synth_small, with_slides=True)
 
 
+@pytest.mark.slow  # every layout uploaded to the S3 server and read back: seconds
 def test_every_layout_on_s3(synth_small, tmp_path, bucket):
     upload_dir(synth_small, f"{bucket}/kaggle")
     src = open_source(f"{bucket}/kaggle")
@@ -181,6 +182,7 @@ def test_every_layout_on_s3(synth_small, tmp_path, bucket):
     _check_rows(_read_all(src), synth_small, with_slides=True)
 
 
+@pytest.mark.slow
 def test_a_shard_chunk_on_s3_fetches_its_bytes_once_and_refuses_a_changed_shard(synth_small, bucket, s3_server):
     """The listing's footer travels with each chunk: reading every chunk of a shard sends each byte once.
 
@@ -279,7 +281,7 @@ def test_real_pcam_jpeg_class_folders(tmp_path):
     assert np.mean([lab for _, lab in picked]) == 0.5
 
 
-def test_a_patch_run_lists_its_input_once(model_dir, synth_small, tmp_path, monkeypatch):
+def test_a_patch_run_lists_its_input_once(any_model, synth_small, tmp_path, monkeypatch):
     import hcdlib.commands.score.run
     import hcdlib.outputs.runfolder
     import hcdlib.sources.factory
@@ -305,7 +307,7 @@ def test_a_patch_run_lists_its_input_once(model_dir, synth_small, tmp_path, monk
     monkeypatch.setattr(hcdlib.commands.score.run, "init_ray", lambda *_a, **_k: None)
     monkeypatch.setattr(hcdlib.outputs.runfolder.RunFolder, "done", stop)
     with pytest.raises(Stop):
-        score(ScoreConfig(model=str(model_dir), input=str(synth_small), out=str(tmp_path / "o")))
+        score(ScoreConfig(model=str(any_model), input=str(synth_small), out=str(tmp_path / "o")))
     assert calls == [str(synth_small)]
 
 
