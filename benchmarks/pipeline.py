@@ -44,7 +44,7 @@ class ConstantScorer(Scorer):
     """
 
     def __init__(self, model_uri: str, *, sha256: str, tta: int, threads: int, batch_size: int,
-                 compile: bool = False, precision: str = "auto"):
+                 compile: bool = False, precision: str = "auto", backend: str = "torch"):
 
         self.model_id, self.batch_size = model_id(read_meta(model_uri)), batch_size
 

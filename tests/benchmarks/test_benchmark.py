@@ -97,3 +97,14 @@ def test_a_benchmark_replaces_its_own_table_in_the_performance_doc(tmp_path):
     assert "| 3 |" in text and "| 2 |" in text
     assert "Command: `python jobs/bench_score.py --n 40 --pipeline-only`" in text  # --markdown left out
     assert "Machine: " in text and " cores, native bf16: " in text and "Commit: " in text
+
+
+def test_the_constant_actor_takes_every_argument_the_scoring_actor_does():
+    """Hcd score builds its actor with the scoring actor's arguments; the pipeline benchmark's stands in for it."""
+    import inspect
+
+    from benchmarks.pipeline import ConstantScorer
+    from hcdlib.commands.score.actor import Scorer
+
+    params = [list(inspect.signature(c.__init__).parameters) for c in (ConstantScorer, Scorer)]
+    assert params[0] == params[1]

@@ -31,7 +31,12 @@ def slide_facts(predictions: str) -> dict[str, dict]:
     if not per:
         raise UserError(f"--annotations: {predictions} holds predictions of patches, not of whole slides; "
                         "annotations are evaluated against hcd score --slides output")
-    return {s["slide_id"]: s for s in per if s.get("status") == "ok"}
+    ok = {s["slide_id"]: s for s in per if s.get("status") == "ok"}
+    unsized = [s for s, f in ok.items() if not {"width", "height", "mpp"} <= set(f)]
+    if unsized:
+        raise UserError(f"--annotations: {predictions} does not record the size of slide {unsized[0]} (scored by an "
+                        "older hcd); score the slides again with this hcd")
+    return ok
 
 
 def tile_truth(tiles: pd.DataFrame, truths: dict[str, SlideTruth]) -> np.ndarray:

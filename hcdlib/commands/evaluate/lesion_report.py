@@ -7,6 +7,8 @@ import numpy as np
 from hcdlib.commands.evaluate.froc import FP_RATES
 from hcdlib.commands.evaluate.report import escape, figure, png_bytes
 
+FROC_PNG = "froc.png"
+
 
 def froc_png(curve: dict) -> bytes:
     """Sensitivity against false positives per slide (log scale), the challenge's six points marked."""

@@ -19,8 +19,8 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 
 from hcdlib.commands.evaluate import ranking
-from hcdlib.commands.evaluate.annotated import annotated_tiles
-from hcdlib.commands.evaluate.lesion_report import froc_png, lesion_html
+from hcdlib.commands.evaluate.annotated import CAMELYON_DIR, annotated_tiles
+from hcdlib.commands.evaluate.lesion_report import FROC_PNG, froc_png, lesion_html
 from hcdlib.commands.evaluate.report import FIGURES, PLURAL, REPORT, write_figures, write_html
 from hcdlib.config import EvalConfig
 from hcdlib.errors import UserError
@@ -191,7 +191,7 @@ def check_report_folder(out: str) -> None:
     Its own earlier report (a ``metrics.json`` of hcd's schema beside it) is replaced, so a rerun
     updates the report. ``--out .`` in a project with its own ``report.html`` must not lose it.
     """
-    there = [n for n in (METRICS, REPORT, *FIGURES) if urimod.exists(urimod.join(out, n))]
+    there = [n for n in (METRICS, REPORT, *FIGURES, FROC_PNG, CAMELYON_DIR) if urimod.exists(urimod.join(out, n))]
     if not there:
         return
     try:
@@ -268,8 +268,8 @@ def evaluate(cfg: EvalConfig, *, slides: list[tuple[dict, bytes]] | None = None)
     if metrics["lesion"]:
         extra = lesion_html(metrics["slide"], metrics["lesion"])
         if metrics["lesion"]["froc"]:
-            figures["froc.png"] = froc_png(metrics["lesion"]["froc"])
-        for name, data in {"froc.png": figures.get("froc.png"), **e["files"]}.items():
+            figures[FROC_PNG] = froc_png(metrics["lesion"]["froc"])
+        for name, data in {FROC_PNG: figures.get(FROC_PNG), **e["files"]}.items():
             if data is not None:
                 urimod.write_bytes_atomic(urimod.join(cfg.out, name), data)
     body = json.dumps(metrics, indent=1, default=float).encode()
