@@ -51,6 +51,8 @@ class BenchBackendsConfig(Settings):
     batch_size: int = setting(256, "patches per model call", lo=1)
     rounds: int = setting(3, "timed rounds per backend (the best is reported)", lo=1)
     n_score: int = setting(40_000, "synthetic packed patches for hcd score end to end", lo=1)
+    steady_factor: int = setting(3, "also score this many times --n-score (the same shards, copied): the "
+                                    "actors' steady rate from the difference; 1 leaves it out", lo=1)
     work: str = setting("bench-out/backends", "local folder for exports, data and outputs", output=True)
     markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
                                          "replacing the table this benchmark wrote there before")
