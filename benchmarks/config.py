@@ -36,6 +36,8 @@ class BenchCoverageConfig(Settings):
     slides: int = setting(4, "synthetic slides (one seed each)", lo=1)
     side: int = setting(4096, "slide width in level-0 px (height 3/4 of it)", lo=512)
     thresholds: str = setting("0.5,0.25,0.1,0.05", "tissue thresholds to measure (comma-separated)")
+    slides_dir: str | None = setting(None, "measure the slides OpenSlide opens in this local folder (e.g. .svs) "
+                                           "instead of synthetic ones")
     work: str = setting("bench-out/coverage", "local folder for the slides", output=True)
     markdown: str | None = setting(None, "also write the table into this Markdown file (docs/performance.md), "
                                          "replacing the table this benchmark wrote there before")

@@ -4,9 +4,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from benchmarks.config import BenchScoreConfig
+from benchmarks.config import BenchCoverageConfig, BenchScoreConfig
+from benchmarks.coverage import measure, visible_in_slide
 from benchmarks.data import ensure_data, packed_by_this_hcd, pixels_codec, replicated
+from hcdlib.commands.synth_slides import synth_tissue_pixels, visible_tissue, write_slide_tiff
 from hcdlib.sources.chunks import ROW_SCHEMA
+from hcdlib.sources.decode import PCAM_MPP
 
 
 def _make_old_format(folder: Path) -> None:
@@ -108,3 +111,15 @@ def test_the_constant_actor_takes_every_argument_the_scoring_actor_does():
 
     params = [list(inspect.signature(c.__init__).parameters) for c in (ConstantScorer, Scorer)]
     assert params[0] == params[1]
+
+
+def test_visible_tissue_of_a_real_slide_is_read_from_its_pyramid_in_strips(tmp_path):
+    """The real-slide coverage measure sees what the synthetic one sees in the full image, every 8th pixel."""
+    img = synth_tissue_pixels(1024, 768, seed=1)
+    write_slide_tiff(str(tmp_path / "a.tif"), img, mpp=PCAM_MPP)
+    (tmp_path / "notes.txt").write_text("not a slide")
+    got = visible_in_slide(str(tmp_path / "a.tif"), strip=16)
+    assert got.shape == visible_tissue(img).shape
+    assert (got == visible_tissue(img)).all() and 0.2 < got.mean() < 0.9
+    rows = measure(BenchCoverageConfig(slides_dir=str(tmp_path), thresholds="0.25", work=str(tmp_path / "w")))
+    assert len(rows[0]["coverage"]) == 1 and rows[0]["coverage"][0] > 0.9
