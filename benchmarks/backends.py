@@ -25,7 +25,8 @@ from benchmarks.doc import publish
 from hcdlib.commands.score.run import score
 from hcdlib.config import ScoreConfig
 from hcdlib.model.artifact import load_model
-from hcdlib.model.transforms import Preprocess, to_input
+from hcdlib.model.openvino import with_preprocessing
+from hcdlib.model.transforms import Preprocess
 from hcdlib.raykit.cluster import init_ray
 from hcdlib.sources.factory import open_source
 from hcdlib.sources.labels import check_labelled
@@ -33,22 +34,6 @@ from hcdlib.sources.labels import check_labelled
 log = logging.getLogger(__name__)
 
 Predict = Callable[[np.ndarray], np.ndarray]
-
-
-def _wrapped(model, pre):
-    """``model`` behind its preprocessing: uint8 NHWC in, P(tumour) out (what ONNX and OpenVINO get)."""
-    import torch
-
-
-    class Scored(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return torch.sigmoid(self.model(to_input(x, pre, channels_last=False))).view(-1)
-
-    return Scored().eval()
 
 
 def torch_rows(model, pre) -> dict[str, Predict]:
@@ -71,7 +56,7 @@ def onnx_row(model, pre, work: str, threads: int) -> Predict:
 
     path = os.path.join(work, "model.onnx")
     example = torch.zeros(2, pre.size, pre.size, 3, dtype=torch.uint8)
-    torch.onnx.export(_wrapped(model, pre), (example,), path, input_names=["x"], output_names=["p"],
+    torch.onnx.export(with_preprocessing(model, pre), (example,), path, input_names=["x"], output_names=["p"],
                       dynamic_axes={"x": {0: "n"}, "p": {0: "n"}}, dynamo=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -85,7 +70,7 @@ def openvino_rows(model, pre, threads: int, calibration: np.ndarray) -> dict[str
     import torch
 
     example = torch.zeros(2, pre.size, pre.size, 3, dtype=torch.uint8)
-    ov_model = ov.convert_model(_wrapped(model, pre), example_input=example,
+    ov_model = ov.convert_model(with_preprocessing(model, pre), example_input=example,
                                 input=[(ov.PartialShape([-1, pre.size, pre.size, 3]), ov.Type.u8)])
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads}

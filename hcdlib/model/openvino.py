@@ -1,6 +1,6 @@
 """OpenVINO as the runtime of CPU scoring actors (``hcd score --backend openvino``).
 
-On CPUs with native bf16 it runs hcd's default model about 1.7x faster than torch's bf16 autocast
+On CPUs with native bf16 it runs hcd's default model 1.7-3x faster than torch's bf16 autocast
 (jobs/bench_backends.py; the table in docs/performance.md). The torch model is converted once per
 actor with its preprocessing inside (uint8 NHWC in, P(tumour) out): nothing is written beside the
 artifact, whose hash the actor has already checked.
@@ -28,8 +28,8 @@ def available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def _scored(model, pre: Preprocess):
-    """``model`` behind its preprocessing and sigmoid: what OpenVINO converts."""
+def with_preprocessing(model, pre: Preprocess):
+    """``model`` behind its preprocessing and sigmoid, uint8 NHWC in, P(tumour) out: what OpenVINO converts."""
     import torch  # torch only where a model runs
 
     class Scored(torch.nn.Module):
@@ -63,7 +63,7 @@ class OpenVinoPredictor:
         example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
         with warnings.catch_warnings():  # the tracer's warnings about Python branches on shapes
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            converted = ov.convert_model(_scored(model.eval(), preprocess), example_input=example,
+            converted = ov.convert_model(with_preprocessing(model.eval(), preprocess), example_input=example,
                                          input=[(ov.PartialShape([-1, size, size, 3]), ov.Type.u8)])
         # Unpinned: OpenVINO pins its threads to cores, and each actor's process pinned its one
         # thread to the same core (two actors on 2 cores: 343 patches/s each, 692 unpinned).
