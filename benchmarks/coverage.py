@@ -20,6 +20,7 @@ from benchmarks.config import BenchCoverageConfig
 from benchmarks.doc import publish
 from hcdlib.commands.synth_slides import coverage_of, synth_tissue_pixels, visible_tissue, write_slide_tiff
 from hcdlib.config import TISSUE_THRESHOLD
+from hcdlib.errors import UserError
 from hcdlib.sources.decode import PCAM_MPP
 from hcdlib.sources.slides.plan import plan_slide
 
@@ -56,6 +57,8 @@ def visible_in_slide(path: str, *, step: int = 8, strip: int = 1024) -> np.ndarr
 
 def real_slides(cfg: BenchCoverageConfig):
     """(path, visible tissue) of each slide OpenSlide opens in ``cfg.slides_dir``."""
+    if not Path(cfg.slides_dir).is_dir():
+        raise UserError(f"--slides-dir {cfg.slides_dir}: not a folder; give a local folder of slides")
     for path in sorted(str(p) for p in Path(cfg.slides_dir).iterdir() if p.is_file()):
         if openslide.OpenSlide.detect_format(path):
             yield path, visible_in_slide(path)
@@ -77,7 +80,7 @@ def measure(cfg: BenchCoverageConfig) -> list[dict]:
             got[t].append((*coverage_of(visible, plan.xs, plan.ys, plan.plan.tile_size), len(plan.xs), seconds))
             log.info("%s, threshold %g: coverage %.3f, glass %.3f", path, t, *got[t][-1][:2])
     if not got[thresholds[0]]:
-        raise RuntimeError(f"no slide OpenSlide can open in {cfg.slides_dir}")
+        raise UserError(f"--slides-dir {cfg.slides_dir}: no slide OpenSlide can open there (.svs, .ndpi, .mrxs, ...)")
     return [{"threshold": t, "coverage": np.array([r[0] for r in rows]), "glass": np.array([r[1] for r in rows]),
              "tiles": np.mean([r[2] for r in rows]), "seconds": np.median([r[3] for r in rows])}
             for t, rows in got.items()]

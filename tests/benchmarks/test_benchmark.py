@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from benchmarks.config import BenchCoverageConfig, BenchScoreConfig
 from benchmarks.coverage import measure, visible_in_slide
 from benchmarks.data import ensure_data, packed_by_this_hcd, pixels_codec, replicated
 from hcdlib.commands.synth_slides import synth_tissue_pixels, visible_tissue, write_slide_tiff
+from hcdlib.errors import UserError
 from hcdlib.sources.chunks import ROW_SCHEMA
 from hcdlib.sources.decode import PCAM_MPP
 
@@ -123,3 +125,10 @@ def test_visible_tissue_of_a_real_slide_is_read_from_its_pyramid_in_strips(tmp_p
     assert (got == visible_tissue(img)).all() and 0.2 < got.mean() < 0.9
     rows = measure(BenchCoverageConfig(slides_dir=str(tmp_path), thresholds="0.25", work=str(tmp_path / "w")))
     assert len(rows[0]["coverage"]) == 1 and rows[0]["coverage"][0] > 0.9
+
+
+def test_a_slides_dir_without_slides_is_refused_naming_it(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a slide")
+    for folder in (tmp_path, tmp_path / "absent"):
+        with pytest.raises(UserError, match="--slides-dir"):
+            measure(BenchCoverageConfig(slides_dir=str(folder), work=str(tmp_path / "w")))
